@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make train   create .venv, install, run `python train.py --trace azure`
+#   make test    create .venv, install, run the test suite
+# torch is installed first and pinned so pip does not pull a CUDA build on CPU machines.
+# GPU users: make train TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TRAIN_ARGS ?=
+TEST_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.opscale-installed
+
+.PHONY: install train test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/python train.py --trace azure $(TRAIN_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(TEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,193 @@
+"""The one observation encoder and the one action decoder.
+
+The Gymnasium env, the PPO controller in the simulator and the PPO controller in the live
+runtime all turn a :class:`ClusterState` into the policy's input with
+:class:`ObservationEncoder`, and the policy's MultiDiscrete action into a :class:`Plan`
+with :class:`ActionDecoder`. Checkpoints record :data:`SPEC_VERSION` and the codec's
+:meth:`CodecConfig.to_dict`; a loader refuses a checkpoint whose codec differs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from runtime.control import PLACEMENTS, ClusterState, OperatorPlan, Plan
+from runtime.models import OPERATOR_GROUPS
+
+#: Bump when the meaning or layout of observations or actions changes.
+SPEC_VERSION = "opscale-codec-1"
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Limits and levels that fix the observation and action layout.
+
+    Attributes:
+        replica_deltas: replica changes an action may pick per group per interval.
+        batch_levels: max_batch values an action may pick (sequences per iteration).
+        max_replicas: upper bound on replicas per group (the decoder clips to it).
+        min_replicas: lower bound on replicas per group.
+        max_gpus: GPUs the cluster may use; normalises the GPU count feature.
+        history_len: intervals of request-rate history in the observation.
+        rate_scale: requests per second that maps to 1.0 in rate features (log-scaled).
+        gpu_peak_w: peak watts of one GPU; normalises the power feature.
+    """
+
+    replica_deltas: tuple[int, ...] = (-4, -1, 0, 1, 4)
+    batch_levels: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+    max_replicas: int = 32
+    min_replicas: int = 1
+    max_gpus: int = 64
+    history_len: int = 8
+    rate_scale: float = 10.0
+    gpu_peak_w: float = 700.0
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @staticmethod
+    def from_dict(d: dict[str, object]) -> "CodecConfig":
+        """Inverse of :meth:`to_dict`."""
+        return CodecConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})  # type: ignore[arg-type]
+
+
+def _squash(x: float) -> float:
+    """log1p compression for non-negative magnitudes with heavy tails."""
+    return float(np.log1p(max(x, 0.0)))
+
+
+@dataclass
+class ObservationEncoder:
+    """ClusterState -> float32 vector of fixed length :attr:`size`.
+
+    Layout, per group in :data:`OPERATOR_GROUPS` order (12 features): replicas / max,
+    pending replicas / max, batch level index / (levels - 1), placement one-hot (3),
+    log1p(arrival token-steps/s / 1000), log1p(queue token-steps / 100), utilisation,
+    p50 and p99 group latency / TBT SLO (clipped at 10), log1p(tp) / log(8).
+    Then cluster features (11): TTFT p50, p99 / SLO, TBT p50, p99 / SLO (clipped at 10),
+    SLO attainment, GPUs / max, power / (max GPUs x peak), KV used share,
+    log1p(queued requests), log1p(running requests) / 5, log1p(prompt mean)/10 ... and the request
+    rate history (``history_len`` values, log1p(rate / rate_scale)).
+    """
+
+    config: CodecConfig = field(default_factory=CodecConfig)
+
+    PER_GROUP = 12
+    CLUSTER = 11
+
+    @property
+    def size(self) -> int:
+        """Length of the observation vector."""
+        return len(OPERATOR_GROUPS) * self.PER_GROUP + self.CLUSTER + self.config.history_len
+
+    def encode(self, state: ClusterState) -> np.ndarray:
+        """Encode ``state``; missing history is zero-padded at the old end."""
+        c = self.config
+        out = np.zeros(self.size, dtype=np.float32)
+        i = 0
+        levels = np.asarray(c.batch_levels)
+        slo_tbt = max(state.slo.tbt_s, 1e-9)
+        slo_ttft = max(state.slo.ttft_s, 1e-9)
+        for g in OPERATOR_GROUPS:
+            op = state.operators[g]
+            level = int(np.argmin(np.abs(levels - op.max_batch)))
+            vals = [
+                op.replicas / c.max_replicas,
+                op.pending_replicas / c.max_replicas,
+                level / max(len(levels) - 1, 1),
+                *[1.0 if op.placement == p else 0.0 for p in PLACEMENTS],
+                _squash(op.arrival_rate / 1000.0),
+                _squash(op.queue_len / 100.0),
+                float(np.clip(op.utilisation, 0.0, 1.0)),
+                min(op.latency_p50_s / slo_tbt, 10.0),
+                min(op.latency_p99_s / slo_tbt, 10.0),
+                _squash(op.tp) / np.log(9.0),
+            ]
+            out[i:i + self.PER_GROUP] = vals
+            i += self.PER_GROUP
+        cluster = [
+            min(state.ttft_p50_s / slo_ttft, 10.0),
+            min(state.ttft_p99_s / slo_ttft, 10.0),
+            min(state.tbt_p50_s / slo_tbt, 10.0),
+            min(state.tbt_p99_s / slo_tbt, 10.0),
+            float(np.clip(state.slo_attainment, 0.0, 1.0)),
+            state.gpus_in_use / c.max_gpus,
+            state.power_w / (c.max_gpus * c.gpu_peak_w),
+            float(np.clip(state.kv_used_frac, 0.0, 1.0)),
+            _squash(state.queued_requests) / 5.0,
+            _squash(state.running_requests) / 5.0,
+            _squash(state.prompt_tokens_mean) / 10.0,
+        ]
+        out[i:i + self.CLUSTER] = cluster
+        i += self.CLUSTER
+        hist = np.asarray(state.request_rate_history, dtype=np.float64)[-c.history_len:]
+        if hist.size:
+            out[self.size - hist.size:] = np.log1p(np.maximum(hist, 0.0) / c.rate_scale)
+        return out
+
+
+@dataclass
+class ActionDecoder:
+    """MultiDiscrete action -> Plan, as a change to the previous plan.
+
+    Per group three sub-actions: replica delta index into ``replica_deltas``, batch level
+    index into ``batch_levels``, placement index into :data:`PLACEMENTS`. Replicas are
+    clipped to [min_replicas, max_replicas]; tensor parallelism is kept from the previous
+    plan (it is a property of the scenario, not of the interval). Every action decodes to
+    a valid Plan; whether it fits memory is the simulator's or runtime's to repair.
+    """
+
+    config: CodecConfig = field(default_factory=CodecConfig)
+
+    @property
+    def nvec(self) -> np.ndarray:
+        """Sizes of the MultiDiscrete sub-actions, group-major."""
+        c = self.config
+        return np.array([len(c.replica_deltas), len(c.batch_levels), len(PLACEMENTS)] * len(OPERATOR_GROUPS),
+                        dtype=np.int64)
+
+    def decode(self, action: np.ndarray, prev: Plan) -> Plan:
+        """Apply ``action`` to ``prev``; raises ValueError if the action has the wrong shape."""
+        c = self.config
+        a = np.asarray(action, dtype=np.int64).reshape(-1)
+        if a.shape[0] != len(self.nvec):
+            raise ValueError(f"action has {a.shape[0]} entries, expected {len(self.nvec)}")
+        a = np.clip(a, 0, self.nvec - 1)
+        ops: dict[str, OperatorPlan] = {}
+        for k, g in enumerate(OPERATOR_GROUPS):
+            d_idx, b_idx, p_idx = a[3 * k:3 * k + 3]
+            old = prev[g]
+            replicas = int(np.clip(old.replicas + c.replica_deltas[d_idx], c.min_replicas, c.max_replicas))
+            ops[g] = OperatorPlan(replicas, int(c.batch_levels[b_idx]), PLACEMENTS[p_idx], old.tp)
+        return Plan(ops)
+
+    def encode(self, plan: Plan, prev: Plan) -> np.ndarray:
+        """The action that moves ``prev`` closest to ``plan`` (for imitation and tests)."""
+        c = self.config
+        out = []
+        levels = np.asarray(c.batch_levels)
+        deltas = np.asarray(c.replica_deltas)
+        for g in OPERATOR_GROUPS:
+            want = plan[g].replicas - prev[g].replicas
+            out.append(int(np.argmin(np.abs(deltas - want))))
+            out.append(int(np.argmin(np.abs(levels - plan[g].max_batch))))
+            out.append(PLACEMENTS.index(plan[g].placement))
+        return np.array(out, dtype=np.int64)
+
+    def action_mask(self, prev: Plan) -> np.ndarray:
+        """Flat boolean mask over all sub-action choices (MaskablePPO layout).
+
+        Replica deltas that would leave [min_replicas, max_replicas] are masked, except the
+        zero delta which is always allowed.
+        """
+        c = self.config
+        parts: list[np.ndarray] = []
+        for g in OPERATOR_GROUPS:
+            r = prev[g].replicas
+            parts.append(np.array([(c.min_replicas <= r + d <= c.max_replicas) or d == 0
+                                   for d in c.replica_deltas]))
+            parts.append(np.ones(len(c.batch_levels), dtype=bool))
+            parts.append(np.ones(len(PLACEMENTS), dtype=bool))
+        return np.concatenate(parts)
