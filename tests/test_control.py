@@ -1,0 +1,105 @@
+"""The shared vocabulary: model shapes, plans, and the observation/action codec."""
+import numpy as np
+import pytest
+
+from runtime.codec import ActionDecoder, CodecConfig, ObservationEncoder
+from runtime.control import SLO, ClusterState, OperatorPlan, OperatorSpec, OperatorState, Plan, PlanError
+from runtime.models import OPERATOR_GROUPS, get_model
+
+
+def test_llama2_70b_shapes_match_hand_computation():
+    m = get_model("llama-2-70b")
+    # QKV: 8192 x (64 + 2*8) * 128, O: 8192 x 8192, per layer, 80 layers, 2 bytes.
+    assert m.group_weight_bytes("proj") == 80 * (8192 * 80 * 128 + 8192 * 8192) * 2
+    # gated MLP: 3 x 8192 x 28672 + norm, per layer.
+    assert m.group_weight_bytes("mlp") == 80 * (3 * 8192 * 28672 + 8192) * 2
+    # KV: K and V, 80 layers, 8 KV heads of 128, fp16 = 320 KiB per token.
+    assert m.kv_bytes_per_token == 327_680
+    assert 137e9 < m.weight_bytes < 139e9  # ~69B parameters
+
+
+def test_unknown_model_lists_known_ones():
+    with pytest.raises(KeyError, match="llama-2-70b"):
+        get_model("gpt-5")
+
+
+def test_operator_spec_layers():
+    specs = OperatorSpec.for_model(get_model("llama-2-7b"))
+    assert specs["mlp"].layers == 32 and specs["embed"].layers == 1
+    assert specs["attn"].kv_bytes_per_token == get_model("llama-2-7b").kv_bytes_per_token
+    assert specs["proj"].kv_bytes_per_token == 0
+
+
+def _plan() -> Plan:
+    return Plan({g: OperatorPlan(2, 32, "pack", 1) for g in OPERATOR_GROUPS})
+
+
+def test_plan_errors_name_the_problem():
+    with pytest.raises(PlanError, match="placement"):
+        OperatorPlan(1, 8, "spread")
+    with pytest.raises(PlanError, match="lacks operator groups"):
+        Plan({"mlp": OperatorPlan(1, 8)})
+    with pytest.raises(PlanError, match="'attn' needs at least one replica"):
+        _plan().with_op("attn", replicas=0)
+    with pytest.raises(PlanError, match="'mlp' lacks field 'max_batch'"):
+        d = _plan().to_dict()
+        del d["mlp"]["max_batch"]
+        Plan.from_dict(d)
+    with pytest.raises(PlanError, match="non-integer"):
+        d = _plan().to_dict()
+        d["proj"]["replicas"] = "many"
+        Plan.from_dict(d)
+
+
+def test_plan_roundtrip_and_model_level():
+    p = _plan()
+    assert Plan.from_dict(p.to_dict()) == p
+    ml = Plan.model_level(3, 16, 4)
+    assert all(ml[g].replicas == 3 and ml[g].placement == "model" and ml[g].tp == 4 for g in OPERATOR_GROUPS)
+
+
+def _state(plan: Plan, hist) -> ClusterState:
+    ops = {g: OperatorState(plan[g].replicas, plan[g].max_batch, plan[g].placement, plan[g].tp,
+                            arrival_rate=1000.0, utilisation=0.5) for g in OPERATOR_GROUPS}
+    return ClusterState(10.0, 5.0, ops, SLO(2.0, 0.1), plan, ttft_p99_s=4.0, tbt_p99_s=0.05,
+                        slo_attainment=0.9, gpus_in_use=16, request_rate_history=np.asarray(hist))
+
+
+def test_encoder_layout_and_values():
+    enc = ObservationEncoder(CodecConfig(history_len=4))
+    obs = enc.encode(_state(_plan(), [1.0, 2.0]))
+    assert obs.shape == (enc.size,) and obs.dtype == np.float32
+    per = enc.PER_GROUP
+    assert obs[0] == pytest.approx(2 / 32)            # replicas / max_replicas
+    assert obs[2] == pytest.approx(2 / 5)             # batch 32 is level 2 of 0..5
+    assert list(obs[3:6]) == [0.0, 0.0, 1.0]          # placement one-hot: pack
+    assert obs[6] == pytest.approx(np.log1p(1.0))     # 1000 token-steps/s
+    c0 = len(OPERATOR_GROUPS) * per
+    assert obs[c0 + 1] == pytest.approx(2.0)          # TTFT p99 4 s over SLO 2 s
+    assert obs[c0 + 3] == pytest.approx(0.5)          # TBT p99 50 ms over 100 ms
+    # history right-aligned, zero-padded at the old end
+    assert obs[-4] == 0.0 and obs[-3] == 0.0
+    assert obs[-1] == pytest.approx(np.log1p(2.0 / 10.0))
+
+
+def test_decoder_clips_keeps_tp_and_roundtrips():
+    dec = ActionDecoder(CodecConfig(max_replicas=5))
+    prev = Plan({g: OperatorPlan(4, 32, "pack", 4) for g in OPERATOR_GROUPS})
+    grow = np.array([4, 0, 1] * len(OPERATOR_GROUPS))      # +4 replicas, batch 8, dedicated
+    nxt = dec.decode(grow, prev)
+    assert all(nxt[g].replicas == 5 and nxt[g].max_batch == 8 and nxt[g].tp == 4 for g in OPERATOR_GROUPS)
+    assert all(nxt[g].placement == "dedicated" for g in OPERATOR_GROUPS)
+    shrink = np.array([0, 5, 0] * len(OPERATOR_GROUPS))    # -4 from 4 clips to min 1
+    assert all(dec.decode(shrink, prev)[g].replicas == 1 for g in OPERATOR_GROUPS)
+    assert dec.decode(dec.encode(nxt, prev), prev) == nxt
+    with pytest.raises(ValueError, match="expected 15"):
+        dec.decode(np.zeros(3), prev)
+
+
+def test_action_mask_forbids_leaving_bounds():
+    dec = ActionDecoder(CodecConfig(max_replicas=5))
+    prev = Plan({g: OperatorPlan(1, 32, "pack", 1) for g in OPERATOR_GROUPS})
+    mask = dec.action_mask(prev)
+    assert mask.shape == (int(dec.nvec.sum()),)
+    # deltas (-4, -1, 0, +1, +4) from 1 replica: only 0, +1, +4 allowed
+    assert list(mask[:5]) == [False, False, True, True, True]
