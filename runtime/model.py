@@ -448,7 +448,7 @@ def build_model(
     weights_dir: str | None = None,
     seed: int = 0,
 ) -> LlamaModel:
-    """Build the operator-split model of shape ``cfg`` in eval mode.
+    """Build the operator-split model of shape ``cfg`` in eval mode, gradients off.
 
     Weights are random (``N(0, 0.02^2)``, norms 1, seeded by ``seed``) unless
     ``weights_dir`` names a local Hugging Face-format directory (``config.json`` +
@@ -461,7 +461,7 @@ def build_model(
         from runtime.weights import load_hf_weights
 
         load_hf_weights(model, weights_dir)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def _check_length(model: LlamaModel, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
