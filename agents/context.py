@@ -1,0 +1,120 @@
+"""What a non-learned controller knows about the deployment besides the ClusterState.
+
+A :class:`ControllerContext` carries the model shape, GPU, tensor-parallel degree, SLO and
+a :class:`LatencyModel` that answers how long one operator group takes for a batch. The
+profile-backed latency model wraps ``profiles.ProfileDB.group_latency``; the linear one is
+a closed-form model (fixed + per-token + per-context-token cost) for a quick what-if and
+for tests with hand-computed numbers.
+
+Units: seconds for latencies returned here, bytes for memory, tokens for lengths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Mapping, Protocol
+
+from runtime.codec import CodecConfig
+from runtime.control import SLO
+from runtime.models import OPERATOR_GROUPS, ModelConfig
+
+PHASES = ("prefill", "decode")
+
+
+class LatencyModel(Protocol):
+    """Time one replica of an operator group needs for one batch, all layers (seconds)."""
+
+    def group_s(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
+        """Seconds for ``batch`` sequences holding ``tokens`` new tokens and mean KV length
+        ``context`` to pass through every layer of ``group`` once."""
+        ...
+
+
+@dataclass(frozen=True)
+class LinearLatency:
+    """Closed-form latency: ``fixed_ms + per_token_ms * tokens + per_ctx_ms * tokens * context``,
+    divided by ``tp`` for the token-proportional parts.
+
+    Attributes:
+        fixed_ms: per-group fixed cost of one batch (ms), e.g. weight reads.
+        per_token_ms: per-group cost per token in the batch (ms).
+        per_ctx_ms: per-group cost per token per KV token it attends to (ms); attention only.
+    """
+
+    fixed_ms: Mapping[str, float]
+    per_token_ms: Mapping[str, float]
+    per_ctx_ms: Mapping[str, float] = field(default_factory=dict)
+
+    def group_s(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
+        if group not in OPERATOR_GROUPS:
+            raise KeyError(f"unknown operator group {group!r}; expected one of {OPERATOR_GROUPS}")
+        ms = self.fixed_ms.get(group, 0.0) + (self.per_token_ms.get(group, 0.0) * tokens
+                                              + self.per_ctx_ms.get(group, 0.0) * tokens * context) / tp
+        return ms / 1000.0
+
+
+class ProfileLatency:
+    """Adapter from ``profiles.ProfileDB.group_latency`` (ms) to :class:`LatencyModel` (s).
+
+    Answers are memoised on (group, tokens, context rounded to 64, batch, tp, phase) since
+    controllers ask the same questions every interval.
+    """
+
+    def __init__(self, db: Any, gpu: str, model: str, cache_size: int = 65536) -> None:
+        self.db, self.gpu, self.model = db, gpu, model
+        self._cached = lru_cache(maxsize=cache_size)(self._query)
+
+    def _query(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
+        return float(self.db.group_latency(group, self.gpu, self.model, tokens, context=context,
+                                           batch=batch, tp=tp, phase=phase)) / 1000.0
+
+    def group_s(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
+        ctx = int(max(0, round(context / 64.0) * 64))
+        return self._cached(group, max(1, int(tokens)), ctx, max(1, int(batch)), int(tp), phase)
+
+
+@dataclass
+class ControllerContext:
+    """Deployment facts a controller plans with.
+
+    Attributes:
+        model: model shape.
+        slo: TTFT/TBT targets.
+        latency: per-group latency model.
+        gpu_memory_bytes: memory of one GPU (bytes).
+        tp: tensor-parallel degree of whole-model instances and of operator replicas.
+        interval_s: control interval of the environment (seconds).
+        codec: codec limits (batch levels, replica bounds) that plans must respect.
+        memory_util: share of GPU memory usable for weights + KV cache (0..1).
+        default_prompt_tokens, default_output_tokens: request shape assumed before any
+            request has been seen (tokens).
+    """
+
+    model: ModelConfig
+    slo: SLO
+    latency: LatencyModel
+    gpu_memory_bytes: int
+    tp: int = 1
+    interval_s: float = 1.0
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    memory_util: float = 0.9
+    default_prompt_tokens: float = 1000.0
+    default_output_tokens: float = 200.0
+
+    def __post_init__(self) -> None:
+        if self.tp not in (1, 2, 4, 8):
+            raise ValueError(f"tp must be 1, 2, 4 or 8, got {self.tp}")
+        if self.gpu_memory_bytes <= 0:
+            raise ValueError(f"gpu_memory_bytes must be > 0, got {self.gpu_memory_bytes}")
+        if self.interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {self.interval_s}")
+
+    def model_step_s(self, batch: int, context: int, phase: str = "decode", tokens: int | None = None) -> float:
+        """Seconds for one step of a whole-model instance (sum over groups)."""
+        t = batch if tokens is None else tokens
+        return sum(self.latency.group_s(g, t, context, batch, self.tp, phase) for g in OPERATOR_GROUPS)
+
+    def kv_capacity_tokens(self) -> int:
+        """KV tokens one whole-model instance (``tp`` GPUs) holds besides its weights."""
+        free = self.tp * self.gpu_memory_bytes * self.memory_util - self.model.weight_bytes
+        return max(0, int(free // max(self.model.kv_bytes_per_token, 1)))

@@ -1,0 +1,246 @@
+"""The published operator-level method: per-operator M/M/c queues, greedy (batch, replicas).
+
+Each operator group is an M/M/c queue whose customers are decode batches (``max_batch``
+sequences' token-steps) and prefills (one mean prompt). Service times come from the
+latency model (profiles); waiting from Erlang C. A decode step passes through every
+group, so the TBT estimate is the sum over groups of wait + decode service; a prompt
+passes through every group once, so the TTFT estimate is the sum of wait + prefill
+service. A greedy planner starts every group at its cheapest stable (batch, replicas) and
+repeatedly takes the change that removes the most SLO violation per GPU it costs, until
+both estimates are within ``headroom`` x SLO. Replicas are placed ``pack`` (interference-
+aware best fit on GPUs in use, done by the simulator or runtime).
+
+Scale-up takes effect at once; the replicas set are the largest target of the last
+``downscale_delay_s`` seconds, so scale-down waits out that window. A multiplicative margin on the planned rate grows
+while the observed SLO is missed and decays back to 1 while it is met.
+
+Units: seconds, requests per second, token-steps per second, bytes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agents.context import ControllerContext
+from agents.queueing import mmc_wait, mmc_wait_quantile
+from agents.sizing import LoadEstimator
+from runtime.control import ClusterState, Controller, OperatorPlan, Plan
+from runtime.models import OPERATOR_GROUPS
+
+
+@dataclass
+class OperatorQueueingConfig:
+    """Knobs of the operator-queueing controller.
+
+    Attributes:
+        headroom: plan so that estimated TBT and TTFT stay within this share of the SLO.
+        max_utilisation: busiest a group's replicas may be planned (0..1).
+        wait_quantile: plan on this quantile of the Erlang-C wait (None: the mean wait).
+        downscale_delay_s: a lower target must persist this long before replicas shrink (s).
+        margin_up, margin_down, margin_max: growth per interval with an SLO miss, decay per
+            interval without, and cap of the rate margin.
+        max_iterations: bound on greedy steps per decision.
+        batch_levels: batch limits considered; empty means the codec's levels.
+    """
+
+    headroom: float = 0.8
+    max_utilisation: float = 0.85
+    wait_quantile: float | None = None
+    downscale_delay_s: float = 5.0
+    margin_up: float = 1.15
+    margin_down: float = 0.98
+    margin_max: float = 3.0
+    max_iterations: int = 400
+    batch_levels: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.headroom <= 1.0:
+            raise ValueError(f"headroom must be in (0, 1], got {self.headroom}")
+        if not 0.0 < self.max_utilisation < 1.0:
+            raise ValueError(f"max_utilisation must be in (0, 1), got {self.max_utilisation}")
+
+
+@dataclass(frozen=True)
+class GroupLoad:
+    """One group at one batch level: service times (s) and offered load (Erlangs)."""
+
+    batch: int
+    decode_s: float
+    prefill_s: float
+    arrivals: float  # customers (decode batches + prefills) per second
+    offered: float  # Erlangs
+
+    @property
+    def service_rate(self) -> float:
+        """Customers per second one replica serves (mean over decode and prefill)."""
+        return self.arrivals / self.offered if self.offered > 0 else 1.0 / max(self.decode_s, 1e-12)
+
+
+@dataclass
+class QueueingPlan:
+    """The greedy's answer and its latency estimates (seconds)."""
+
+    batch: dict[str, int]
+    replicas: dict[str, int]
+    tbt_s: float
+    ttft_s: float
+    gpus: float
+    feasible: bool
+
+
+class OperatorQueueingController(Controller):
+    """Per-operator M/M/c planning on profiled latencies, greedy replicas and batch."""
+
+    name = "operator-queueing"
+
+    def __init__(self, ctx: ControllerContext, config: OperatorQueueingConfig | None = None) -> None:
+        self.ctx = ctx
+        self.config = config or OperatorQueueingConfig()
+        self.levels = tuple(sorted(self.config.batch_levels or ctx.codec.batch_levels))
+        self.estimator = LoadEstimator(ctx)
+        usable = ctx.gpu_memory_bytes * ctx.memory_util
+        # GPUs one replica's weights take (memory is what a packed replica adds; its compute
+        # is the group's work, which does not grow with replicas).
+        self.replica_gpus = {g: max(ctx.model.group_weight_bytes(g) / usable, 1e-3) for g in OPERATOR_GROUPS}
+        self.last: QueueingPlan | None = None
+        self.reset()
+
+    # ----------------------------------------------------------------- planning model
+    def group_load(self, group: str, batch: int, rate: float, prompt: float, output: float) -> GroupLoad:
+        """Service times and offered load of ``group`` at ``batch`` for ``rate`` req/s."""
+        ctx = self.ctx
+        p = max(1, int(round(prompt)))
+        context = int(p + output / 2)
+        dec = ctx.latency.group_s(group, batch, context, batch, ctx.tp, "decode")
+        pre = ctx.latency.group_s(group, p, p, 1, ctx.tp, "prefill")
+        batches = rate * output / batch
+        return GroupLoad(batch, dec, pre, batches + rate, batches * dec + rate * pre)
+
+    def wait_s(self, load: GroupLoad, replicas: int) -> float:
+        """Waiting time of the group's queue with ``replicas`` servers (s)."""
+        if load.arrivals <= 0:
+            return 0.0
+        mu = load.service_rate
+        q = self.config.wait_quantile
+        if q is None:
+            return mmc_wait(load.arrivals, mu, replicas)
+        return mmc_wait_quantile(load.arrivals, mu, replicas, q)
+
+    def min_replicas_for(self, load: GroupLoad, group: str, kv_tokens: float) -> int:
+        """Fewest replicas that keep utilisation within bounds and the KV cache in memory."""
+        c = self.ctx.codec
+        n = max(c.min_replicas, math.ceil(load.offered / self.config.max_utilisation - 1e-9))
+        if group == "attn" and kv_tokens > 0:
+            per_replica = (self.ctx.tp * self.ctx.gpu_memory_bytes * self.ctx.memory_util
+                           - self.ctx.model.group_weight_bytes("attn")) / self.ctx.model.kv_bytes_per_token
+            n = max(n, math.ceil(kv_tokens / max(per_replica, 1.0)))
+        return int(min(n, c.max_replicas))
+
+    def estimate(self, loads: dict[str, GroupLoad], replicas: dict[str, int]) -> tuple[float, float]:
+        """(TBT, TTFT) estimates in seconds: sums over groups of wait + service."""
+        tbt = ttft = 0.0
+        for g in OPERATOR_GROUPS:
+            w = self.wait_s(loads[g], replicas[g])
+            tbt += w + loads[g].decode_s
+            ttft += w + loads[g].prefill_s
+        return tbt, ttft
+
+    def plan_for(self, rate: float, prompt: float, output: float) -> QueueingPlan:
+        """Greedy (batch, replicas) per group for ``rate`` req/s of the given shape.
+
+        Sequences in flight follow Little's law, ``rate x (TTFT + output x TBT)``; the
+        first pass assumes TBT and TTFT at their targets, the second uses the first
+        pass's estimates, and the attention pool must hold their KV cache.
+        """
+        ctx = self.ctx
+        tbt, ttft = self.config.headroom * ctx.slo.tbt_s, self.config.headroom * ctx.slo.ttft_s
+        qp = self._greedy(rate, prompt, output, rate * (ttft + output * tbt))
+        if qp.feasible:
+            qp = self._greedy(rate, prompt, output, rate * (qp.ttft_s + output * qp.tbt_s))
+        return qp
+
+    def _greedy(self, rate: float, prompt: float, output: float, in_flight: float) -> QueueingPlan:
+        ctx, cfg = self.ctx, self.config
+        slo_tbt, slo_ttft = cfg.headroom * ctx.slo.tbt_s, cfg.headroom * ctx.slo.ttft_s
+        context = prompt + output / 2
+        kv_tokens = in_flight * context
+        kv_per_replica = (ctx.tp * ctx.gpu_memory_bytes * ctx.memory_util
+                          - ctx.model.group_weight_bytes("attn")) / max(ctx.model.kv_bytes_per_token, 1)
+        levels = {g: self.levels for g in OPERATOR_GROUPS}
+        # An attention replica must hold the KV of the batch it runs.
+        attn_levels = tuple(b for b in self.levels if b * context <= kv_per_replica)
+        levels["attn"] = attn_levels or self.levels[:1]
+        table = {g: {b: self.group_load(g, b, rate, prompt, output) for b in levels[g]} for g in OPERATOR_GROUPS}
+        floor = {g: {b: self.min_replicas_for(table[g][b], g, kv_tokens) for b in levels[g]}
+                 for g in OPERATOR_GROUPS}
+
+        def cost(g: str, b: int, n: int) -> float:
+            # GPUs: the replicas' weights plus the busy share of the group's work.
+            return ctx.tp * (n * self.replica_gpus[g] + table[g][b].offered)
+
+        batch: dict[str, int] = {}
+        reps: dict[str, int] = {}
+        for g in OPERATOR_GROUPS:
+            b = min(levels[g], key=lambda lv: (cost(g, lv, floor[g][lv]), table[g][lv].decode_s))
+            batch[g], reps[g] = b, floor[g][b]
+
+        def violation(rp: dict[str, int], bt: dict[str, int]) -> float:
+            tbt, ttft = self.estimate({g: table[g][bt[g]] for g in OPERATOR_GROUPS}, rp)
+            return max(0.0, tbt - slo_tbt) / slo_tbt + max(0.0, ttft - slo_ttft) / slo_ttft
+
+        v = violation(reps, batch)
+        for _ in range(cfg.max_iterations):
+            if v <= 0.0:
+                break
+            best: tuple[float, dict[str, int], dict[str, int], float] | None = None
+            for g in OPERATOR_GROUPS:
+                here = cost(g, batch[g], reps[g])
+                moves = []
+                if reps[g] < ctx.codec.max_replicas:
+                    moves.append((batch[g], reps[g] + 1))
+                for b in levels[g]:
+                    if b != batch[g]:
+                        moves.append((b, max(floor[g][b], min(reps[g], ctx.codec.max_replicas))))
+                for b, n in moves:
+                    nb, nr = dict(batch), dict(reps)
+                    nb[g], nr[g] = b, n
+                    nv = violation(nr, nb)
+                    gain = v - nv
+                    if gain <= 1e-12:
+                        continue
+                    score = gain / max(cost(g, b, n) - here, 1e-3)
+                    if best is None or score > best[0]:
+                        best = (score, nb, nr, nv)
+            if best is None:
+                break
+            _, batch, reps, v = best
+        loads = {g: table[g][batch[g]] for g in OPERATOR_GROUPS}
+        tbt, ttft = self.estimate(loads, reps)
+        gpus = sum(cost(g, batch[g], reps[g]) for g in OPERATOR_GROUPS)
+        return QueueingPlan(batch, reps, tbt, ttft, gpus, v <= 0.0)
+
+    # ----------------------------------------------------------------- control loop
+    def reset(self, state: ClusterState | None = None) -> None:
+        self.estimator.reset()
+        self.margin = 1.0
+        self._targets: list[tuple[float, dict[str, int]]] = []
+        self.last = None
+
+    def decide(self, state: ClusterState) -> Plan:
+        ctx, cfg = self.ctx, self.config
+        slo = ctx.slo
+        missed = (state.ttft_p99_s > slo.ttft_s or state.tbt_p99_s > slo.tbt_s
+                  or state.slo_attainment < slo.attainment_target)
+        self.margin = min(cfg.margin_max, self.margin * cfg.margin_up) if missed else max(1.0, self.margin * cfg.margin_down)
+        load = self.estimator.update(state)
+        qp = self.plan_for(load.rate * self.margin, load.prompt_tokens, load.output_tokens)
+        self.last = qp
+        now = state.time_s
+        self._targets = [(t, r) for t, r in self._targets if now - t < cfg.downscale_delay_s - 1e-9]
+        self._targets.append((now, qp.replicas))
+        # Up at once; down only to the largest target of the last downscale_delay_s.
+        out = {g: max(r[g] for _, r in self._targets) for g in OPERATOR_GROUPS}
+        return Plan({g: OperatorPlan(max(ctx.codec.min_replicas, out[g]), qp.batch[g], "pack", ctx.tp)
+                     for g in OPERATOR_GROUPS})
