@@ -1,0 +1,818 @@
+"""The operator-split serving engine: pools of replicas driven by continuous batching.
+
+One driver thread runs iterations. An iteration takes every running sequence (decode: its
+last token; newly admitted or recovering sequences: their whole prefix, as prefill) and
+moves the batch through the pools layer by layer::
+
+    embed -> [attn(norm) -> proj(qkv) -> attn(rope + KV write + attention) -> proj(o)
+              -> mlp(residual + norm + MLP + residual)] x n_layers -> head(norm, LM head, sample)
+
+At every stage the batch is cut into chunks of at most the group's ``max_batch``
+sequences, and each chunk goes to the least-loaded ready replica of the pool (attention
+chunks go to the replica holding the sequences' KV cache). Replicas of a pool work on
+their chunks in parallel; each is a worker thread with its own queue and device.
+
+Admission control lives with the attention pool: a request reserves KV blocks for
+``prompt + max_tokens`` tokens on one attention replica before it starts, so a running
+sequence never runs out of cache memory. Requests that cannot get blocks wait (FIFO, at
+most ``max_waiting``); beyond that they are refused with :class:`Overloaded`; a request
+larger than one replica's cache is refused with :class:`RequestRejected`.
+
+Plan changes (:meth:`Engine.apply`) are carried out by the driver between iterations,
+when no work is in flight: new replicas load weights on their own thread and join when
+ready; replicas no longer wanted leave only after every wanted replica of their group is
+ready (a placement move therefore copies weights to the new slot before the old replica
+goes); a leaving attention replica hands its sequences' KV blocks to the remaining ones
+(copying the cached K/V), and keeps serving any it cannot hand over until they finish.
+
+Failures: when a replica dies mid-batch, the iteration is abandoned before any token is
+committed, so every sequence in it re-runs the same step (tokens are never lost or
+emitted twice). A dead attention replica loses its KV cache: its sequences go back to the
+head of the admission queue and, once re-admitted, recompute their cache by a prefill
+over prompt + tokens generated so far. The driver starts a replacement for any dead
+replica (the plan still asks for it).
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
+from runtime.kvcache import KVLayout, PagedKVCache
+from runtime.metrics import RuntimeMetrics, pct
+from runtime.model import LlamaModel
+from runtime.models import OPERATOR_GROUPS
+from runtime.pools import DEAD, DRAINING, LOADING, READY, Replica, WorkerDied, WorkItem, assign_slots, clone_to, slot_devices
+
+log = logging.getLogger("opscale.runtime")
+
+
+class RequestRejected(ValueError):
+    """A request the engine will never serve (too long for the model or for KV memory)."""
+
+    def __init__(self, reason: str, code: str = "invalid_request") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class Overloaded(RuntimeError):
+    """The engine cannot take the request now; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, reason: str, retry_after_s: float, code: str = "overloaded") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        self.code = code
+
+
+class _PoolUnavailable(RuntimeError):
+    """No ready replica in a pool (all loading or dead); the iteration waits."""
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings.
+
+    Attributes:
+        device: ``cpu`` or ``cuda`` (replicas spread round-robin over visible GPUs).
+        kv_bytes_per_replica: KV-cache memory of one attention replica (bytes).
+        kv_block_tokens: tokens per KV block.
+        max_waiting: requests that may wait for admission before new ones get 429.
+        max_prefill_tokens: prompt tokens admitted into one iteration (at least one sequence).
+        max_replicas: most replicas per group a plan may ask for (plans are clipped to it).
+        slo: latency targets used for attainment in :meth:`Engine.observe`.
+        history_len: intervals of request-rate history kept for observations.
+        seed: seed of the sampling generators.
+        idle_wait_s: how long the driver sleeps when there is nothing to do (seconds).
+    """
+
+    device: str = "cpu"
+    kv_bytes_per_replica: int = 64 * 2**20
+    kv_block_tokens: int = 16
+    max_waiting: int = 512
+    max_prefill_tokens: int = 4096
+    max_replicas: int = 8
+    slo: SLO = field(default_factory=lambda: SLO(ttft_s=2.0, tbt_s=0.5))
+    history_len: int = 8
+    seed: int = 0
+    idle_wait_s: float = 0.01
+
+
+#: Events a request's callback receives: ("token", token_id, index), ("done", reason, None),
+#: ("error", message, None).
+EventCallback = Callable[[str, Any, Any], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine.
+
+    Attributes:
+        id: engine-unique id.
+        prompt: prompt token ids.
+        max_tokens: tokens to generate.
+        temperature: 0 = greedy.
+        generated: tokens emitted so far (committed).
+        n_cached: tokens whose K/V are in the cache of ``attn``.
+        attn: attention replica holding the cache (None while waiting).
+        arrival_s, first_token_s, last_token_s: ``time.perf_counter()`` stamps (seconds).
+        max_tbt_s: largest gap between two emitted tokens (seconds).
+    """
+
+    id: int
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    on_event: EventCallback | None = None
+    generated: list[int] = field(default_factory=list)
+    n_cached: int = 0
+    attn: Replica | None = None
+    arrival_s: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    max_tbt_s: float = 0.0
+    finished: threading.Event = field(default_factory=threading.Event)
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt followed by the generated tokens."""
+        return self.prompt + self.generated
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens of KV the sequence can ever need (the last generated token is never fed)."""
+        return len(self.prompt) + self.max_tokens - 1
+
+
+# ---------------------------------------------------------------------------------------
+# What each group's replica holds and computes.
+# ---------------------------------------------------------------------------------------
+
+def group_modules(model: LlamaModel, group: str) -> nn.Module:
+    """The modules of ``group`` taken from ``model`` (shared, not copied)."""
+    L = model.layers
+    if group == "embed":
+        return nn.ModuleDict({"embed": model.embed})
+    if group == "attn":
+        return nn.ModuleDict({"norm": nn.ModuleList(l.attn_norm for l in L),
+                              "rope": nn.ModuleList(l.rope for l in L),
+                              "attn": nn.ModuleList(l.attn for l in L)})
+    if group == "proj":
+        return nn.ModuleDict({"qkv": nn.ModuleList(l.qkv for l in L), "o": nn.ModuleList(l.o_proj for l in L)})
+    if group == "mlp":
+        return nn.ModuleDict({"norm": nn.ModuleList(l.mlp_norm for l in L), "mlp": nn.ModuleList(l.mlp for l in L)})
+    if group == "head":
+        return nn.ModuleDict({"norm": model.final_norm, "lm_head": model.lm_head, "sampler": model.sampler})
+    raise KeyError(f"unknown operator group {group!r}; expected one of {OPERATOR_GROUPS}")
+
+
+@torch.no_grad()
+def _embed(rep: Replica, ids: torch.Tensor) -> torch.Tensor:
+    return rep.modules["embed"](ids.to(rep.device))
+
+
+@torch.no_grad()
+def _attn_norm(rep: Replica, layer: int, x: torch.Tensor) -> torch.Tensor:
+    return rep.modules["norm"][layer](x.to(rep.device))
+
+
+@torch.no_grad()
+def _qkv(rep: Replica, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return rep.modules["qkv"][layer](x.to(rep.device))
+
+
+@torch.no_grad()
+def _o_proj(rep: Replica, layer: int, a: torch.Tensor) -> torch.Tensor:
+    return rep.modules["o"][layer](a.to(rep.device))
+
+
+@torch.no_grad()
+def _mlp(rep: Replica, layer: int, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    dev = rep.device
+    h = h.to(dev) + o.to(dev)
+    return h + rep.modules["mlp"][layer](rep.modules["norm"][layer](h))
+
+
+@torch.no_grad()
+def _head(rep: Replica, x: torch.Tensor, temps: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    m = rep.modules
+    logits = m["lm_head"](m["norm"](x.to(rep.device)))
+    if bool((temps > 0).any()):
+        return m["sampler"](logits, temps.to(rep.device), generator=gen).cpu()
+    return m["sampler"](logits).cpu()
+
+
+@torch.no_grad()
+def _attend(rep: Replica, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            seqs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """RoPE, KV write and attention for sequences ``(seq_id, n_new, start_pos)`` laid out in order."""
+    dev = rep.device
+    q, k, v = q.to(dev), k.to(dev), v.to(dev)
+    pos = torch.cat([torch.arange(p, p + n) for _, n, p in seqs]).to(dev)
+    q, k = rep.modules["rope"][layer](q, k, pos)
+    attn = rep.modules["attn"][layer]
+    out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=dev)
+    decode_rows: list[int] = []
+    decode_ids: list[int] = []
+    row = 0
+    for sid, n, p in seqs:
+        rep.kv.write(layer, sid, pos[row:row + n], k[row:row + n], v[row:row + n])
+        if p == 0:
+            out[row:row + n] = attn.prefill(q[row:row + n], k[row:row + n], v[row:row + n])
+        else:
+            decode_rows.append(row)
+            decode_ids.append(sid)
+        row += n
+    if decode_rows:
+        rows = torch.tensor(decode_rows, device=dev)
+        lengths = pos[rows] + 1
+        max_len = max(p + n for _, n, p in seqs if p > 0)
+        kc, vc = rep.kv.gather(layer, decode_ids, max_len)
+        out[rows] = attn.decode(q[rows], kc, vc, lengths)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Operator-split serving of one model with pools that a :class:`Plan` sizes.
+
+    Args:
+        model: the operator-split model (master copy; replicas copy their group's weights
+            from it to their own device).
+        plan: initial plan.
+        config: engine settings.
+    """
+
+    def __init__(self, model: LlamaModel, plan: Plan, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.config = config or EngineConfig()
+        self.metrics = RuntimeMetrics()
+        self.dtype = model.embed.weight.dtype
+        self.layout = KVLayout(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim,
+                               self.config.kv_block_tokens, self.dtype)
+        self._masters = {g: group_modules(model, g) for g in OPERATOR_GROUPS}
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._plan = self._repair(plan)
+        self._plan_version = 0
+        self._applied_version = -1
+        self.replicas: dict[str, list[Replica]] = {g: [] for g in OPERATOR_GROUPS}
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._next_id = 0
+        self._stop = threading.Event()
+        self._driver: threading.Thread | None = None
+        self._history: collections.deque[float] = collections.deque(maxlen=self.config.history_len)
+        self._energy_j = 0.0
+        self._gens: dict[int, torch.Generator] = {}
+        self.iterations = 0
+        self.aborted_iterations = 0
+        self.start_s = time.perf_counter()
+        self._nvml = _Nvml() if self.config.device == "cuda" else None
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def start(self, wait_ready: float | None = 60.0) -> "Engine":
+        """Start the replicas of the initial plan and the driver; wait until all are ready."""
+        with self._lock:
+            self._reconcile()
+        self._driver = threading.Thread(target=self._drive, name="opscale-driver", daemon=True)
+        self._driver.start()
+        if wait_ready:
+            self.wait_ready(wait_ready)
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until every replica the plan asks for is ready; TimeoutError otherwise."""
+        deadline = time.perf_counter() + timeout
+        while time.perf_counter() < deadline:
+            with self._lock:
+                if self._applied_version == self._plan_version and self._settled():
+                    return
+            time.sleep(0.005)
+        raise TimeoutError(f"replicas not ready after {timeout} s: {self.describe()}")
+
+    def _settled(self) -> bool:
+        want = assign_slots(self._plan)
+        for g in OPERATOR_GROUPS:
+            live = [r for r in self.replicas[g] if r.state in (READY, LOADING)]
+            if sorted(r.slot for r in live) != sorted(want[g]) or any(r.state != READY for r in live):
+                return False
+            if any(r.state == DRAINING for r in self.replicas[g]):
+                return False
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving: pending requests finish with reason ``shutdown``; workers exit."""
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        if self._driver is not None:
+            self._driver.join(timeout)
+        with self._lock:
+            for s in list(self._waiting) + list(self._running):
+                self._finish(s, "shutdown")
+            self._waiting.clear()
+            self._running.clear()
+            for reps in self.replicas.values():
+                for r in reps:
+                    r.stop()
+            for reps in self.replicas.values():
+                for r in reps:
+                    r.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        """Whether the driver is serving."""
+        return self._driver is not None and self._driver.is_alive() and not self._stop.is_set()
+
+    # ---- requests ---------------------------------------------------------------------
+    def submit(self, prompt: list[int], max_tokens: int, temperature: float = 0.0,
+               on_event: EventCallback | None = None) -> Sequence:
+        """Queue a request; raises RequestRejected (never servable) or Overloaded (try later)."""
+        if not self.running:
+            raise Overloaded("engine is not serving", retry_after_s=1.0, code="not_running")
+        if not prompt:
+            raise RequestRejected("prompt is empty; at least one token is needed")
+        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.cfg.vocab_size)]
+        if bad:
+            raise RequestRejected(f"prompt token ids out of range [0, {self.cfg.vocab_size}): {bad[:5]}")
+        if max_tokens < 1:
+            raise RequestRejected(f"max_tokens must be >= 1, got {max_tokens}")
+        if temperature < 0:
+            raise RequestRejected(f"temperature must be >= 0, got {temperature}")
+        total = len(prompt) + max_tokens
+        if total > self.cfg.max_seq_len:
+            raise RequestRejected(f"prompt ({len(prompt)}) + max_tokens ({max_tokens}) = {total} tokens exceeds "
+                                  f"the model's context of {self.cfg.max_seq_len}", code="context_length_exceeded")
+        cap = self._kv_capacity_tokens()
+        if total - 1 > cap:
+            raise RequestRejected(f"request needs KV for {total - 1} tokens but one attention replica holds "
+                                  f"{cap}", code="kv_capacity_exceeded")
+        with self._wake:
+            if len(self._waiting) >= self.config.max_waiting:
+                self.metrics.rejected("queue_full")
+                raise Overloaded(f"{len(self._waiting)} requests already wait for KV memory", self._retry_after())
+            seq = Sequence(self._next_id, list(prompt), int(max_tokens), float(temperature), on_event)
+            self._next_id += 1
+            self._waiting.append(seq)
+            self.metrics.arrival(len(prompt), max_tokens)
+            self._wake.notify_all()
+        return seq
+
+    def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0,
+                 timeout: float = 60.0) -> list[int]:
+        """Submit and wait; returns the generated tokens (TimeoutError if not done in time)."""
+        seq = self.submit(prompt, max_tokens, temperature)
+        if not seq.finished.wait(timeout):
+            raise TimeoutError(f"request {seq.id} not finished after {timeout} s")
+        if seq.finish_reason != "length":
+            raise RuntimeError(f"request {seq.id} ended with {seq.finish_reason}")
+        return list(seq.generated)
+
+    def _kv_capacity_tokens(self) -> int:
+        blocks = int(self.config.kv_bytes_per_replica // self.layout.bytes_per_block)
+        return blocks * self.layout.block_tokens
+
+    def _retry_after(self) -> float:
+        """Seconds until a waiting slot is likely free: one typical request's remaining time."""
+        with self._lock:
+            left = [s.max_tokens - len(s.generated) for s in self._running] or [1]
+        tbt = max(self._recent_tbt, 0.01)
+        return float(min(max(np.median(left) * tbt, 1.0), 60.0))
+
+    _recent_tbt = 0.05
+
+    # ---- control ----------------------------------------------------------------------
+    def _repair(self, plan: Plan) -> Plan:
+        """Clip replicas to ``config.max_replicas``; tensor parallelism is not supported (tp=1)."""
+        if not isinstance(plan, Plan):
+            raise PlanError(f"expected a Plan, got {type(plan).__name__}")
+        p = plan
+        for g in OPERATOR_GROUPS:
+            op = p[g]
+            if op.replicas > self.config.max_replicas:
+                p = p.with_op(g, replicas=self.config.max_replicas)
+            if op.tp != 1:
+                p = p.with_op(g, tp=1)
+        return p
+
+    def apply(self, plan: Plan) -> Plan:
+        """Adopt ``plan`` (replicas, max batch, placement) while serving; returns the plan in force.
+
+        Replica changes happen between iterations (see the module docstring); max batch
+        takes effect at the next stage that cuts a batch.
+        """
+        repaired = self._repair(plan)
+        with self._wake:
+            if repaired != self._plan:
+                self._plan = repaired
+                self._plan_version += 1
+                self.metrics.plan_changes.inc()
+            self._wake.notify_all()
+        return repaired
+
+    @property
+    def plan(self) -> Plan:
+        """The plan in force."""
+        return self._plan
+
+    def kill_replica(self, group: str, index: int = 0) -> Replica:
+        """Fault injection: the ``index``-th ready replica of ``group`` dies at the end of its next batch."""
+        with self._lock:
+            ready = [r for r in self.replicas[group] if r.state == READY]
+            if not ready:
+                raise LookupError(f"no ready replica in group {group!r}")
+            r = ready[index % len(ready)]
+        r.kill()
+        return r
+
+    def describe(self) -> dict[str, list[str]]:
+        """Replicas per group as ``'#id state slot device'`` strings (for logs and /v1/plan)."""
+        with self._lock:
+            return {g: [f"#{r.id} {r.state} {r.slot} {r.device}" for r in reps] for g, reps in self.replicas.items()}
+
+    # ---- replica management (driver thread, or start() before the driver runs) --------
+    def _loader(self, group: str) -> Callable[[torch.device], Any]:
+        master = self._masters[group]
+
+        def load(device: torch.device) -> Any:
+            mods = clone_to(master, device)
+            return mods
+        return load
+
+    def _spawn(self, group: str, slot: str, device: str) -> Replica:
+        rep = Replica(group, slot, device, self._loader(group), on_done=self._item_done)
+        if group == "attn":
+            rep.kv = PagedKVCache(self.layout, self.config.kv_bytes_per_replica, device)
+        if group == "head":
+            self._gens[rep.id] = torch.Generator(device=device).manual_seed(self.config.seed + rep.id)
+        self.replicas[group].append(rep)
+        log.info("spawned %r", rep)
+        return rep
+
+    def _item_done(self, rep: Replica, item: WorkItem, start: float, end: float) -> None:
+        self.metrics.item_done(rep.group, item.tokens, item.seqs, start - item.enqueued_s, end - start)
+
+    def _reconcile(self) -> None:
+        """Bring replicas in line with the plan; called with the lock held, nothing in flight."""
+        plan = self._plan
+        want = assign_slots(plan)
+        devices = slot_devices(want, self.config.device)
+        for g in OPERATOR_GROUPS:
+            # forget the dead; their sequences recover
+            for r in [r for r in self.replicas[g] if not r.alive]:
+                self.replicas[g].remove(r)
+                self.metrics.worker_deaths.labels(group=g).inc()
+                log.warning("removed dead %r", r)
+                if g == "attn":
+                    self._recover_from(r)
+            live = [r for r in self.replicas[g] if r.state in (LOADING, READY)]
+            todo = list(want[g])
+            keep, extra = [], []
+            for r in live:
+                if r.slot in todo:
+                    todo.remove(r.slot)
+                    keep.append(r)
+                else:
+                    extra.append(r)
+            for slot in todo:
+                keep.append(self._spawn(g, slot, devices[slot]))
+            if extra and all(r.ready for r in keep):
+                for r in extra:
+                    self._retire(r, keep)
+            for r in [r for r in self.replicas[g] if r.state == DRAINING]:
+                if g != "attn" or not any(s.attn is r for s in self._running):
+                    r.stop()
+                    self.replicas[g].remove(r)
+                    log.info("retired %r", r)
+        self._applied_version = self._plan_version
+
+    def _retire(self, rep: Replica, keep: list[Replica]) -> None:
+        """Stop routing to ``rep``; an attention replica first hands over its sequences' KV."""
+        rep.state = DRAINING
+        if rep.group != "attn":
+            return
+        for s in [s for s in self._running if s.attn is rep]:
+            target = max((r for r in keep if r.ready and r.kv.can_reserve(s.kv_tokens)),
+                         key=lambda r: r.kv.free_blocks, default=None)
+            if target is None:
+                continue  # keeps being served by the draining replica until it finishes
+            target.kv.reserve(s.id, s.kv_tokens)
+            if s.n_cached:
+                ks, vs = rep.kv.export(s.id, s.n_cached)
+                target.kv.import_(s.id, ks, vs)
+            rep.kv.release(s.id)
+            s.attn = target
+
+    def _recover_from(self, dead: Replica) -> None:
+        """Sequences whose KV died with ``dead`` go back to the front of the admission queue."""
+        lost = [s for s in self._running if s.attn is dead]
+        for s in reversed(lost):
+            self._running.remove(s)
+            s.attn = None
+            s.n_cached = 0
+            self._waiting.appendleft(s)
+        if lost:
+            log.warning("%d sequences lost their KV cache with %r; they will recompute it", len(lost), dead)
+
+    # ---- driver -----------------------------------------------------------------------
+    def _admit(self) -> None:
+        budget = self.config.max_prefill_tokens
+        admitted = 0
+        while self._waiting:
+            s = self._waiting[0]
+            need = len(s.tokens)
+            if admitted and need > budget:
+                break
+            attn = [r for r in self.replicas["attn"] if r.state == READY and r.kv.can_reserve(s.kv_tokens)]
+            if not attn:
+                break
+            target = max(attn, key=lambda r: r.kv.free_blocks)
+            target.kv.reserve(s.id, s.kv_tokens)
+            s.attn = target
+            self._waiting.popleft()
+            self._running.append(s)
+            budget -= need
+            admitted += 1
+
+    def _drive(self) -> None:
+        while not self._stop.is_set():
+            with self._wake:
+                self._reconcile()
+                self._admit()
+                batch = [s for s in self._running if s.attn is not None]
+                if not batch:
+                    self._wake.wait(self.config.idle_wait_s)
+                    continue
+            try:
+                tokens = self._iterate(batch)
+            except (WorkerDied, _PoolUnavailable) as e:
+                self.aborted_iterations += 1
+                log.warning("iteration abandoned, will re-run: %s", e)
+                time.sleep(0.001)
+                continue
+            except Exception as e:  # a bug or bad input: fail these requests, keep serving
+                log.exception("iteration failed")
+                with self._lock:
+                    for s in batch:
+                        self._finish(s, "error", message=f"{type(e).__name__}: {e}")
+                continue
+            with self._lock:
+                self._commit(batch, tokens)
+            self.iterations += 1
+
+    def _route(self, group: str) -> Replica:
+        ready = [r for r in self.replicas[group] if r.state == READY]
+        if not ready:
+            raise _PoolUnavailable(f"no ready replica in pool {group!r}")
+        return min(ready, key=lambda r: r.load)
+
+    def _gather(self, futs: list[Future]) -> list[Any]:
+        """Wait for every future (never leave work running), then raise the first failure."""
+        wait(futs)
+        errs = [f.exception() for f in futs if f.exception() is not None]
+        if errs:
+            raise errs[0]
+        return [f.result() for f in futs]
+
+    @staticmethod
+    def _cat(parts: list[Any]) -> Any:
+        if isinstance(parts[0], tuple):
+            return tuple(Engine._cat([p[i] for p in parts]) for i in range(len(parts[0])))
+        dev = parts[0].device
+        return torch.cat([p.to(dev) for p in parts]) if len(parts) > 1 else parts[0]
+
+    def _stage(self, group: str, fn: Callable[..., Any], rows: list[tuple[int, int]],
+               tensors: tuple[torch.Tensor, ...], *lead: Any) -> Any:
+        """Run ``fn(rep, *lead, *tensor_slices)`` over chunks of ``max_batch`` sequences of a pool."""
+        mb = self._plan[group].max_batch
+        futs = []
+        for c in range(0, len(rows), mb):
+            r0, r1 = rows[c][0], rows[min(c + mb, len(rows)) - 1][1]
+            rep = self._route(group)
+            item = WorkItem(fn, (*lead, *(t[r0:r1] for t in tensors)), tokens=r1 - r0, seqs=min(mb, len(rows) - c))
+            futs.append(rep.submit(item))
+        return self._cat(self._gather(futs))
+
+    def _attn_stage(self, fn: Callable[..., Any], spans: list[tuple[Replica, int, int]], rows: list[tuple[int, int]],
+                    tensors: tuple[torch.Tensor, ...], lead: tuple, per_seq: list[Any] | None = None) -> Any:
+        """Like :meth:`_stage` but each chunk goes to the attention replica holding its sequences."""
+        mb = self._plan["attn"].max_batch
+        futs = []
+        for rep, i0, i1 in spans:
+            for c in range(i0, i1, mb):
+                c1 = min(c + mb, i1)
+                r0, r1 = rows[c][0], rows[c1 - 1][1]
+                args = (*lead, *(t[r0:r1] for t in tensors))
+                if per_seq is not None:
+                    args = (*args, per_seq[c:c1])
+                futs.append(rep.submit(WorkItem(fn, args, tokens=r1 - r0, seqs=c1 - c)))
+        return self._cat(self._gather(futs))
+
+    def _iterate(self, batch: list[Sequence]) -> list[int]:
+        """One step for every sequence in ``batch``; returns the next token of each (not committed)."""
+        batch.sort(key=lambda s: s.attn.id)  # type: ignore[union-attr]
+        rows, ids, meta, spans = [], [], [], []
+        row = 0
+        for i, s in enumerate(batch):
+            new = s.tokens[s.n_cached:]
+            rows.append((row, row + len(new)))
+            ids.extend(new)
+            meta.append((s.id, len(new), s.n_cached))
+            row += len(new)
+            if not spans or spans[-1][0] is not s.attn:
+                spans.append([s.attn, i, i + 1])
+            else:
+                spans[-1][2] = i + 1
+        spans_t = [tuple(x) for x in spans]
+        id_t = torch.tensor(ids, dtype=torch.long)
+        x = self._stage("embed", _embed, rows, (id_t,))
+        for layer in range(self.cfg.n_layers):
+            a = self._attn_stage(_attn_norm, spans_t, rows, (x,), (layer,))
+            q, k, v = self._stage("proj", _qkv, rows, (a,), layer)
+            att = self._attn_stage(_attend, spans_t, rows, (q, k, v), (layer,), per_seq=meta)
+            o = self._stage("proj", _o_proj, rows, (att,), layer)
+            x = self._stage("mlp", _mlp, rows, (x, o), layer)
+        last = torch.tensor([r1 - 1 for _, r1 in rows], device=x.device)
+        xl = x[last]
+        temps = torch.tensor([s.temperature for s in batch], dtype=torch.float32)
+        mb = self._plan["head"].max_batch
+        futs = []
+        for c in range(0, len(batch), mb):
+            c1 = min(c + mb, len(batch))
+            rep = self._route("head")
+            futs.append(rep.submit(WorkItem(_head, (xl[c:c1], temps[c:c1], self._gens.get(rep.id)),
+                                            tokens=c1 - c, seqs=c1 - c)))
+        out = self._cat(self._gather(futs))
+        return [int(t) for t in out.tolist()]
+
+    def _commit(self, batch: list[Sequence], tokens: list[int]) -> None:
+        now = time.perf_counter()
+        for s, t in zip(batch, tokens):
+            if s.finished.is_set() or s not in self._running:
+                continue
+            s.n_cached = len(s.tokens)
+            s.generated.append(t)
+            idx = len(s.generated) - 1
+            if s.first_token_s is None:
+                s.first_token_s = now
+                self.metrics.first_token(now - s.arrival_s)
+            else:
+                gap = now - (s.last_token_s or now)
+                s.max_tbt_s = max(s.max_tbt_s, gap)
+                self.metrics.next_token(gap)
+                self._recent_tbt = 0.9 * self._recent_tbt + 0.1 * gap
+            s.last_token_s = now
+            if s.on_event is not None:
+                s.on_event("token", t, idx)
+            if len(s.generated) >= s.max_tokens:
+                self._finish(s, "length")
+
+    def _finish(self, s: Sequence, reason: str, message: str | None = None) -> None:
+        if s.finished.is_set():
+            return
+        if s.attn is not None and s.attn.kv is not None:
+            s.attn.kv.release(s.id)
+        if s in self._running:
+            self._running.remove(s)
+        s.finish_reason = reason
+        if reason == "length":
+            slo = self.config.slo
+            ok = (s.first_token_s is not None and s.first_token_s - s.arrival_s <= slo.ttft_s
+                  and s.max_tbt_s <= slo.tbt_s)
+            self.metrics.finished(ok)
+        else:
+            self.metrics.finished(False, outcome=reason)
+        s.finished.set()
+        if s.on_event is not None:
+            if reason in ("length",):
+                s.on_event("done", reason, None)
+            else:
+                s.on_event("error", message or reason, None)
+
+    # ---- observation ------------------------------------------------------------------
+    def _gpus(self) -> tuple[int, list[torch.device]]:
+        with self._lock:
+            reps = [r for rs in self.replicas.values() for r in rs if r.alive]
+        if self.config.device == "cuda":
+            devs = sorted({r.device for r in reps}, key=str)
+            return len(devs), devs
+        return len({r.slot for r in reps}), []
+
+    def observe(self) -> ClusterState:
+        """What a controller sees of the interval since the previous call.
+
+        Per group: arrival rate = token-steps the group processed per second (a token-step
+        is one token through one layer's operator, so attn/proj/mlp count ``n_layers`` per
+        token and attn/proj twice per layer, as they are visited twice); queue = token-steps
+        waiting in the group's replica queues now plus prompt tokens waiting for admission;
+        utilisation = busy time / (interval x serving replicas); latency = queue wait +
+        service of its batches. GPUs in use: distinct CUDA devices holding replicas, or on
+        CPU the distinct placement slots (see :func:`runtime.pools.assign_slots`). Power:
+        NVML board power on CUDA, 0 W on CPU.
+        """
+        iv = self.metrics.take_interval()
+        dt = max(iv.end_s - iv.start_s, 1e-9)
+        with self._lock:
+            waiting_tokens = sum(len(s.tokens) for s in self._waiting)
+            plan = self._plan
+            ops: dict[str, OperatorState] = {}
+            for g in OPERATOR_GROUPS:
+                reps = [r for r in self.replicas[g] if r.alive]
+                serving = [r for r in reps if r.state in (READY, DRAINING)]
+                gi = iv.groups[g]
+                mem = sum(_param_bytes(r.modules) + (r.kv.memory_bytes if r.kv is not None else 0)
+                          for r in serving)
+                ops[g] = OperatorState(
+                    replicas=sum(r.state == READY for r in reps), max_batch=plan[g].max_batch,
+                    placement=plan[g].placement, tp=plan[g].tp,
+                    pending_replicas=sum(r.state == LOADING for r in reps),
+                    arrival_rate=gi.tokens / dt,
+                    queue_len=float(sum(r.queued_tokens() for r in reps) + waiting_tokens),
+                    utilisation=min(gi.busy_s / (dt * max(len(serving), 1)), 1.0),
+                    latency_p50_s=pct(gi.latencies_s, 50), latency_p99_s=pct(gi.latencies_s, 99),
+                    memory_bytes=float(mem))
+            kvs = [r.kv for r in self.replicas["attn"] if r.alive and r.kv is not None]
+            kv_used = (sum(k.n_blocks - k.free_blocks for k in kvs) / max(sum(k.n_blocks for k in kvs), 1))
+            queued, running = len(self._waiting), len(self._running)
+        gpus, devs = self._gpus()
+        power = self._nvml.power_w(devs) if self._nvml is not None else 0.0
+        self._energy_j += power * dt
+        self._history.append(iv.arrivals / dt)
+        slo = self.config.slo
+        for g in OPERATOR_GROUPS:
+            o = ops[g]
+            self.metrics.op_queue.labels(group=g).set(o.queue_len)
+            self.metrics.op_max_batch.labels(group=g).set(o.max_batch)
+        return ClusterState(
+            time_s=iv.end_s - self.start_s, interval_s=dt, operators=ops, slo=slo, plan=plan,
+            ttft_p50_s=pct(iv.ttft_s, 50), ttft_p99_s=pct(iv.ttft_s, 99),
+            tbt_p50_s=pct(iv.tbt_s, 50), tbt_p99_s=pct(iv.tbt_s, 99),
+            slo_attainment=iv.finished_ok / iv.finished if iv.finished else 1.0,
+            gpus_in_use=float(gpus), power_w=power, energy_j=power * dt,
+            request_rate_history=np.asarray(self._history, dtype=np.float64),
+            prompt_tokens_mean=float(np.mean(iv.prompt_tokens)) if iv.prompt_tokens else 0.0,
+            output_tokens_mean=float(np.mean(iv.output_tokens)) if iv.output_tokens else 0.0,
+            queued_requests=queued, running_requests=running, rejected_requests=iv.rejected,
+            kv_used_frac=float(kv_used))
+
+    def refresh_gauges(self) -> None:
+        """Update the Prometheus gauges that are read, not fed (replicas, queues, KV, GPUs)."""
+        with self._lock:
+            waiting_tokens = sum(len(s.tokens) for s in self._waiting)
+            for g in OPERATOR_GROUPS:
+                reps = self.replicas[g]
+                for st in (LOADING, READY, DRAINING):
+                    self.metrics.op_replicas.labels(group=g, state=st).set(sum(r.state == st for r in reps))
+                self.metrics.op_queue.labels(group=g).set(sum(r.queued_tokens() for r in reps) + waiting_tokens)
+                self.metrics.op_max_batch.labels(group=g).set(self._plan[g].max_batch)
+            kvs = [r.kv for r in self.replicas["attn"] if r.alive and r.kv is not None]
+            self.metrics.kv_used.set(sum(k.n_blocks - k.free_blocks for k in kvs) / max(sum(k.n_blocks for k in kvs), 1))
+            self.metrics.running.set(len(self._running))
+            self.metrics.waiting.set(len(self._waiting))
+        self.metrics.gpus.set(self._gpus()[0])
+
+
+def _param_bytes(modules: Any) -> int:
+    if not isinstance(modules, nn.Module):
+        return 0
+    return sum(p.numel() * p.element_size() for p in modules.parameters())
+
+
+class _Nvml:
+    """Board power of CUDA devices via NVML (0 W when NVML is unavailable)."""
+
+    def __init__(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nv = pynvml
+        except Exception:  # no driver / no library: report 0 W
+            self._nv = None
+
+    def power_w(self, devices: list[torch.device]) -> float:
+        if self._nv is None:
+            return 0.0
+        total = 0.0
+        for d in devices:
+            try:
+                h = self._nv.nvmlDeviceGetHandleByIndex(d.index or 0)
+                total += self._nv.nvmlDeviceGetPowerUsage(h) / 1000.0
+            except Exception:
+                continue
+        return total

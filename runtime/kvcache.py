@@ -1,0 +1,182 @@
+"""Paged KV-cache memory owned by one attention replica.
+
+The cache is a pool of fixed-size blocks per layer, ``[n_blocks, block_tokens, n_kv_heads,
+head_dim]`` for K and for V. A sequence reserves, at admission, every block it can ever
+need (``prompt + max_tokens`` tokens), so a running sequence never runs out of KV memory
+and the runtime never has to preempt: a request that cannot get its blocks waits in the
+admission queue or is rejected with a reason (see :class:`runtime.engine.Engine`).
+
+Sizes: ``block_tokens`` tokens per block; bytes per token are
+``2 x n_layers x n_kv_heads x head_dim x element_size`` (K and V over all layers).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCacheError(RuntimeError):
+    """A cache operation that cannot be honoured (unknown sequence, not enough blocks)."""
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of the cache.
+
+    Attributes:
+        n_layers: decoder layers.
+        n_kv_heads: key/value heads.
+        head_dim: elements per head.
+        block_tokens: tokens per block.
+        dtype: element type of the cache.
+    """
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    block_tokens: int = 16
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one cached token holds over all layers (K and V)."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block over all layers (K and V)."""
+        return self.bytes_per_token * self.block_tokens
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks needed to hold ``tokens`` tokens."""
+        return math.ceil(max(tokens, 0) / self.block_tokens)
+
+
+class PagedKVCache:
+    """Block pool plus per-sequence block tables for one attention replica.
+
+    Args:
+        layout: cache shape.
+        capacity_bytes: KV memory this replica may hold (bytes); rounded down to blocks.
+        device: where the blocks live (``cpu``, ``cuda:0``, ...).
+    """
+
+    def __init__(self, layout: KVLayout, capacity_bytes: int, device: str | torch.device = "cpu") -> None:
+        n_blocks = int(capacity_bytes // layout.bytes_per_block)
+        if n_blocks < 1:
+            raise KVCacheError(
+                f"KV capacity {capacity_bytes} bytes is less than one block ({layout.bytes_per_block} bytes)")
+        self.layout = layout
+        self.device = torch.device(device)
+        self.n_blocks = n_blocks
+        shape = (n_blocks, layout.block_tokens, layout.n_kv_heads, layout.head_dim)
+        self.k = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in range(layout.n_layers)]
+        self.v = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in range(layout.n_layers)]
+        self._free: list[int] = list(range(n_blocks - 1, -1, -1))
+        self._tables: dict[int, list[int]] = {}
+
+    # ---- accounting -------------------------------------------------------------------
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole pool can hold."""
+        return self.n_blocks * self.layout.block_tokens
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks not reserved by any sequence."""
+        return len(self._free)
+
+    @property
+    def used_frac(self) -> float:
+        """Share of blocks reserved (0..1)."""
+        return 1.0 - len(self._free) / self.n_blocks
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes the block pool occupies."""
+        return self.n_blocks * self.layout.bytes_per_block
+
+    def sequences(self) -> list[int]:
+        """Ids of sequences holding blocks here."""
+        return list(self._tables)
+
+    def can_reserve(self, tokens: int) -> bool:
+        """Whether ``tokens`` tokens' worth of blocks are free now."""
+        return self.layout.blocks_for(tokens) <= len(self._free)
+
+    def reserve(self, seq_id: int, tokens: int) -> None:
+        """Reserve blocks for ``tokens`` tokens of sequence ``seq_id``; raises KVCacheError if short."""
+        if seq_id in self._tables:
+            raise KVCacheError(f"sequence {seq_id} already holds blocks")
+        need = self.layout.blocks_for(tokens)
+        if need > len(self._free):
+            raise KVCacheError(f"sequence {seq_id} needs {need} blocks, {len(self._free)} free")
+        self._tables[seq_id] = [self._free.pop() for _ in range(need)]
+
+    def release(self, seq_id: int) -> None:
+        """Return a sequence's blocks to the pool (no-op for unknown ids)."""
+        blocks = self._tables.pop(seq_id, None)
+        if blocks:
+            self._free.extend(reversed(blocks))
+
+    def reserved_tokens(self, seq_id: int) -> int:
+        """Tokens the sequence's reservation can hold."""
+        return len(self._table(seq_id)) * self.layout.block_tokens
+
+    def _table(self, seq_id: int) -> list[int]:
+        try:
+            return self._tables[seq_id]
+        except KeyError:
+            raise KVCacheError(f"sequence {seq_id} holds no blocks on this replica") from None
+
+    # ---- data -------------------------------------------------------------------------
+    def _slots(self, seq_id: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._table(seq_id)
+        bt = self.layout.block_tokens
+        pos = positions.to("cpu", torch.long)
+        if int(pos.max()) >= len(table) * bt:
+            raise KVCacheError(f"sequence {seq_id}: position {int(pos.max())} beyond its reservation "
+                               f"of {len(table) * bt} tokens")
+        blocks = torch.tensor(table, dtype=torch.long)[pos // bt]
+        return blocks.to(self.device), (pos % bt).to(self.device)
+
+    def write(self, layer: int, seq_id: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V ``[T, n_kv_heads, head_dim]`` of ``seq_id`` at token ``positions`` ``[T]``."""
+        blk, off = self._slots(seq_id, positions)
+        self.k[layer][blk, off] = k.to(self.device, self.layout.dtype)
+        self.v[layer][blk, off] = v.to(self.device, self.layout.dtype)
+
+    def gather(self, layer: int, seq_ids: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``seq_ids`` as ``[B, max_len, n_kv_heads, head_dim]`` (padding beyond each length)."""
+        bt = self.layout.block_tokens
+        nblk = self.layout.blocks_for(max_len)
+        idx = torch.zeros((len(seq_ids), nblk), dtype=torch.long)
+        for i, s in enumerate(seq_ids):
+            t = self._table(s)[:nblk]
+            idx[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        idx = idx.to(self.device)
+        shape = (len(seq_ids), nblk * bt, self.layout.n_kv_heads, self.layout.head_dim)
+        k = self.k[layer][idx].reshape(shape)[:, :max_len]
+        v = self.v[layer][idx].reshape(shape)[:, :max_len]
+        return k, v
+
+    def export(self, seq_id: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the first ``length`` cached tokens of a sequence, per layer (for migration)."""
+        ks, vs = [], []
+        for layer in range(self.layout.n_layers):
+            k, v = self.gather(layer, [seq_id], length)
+            ks.append(k[0].clone())
+            vs.append(v[0].clone())
+        return ks, vs
+
+    def import_(self, seq_id: int, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+        """Write exported K/V (from :meth:`export`) into this cache; blocks must be reserved."""
+        length = ks[0].shape[0]
+        if length == 0:
+            return
+        pos = torch.arange(length)
+        for layer in range(self.layout.n_layers):
+            self.write(layer, seq_id, pos, ks[layer], vs[layer])

@@ -1,0 +1,228 @@
+"""Operator pools: replicas of one operator group, each a worker thread with its own queue.
+
+A :class:`Replica` holds a copy of its group's weights on its own device and runs the
+work items the engine submits to it, one at a time, in arrival order (its batching queue).
+A :class:`Pool` is the set of replicas of one group and routes work to the least-loaded
+ready one. Placement (``model`` / ``dedicated`` / ``pack``) is turned into *slots* by
+:func:`assign_slots`; a slot maps to a device (``cpu`` everywhere on a CPU machine,
+``cuda:k`` round-robin over visible GPUs on CUDA).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from runtime.control import Plan
+from runtime.models import OPERATOR_GROUPS
+
+LOADING, READY, DRAINING, DEAD = "loading", "ready", "draining", "dead"
+
+
+class WorkerDied(RuntimeError):
+    """The replica that ran (or held) a work item died before finishing it."""
+
+
+@dataclass
+class WorkItem:
+    """One batch for one replica.
+
+    Attributes:
+        fn: ``fn(replica, *args)`` computing the batch on the replica's device.
+        args: its arguments.
+        tokens: token-steps in the batch (for queue and rate metrics).
+        seqs: sequences in the batch.
+        future: resolved with ``fn``'s result, or with WorkerDied.
+        enqueued_s: ``time.perf_counter()`` at submission (seconds).
+    """
+
+    fn: Callable[..., Any]
+    args: tuple
+    tokens: int
+    seqs: int
+    future: Future = field(default_factory=Future)
+    enqueued_s: float = field(default_factory=time.perf_counter)
+
+
+_replica_ids = itertools.count()
+
+
+class Replica:
+    """A worker thread holding one copy of an operator group.
+
+    Args:
+        group: operator group name.
+        slot: placement slot it occupies (see :func:`assign_slots`).
+        device: torch device of its weights and activations.
+        load: ``load(device) -> modules`` building its weights (called on a loader thread).
+        on_done: ``on_done(replica, item, start_s, end_s)`` metrics hook after each item.
+        synchronize: call ``torch.cuda.synchronize`` after each item (CUDA timing).
+    """
+
+    def __init__(self, group: str, slot: str, device: str, load: Callable[[torch.device], Any],
+                 on_done: Callable[["Replica", WorkItem, float, float], None] | None = None) -> None:
+        self.id = next(_replica_ids)
+        self.group = group
+        self.slot = slot
+        self.device = torch.device(device)
+        self.state = LOADING
+        self.modules: Any = None
+        self.kv: Any = None  # PagedKVCache on attention replicas
+        self.load_s = 0.0
+        self.load_error: BaseException | None = None
+        self._load = load
+        self._on_done = on_done
+        self._q: queue.Queue[WorkItem | None] = queue.Queue()
+        self._kill_next = threading.Event()
+        self._busy = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{group}-{self.id}", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"Replica({self.group}#{self.id} {self.state} slot={self.slot} device={self.device})"
+
+    # ---- lifecycle --------------------------------------------------------------------
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.modules = self._load(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except BaseException as e:  # a replica that cannot load never serves
+            self.load_error = e
+            self.state = DEAD
+            self._fail_queue()
+            return
+        self.load_s = time.perf_counter() - t0
+        if self.state == LOADING:
+            self.state = READY
+        while True:
+            item = self._q.get()
+            if item is None:
+                break
+            self._busy.set()
+            start = time.perf_counter()
+            try:
+                result = item.fn(self, *item.args)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if self._kill_next.is_set():
+                    raise WorkerDied(f"replica {self.group}#{self.id} was killed mid-batch")
+            except WorkerDied as e:
+                self.state = DEAD
+                item.future.set_exception(e)
+                self._busy.clear()
+                self._fail_queue()
+                return
+            except BaseException as e:
+                item.future.set_exception(e)
+            else:
+                end = time.perf_counter()
+                if self._on_done is not None:
+                    self._on_done(self, item, start, end)
+                item.future.set_result(result)
+            self._busy.clear()
+        self.state = DEAD
+
+    def _fail_queue(self) -> None:
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item.future.set_exception(WorkerDied(f"replica {self.group}#{self.id} died with work queued"))
+
+    @property
+    def ready(self) -> bool:
+        """Loaded and accepting work."""
+        return self.state == READY
+
+    @property
+    def alive(self) -> bool:
+        """Not dead (loading, ready or draining)."""
+        return self.state != DEAD and self._thread.is_alive()
+
+    @property
+    def load(self) -> int:
+        """Items queued or running (routing key)."""
+        return self._q.qsize() + (1 if self._busy.is_set() else 0)
+
+    def queued_tokens(self) -> int:
+        """Token-steps of items waiting in the queue (not the running one)."""
+        with self._q.mutex:
+            return sum(it.tokens for it in self._q.queue if it is not None)
+
+    def submit(self, item: WorkItem) -> Future:
+        """Queue a work item; fails it at once if the replica is dead."""
+        if self.state == DEAD:
+            item.future.set_exception(WorkerDied(f"replica {self.group}#{self.id} is dead"))
+        else:
+            self._q.put(item)
+        return item.future
+
+    def kill(self) -> None:
+        """Fault injection: the replica dies at the end of its next item, failing it and its queue."""
+        self._kill_next.set()
+
+    def stop(self) -> None:
+        """Let the worker finish its queue and exit."""
+        if self.state != DEAD:
+            self.state = DRAINING
+        self._q.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the worker thread to exit."""
+        self._thread.join(timeout)
+
+
+def assign_slots(plan: Plan) -> dict[str, list[str]]:
+    """Placement slots for every replica of every group.
+
+    - ``model``: replica ``i`` of every ``model`` group sits in whole-model instance slot ``m{i}``.
+    - ``dedicated``: each replica gets a slot of its own, ``d:{group}:{i}``.
+    - ``pack``: replicas fill the non-dedicated slots already open (``m*`` first, in order,
+      round-robin), and open ``p{i}`` slots only where none is open.
+
+    On a CPU machine a slot stands for one GPU's worth of placement (``gpus_in_use`` counts
+    distinct slots); on CUDA slots map round-robin to devices (see :func:`slot_devices`).
+    """
+    slots: dict[str, list[str]] = {}
+    shared: list[str] = []
+    for g in OPERATOR_GROUPS:
+        op = plan[g]
+        if op.placement == "model":
+            slots[g] = [f"m{i}" for i in range(op.replicas)]
+            shared.extend(s for s in slots[g] if s not in shared)
+        elif op.placement == "dedicated":
+            slots[g] = [f"d:{g}:{i}" for i in range(op.replicas)]
+    packed = [g for g in OPERATOR_GROUPS if plan[g].placement == "pack"]
+    if packed and not shared:
+        shared = [f"p{i}" for i in range(max(plan[g].replicas for g in packed))]
+    for g in packed:
+        slots[g] = [shared[i % len(shared)] for i in range(plan[g].replicas)]
+    return slots
+
+
+def slot_devices(slots: dict[str, list[str]], device: str) -> dict[str, str]:
+    """Map every slot to a torch device: all to ``device`` unless it is ``cuda`` (then round-robin)."""
+    names = sorted({s for ss in slots.values() for s in ss})
+    if device != "cuda":
+        return {s: device for s in names}
+    n = max(torch.cuda.device_count(), 1)
+    return {s: f"cuda:{i % n}" for i, s in enumerate(names)}
+
+
+def clone_to(modules: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """A deep copy of ``modules`` on ``device`` (this is what "loading weights" costs)."""
+    out = copy.deepcopy(modules)
+    if isinstance(out, torch.nn.Module):
+        return out.to(device=device) if dtype is None else out.to(device=device, dtype=dtype)
+    return out
