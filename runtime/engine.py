@@ -143,6 +143,7 @@ class Sequence:
     max_tbt_s: float = 0.0
     finished: threading.Event = field(default_factory=threading.Event)
     finish_reason: str | None = None
+    cancelled: bool = False
 
     @property
     def tokens(self) -> list[int]:
@@ -373,6 +374,12 @@ class Engine:
             self._wake.notify_all()
         return seq
 
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a request (client went away); its KV blocks are freed between iterations."""
+        seq.cancelled = True
+        with self._wake:
+            self._wake.notify_all()
+
     def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0,
                  timeout: float = 60.0) -> list[int]:
         """Submit and wait; returns the generated tokens (TimeoutError if not done in time)."""
@@ -552,6 +559,10 @@ class Engine:
     def _drive(self) -> None:
         while not self._stop.is_set():
             with self._wake:
+                for s in [s for s in list(self._waiting) + self._running if s.cancelled]:
+                    if s in self._waiting:
+                        self._waiting.remove(s)
+                    self._finish(s, "cancelled")
                 self._reconcile()
                 self._admit()
                 batch = [s for s in self._running if s.attn is not None]
