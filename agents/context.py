@@ -29,6 +29,10 @@ class LatencyModel(Protocol):
         ``context`` to pass through every layer of ``group`` once."""
         ...
 
+    def iteration_overhead_s(self, batch: int, tokens: int, tp: int, phase: str, kernel_s: float) -> float:
+        """Seconds a serving stack adds to one iteration whose kernels take ``kernel_s``."""
+        ...
+
 
 @dataclass(frozen=True)
 class LinearLatency:
@@ -39,11 +43,16 @@ class LinearLatency:
         fixed_ms: per-group fixed cost of one batch (ms), e.g. weight reads.
         per_token_ms: per-group cost per token in the batch (ms).
         per_ctx_ms: per-group cost per token per KV token it attends to (ms); attention only.
+        overhead_ms: per-iteration framework overhead (ms), independent of the batch.
     """
 
     fixed_ms: Mapping[str, float]
     per_token_ms: Mapping[str, float]
     per_ctx_ms: Mapping[str, float] = field(default_factory=dict)
+    overhead_ms: float = 0.0
+
+    def iteration_overhead_s(self, batch: int, tokens: int, tp: int, phase: str, kernel_s: float) -> float:
+        return self.overhead_ms / 1000.0
 
     def group_s(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
         if group not in OPERATOR_GROUPS:
@@ -71,6 +80,11 @@ class ProfileLatency:
     def group_s(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
         ctx = int(max(0, round(context / 64.0) * 64))
         return self._cached(group, max(1, int(tokens)), ctx, max(1, int(batch)), int(tp), phase)
+
+    def iteration_overhead_s(self, batch: int, tokens: int, tp: int, phase: str, kernel_s: float) -> float:
+        """The calibrated per-iteration overhead of ``ProfileDB.iteration_overhead_ms`` (s)."""
+        return float(self.db.iteration_overhead_ms(self.gpu, self.model, tp, max(1, int(batch)), max(1, int(tokens)),
+                                                   phase, kernel_ms=kernel_s * 1000.0)) / 1000.0
 
 
 @dataclass
@@ -110,9 +124,11 @@ class ControllerContext:
             raise ValueError(f"interval_s must be > 0, got {self.interval_s}")
 
     def model_step_s(self, batch: int, context: int, phase: str = "decode", tokens: int | None = None) -> float:
-        """Seconds for one step of a whole-model instance (sum over groups)."""
+        """Seconds for one iteration of a whole-model instance: kernels of every group plus
+        the latency model's per-iteration overhead."""
         t = batch if tokens is None else tokens
-        return sum(self.latency.group_s(g, t, context, batch, self.tp, phase) for g in OPERATOR_GROUPS)
+        kernels = sum(self.latency.group_s(g, t, context, batch, self.tp, phase) for g in OPERATOR_GROUPS)
+        return kernels + self.latency.iteration_overhead_s(batch, t, self.tp, phase, kernels)
 
     def kv_capacity_tokens(self) -> int:
         """KV tokens one whole-model instance (``tp`` GPUs) holds besides its weights."""

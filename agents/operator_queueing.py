@@ -105,6 +105,7 @@ class OperatorQueueingController(Controller):
         # is the group's work, which does not grow with replicas).
         self.replica_gpus = {g: max(ctx.model.group_weight_bytes(g) / usable, 1e-3) for g in OPERATOR_GROUPS}
         self.last: QueueingPlan | None = None
+        self._prompt = max(1, int(round(ctx.default_prompt_tokens)))
         self.reset()
 
     # ----------------------------------------------------------------- planning model
@@ -139,12 +140,20 @@ class OperatorQueueingController(Controller):
         return int(min(n, c.max_replicas))
 
     def estimate(self, loads: dict[str, GroupLoad], replicas: dict[str, int]) -> tuple[float, float]:
-        """(TBT, TTFT) estimates in seconds: sums over groups of wait + service."""
+        """(TBT, TTFT) estimates in seconds: sums over groups of wait + service, plus the
+        serving stack's per-iteration overhead once per decode step and once per prefill."""
         tbt = ttft = 0.0
+        kern_dec = kern_pre = 0.0
         for g in OPERATOR_GROUPS:
             w = self.wait_s(loads[g], replicas[g])
             tbt += w + loads[g].decode_s
             ttft += w + loads[g].prefill_s
+            kern_dec += loads[g].decode_s
+            kern_pre += loads[g].prefill_s
+        b = loads["attn"].batch
+        lat, tp = self.ctx.latency, self.ctx.tp
+        tbt += lat.iteration_overhead_s(b, b, tp, "decode", kern_dec)
+        ttft += lat.iteration_overhead_s(1, self._prompt, tp, "prefill", kern_pre)
         return tbt, ttft
 
     def plan_for(self, rate: float, prompt: float, output: float) -> QueueingPlan:
@@ -155,6 +164,7 @@ class OperatorQueueingController(Controller):
         pass's estimates, and the attention pool must hold their KV cache.
         """
         ctx = self.ctx
+        self._prompt = max(1, int(round(prompt)))
         tbt, ttft = self.config.headroom * ctx.slo.tbt_s, self.config.headroom * ctx.slo.ttft_s
         qp = self._greedy(rate, prompt, output, rate * (ttft + output * tbt))
         if qp.feasible:
@@ -177,8 +187,9 @@ class OperatorQueueingController(Controller):
                  for g in OPERATOR_GROUPS}
 
         def cost(g: str, b: int, n: int) -> float:
-            # GPUs: the replicas' weights plus the busy share of the group's work.
-            return ctx.tp * (n * self.replica_gpus[g] + table[g][b].offered)
+            # GPUs: memory of the replicas' weights (all shards) plus the busy share of the
+            # group's work (a busy replica occupies its tp GPUs).
+            return n * self.replica_gpus[g] + ctx.tp * table[g][b].offered
 
         batch: dict[str, int] = {}
         reps: dict[str, int] = {}
