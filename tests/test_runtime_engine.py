@@ -1,0 +1,196 @@
+"""The operator-split engine: greedy equality, plan changes, worker death, KV admission."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from runtime.control import OperatorPlan, Plan
+from runtime.engine import Engine, EngineConfig, Overloaded, RequestRejected
+from runtime.kvcache import KVCacheError, KVLayout, PagedKVCache
+from runtime.model import build_model, generate_monolithic, generate_split
+from runtime.models import OPERATOR_GROUPS, get_model
+from runtime.pools import assign_slots
+
+TINY = get_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(TINY, dtype=torch.float64, seed=1)
+
+
+def prompts(n: int, base: int = 3) -> list[list[int]]:
+    return [[(13 * i + 7 * j + base) % TINY.vocab_size for j in range(3 + (i % 9))] for i in range(n)]
+
+
+def op_plan(replicas: int = 2, max_batch: int = 3, placement: str = "pack") -> Plan:
+    return Plan({g: OperatorPlan(replicas, max_batch, placement) for g in OPERATOR_GROUPS})
+
+
+def wait_all(seqs, timeout: float = 60.0) -> None:
+    deadline = time.perf_counter() + timeout
+    for s in seqs:
+        assert s.finished.wait(max(deadline - time.perf_counter(), 0.01)), f"request {s.id} did not finish"
+
+
+# ---- KV cache ---------------------------------------------------------------------------
+
+def test_kv_layout_bytes_hand_computed():
+    lay = KVLayout(n_layers=2, n_kv_heads=2, head_dim=16, block_tokens=16, dtype=torch.float32)
+    assert lay.bytes_per_token == 2 * 2 * 2 * 16 * 4 == 512
+    assert lay.bytes_per_block == 8192
+    assert lay.blocks_for(17) == 2 and lay.blocks_for(16) == 1 and lay.blocks_for(0) == 0
+
+
+def test_kv_reserve_release_and_roundtrip():
+    lay = KVLayout(2, 2, 16, 4, torch.float32)
+    kv = PagedKVCache(lay, capacity_bytes=lay.bytes_per_block * 5 + 100)
+    assert kv.n_blocks == 5 and kv.capacity_tokens == 20
+    kv.reserve(1, 9)  # 3 blocks
+    assert kv.free_blocks == 2 and kv.used_frac == pytest.approx(0.6)
+    assert not kv.can_reserve(9)
+    with pytest.raises(KVCacheError, match="needs 3 blocks, 2 free"):
+        kv.reserve(2, 9)
+    k = torch.randn(9, 2, 16)
+    v = torch.randn(9, 2, 16)
+    kv.write(1, 1, torch.arange(9), k, v)
+    gk, gv = kv.gather(1, [1], 9)
+    assert torch.equal(gk[0], k) and torch.equal(gv[0], v)
+    with pytest.raises(KVCacheError, match="position 12 beyond its reservation of 12 tokens"):
+        kv.write(0, 1, torch.tensor([12]), k[:1], v[:1])
+    kv.release(1)
+    assert kv.free_blocks == 5
+    with pytest.raises(KVCacheError, match="holds no blocks"):
+        kv.gather(0, [1], 1)
+
+
+def test_kv_capacity_below_one_block_is_an_error():
+    lay = KVLayout(2, 2, 16, 16, torch.float32)
+    with pytest.raises(KVCacheError, match="less than one block"):
+        PagedKVCache(lay, capacity_bytes=100)
+
+
+# ---- placement slots -----------------------------------------------------------------
+
+def test_assign_slots_model_dedicated_pack():
+    plan = Plan({"embed": OperatorPlan(1, 8, "model"), "attn": OperatorPlan(2, 8, "dedicated"),
+                 "proj": OperatorPlan(3, 8, "pack"), "mlp": OperatorPlan(2, 8, "model"),
+                 "head": OperatorPlan(1, 8, "pack")})
+    s = assign_slots(plan)
+    assert s["embed"] == ["m0"] and s["mlp"] == ["m0", "m1"]
+    assert s["attn"] == ["d:attn:0", "d:attn:1"]
+    assert s["proj"] == ["m0", "m1", "m0"] and s["head"] == ["m0"]
+    only_pack = assign_slots(op_plan(3, 8, "pack").with_op("embed", replicas=1))
+    assert only_pack["mlp"] == ["p0", "p1", "p2"] and only_pack["embed"] == ["p0"]
+
+
+# ---- serving ---------------------------------------------------------------------------
+
+def test_split_engine_equals_monolithic_greedy(model):
+    ps = prompts(10)
+    refs = [generate_monolithic(model, p, 6) for p in ps]
+    eng = Engine(model, op_plan(2, 3)).start()
+    try:
+        seqs = [eng.submit(p, 6) for p in ps]
+        wait_all(seqs)
+        assert [s.generated for s in seqs] == refs
+        assert all(s.finish_reason == "length" for s in seqs)
+        state = eng.observe()
+        # one slot per replica index shared by all pack groups: p0, p1
+        assert state.gpus_in_use == 2
+        assert state.operators["mlp"].replicas == 2
+        assert state.operators["mlp"].arrival_rate > 0
+        assert state.ttft_p99_s >= state.ttft_p50_s > 0
+        assert state.slo_attainment == 1.0
+    finally:
+        eng.stop()
+
+
+def test_plan_change_mid_load_loses_and_duplicates_nothing(model):
+    ps = prompts(24, base=11)
+    refs = [generate_split(model, p, 10) for p in ps]
+    eng = Engine(model, op_plan(2, 4)).start()
+    try:
+        seqs = [eng.submit(p, 10) for p in ps]
+        while sum(len(s.generated) for s in seqs) < 40:
+            time.sleep(0.002)
+        attn_before = {r.id for r in eng.replicas["attn"]}
+        new = (eng.plan.with_op("mlp", replicas=4).with_op("proj", replicas=1)
+               .with_op("attn", placement="dedicated").with_op("head", max_batch=2))
+        eng.apply(new)
+        wait_all(seqs)
+        assert [s.generated for s in seqs] == refs
+        eng.wait_ready(30)
+        assert len(eng.replicas["mlp"]) == 4 and len(eng.replicas["proj"]) == 1
+        attn_after = {r.id for r in eng.replicas["attn"]}
+        assert attn_after.isdisjoint(attn_before)  # moved: new replicas on new slots
+        assert sorted(r.slot for r in eng.replicas["attn"]) == ["d:attn:0", "d:attn:1"]
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("group", ["mlp", "attn", "head"])
+def test_killed_worker_requeues_its_requests(model, group):
+    ps = prompts(12, base=5)
+    refs = [generate_split(model, p, 8) for p in ps]
+    eng = Engine(model, op_plan(2, 4)).start()
+    try:
+        seqs = [eng.submit(p, 8) for p in ps]
+        while sum(len(s.generated) for s in seqs) < 12:
+            time.sleep(0.001)
+        victim = eng.kill_replica(group)
+        wait_all(seqs)
+        assert [s.generated for s in seqs] == refs
+        assert eng.aborted_iterations >= 1
+        assert all(r.id != victim.id for r in eng.replicas[group])
+        eng.wait_ready(30)
+        assert len([r for r in eng.replicas[group] if r.ready]) == 2  # replaced
+        text = eng.metrics.render().decode()
+        assert f'opscale_worker_deaths_total{{group="{group}"}} 1.0' in text
+    finally:
+        eng.stop()
+
+
+def test_admission_waits_for_kv_then_serves(model):
+    # 1 KV block of 16 tokens per attention replica: one request at a time.
+    lay = KVLayout(TINY.n_layers, TINY.n_kv_heads, TINY.head_dim, 16, torch.float64)
+    cfg = EngineConfig(kv_bytes_per_replica=lay.bytes_per_block, max_waiting=3)
+    eng = Engine(model, op_plan(1, 4), cfg).start()
+    try:
+        ps = prompts(4, base=2)
+        refs = [generate_split(model, p, 4) for p in ps]
+        seqs = [eng.submit(p, 4) for p in ps[:3]]
+        with pytest.raises(Overloaded, match="already wait"):
+            for p in ps[3:] * 3:
+                eng.submit(p, 4)
+        with pytest.raises(RequestRejected, match="needs KV for 29 tokens but one attention replica holds 16"):
+            eng.submit([1] * 20, 10)
+        wait_all(seqs)
+        assert [s.generated for s in seqs] == refs[:3]
+    finally:
+        eng.stop()
+
+
+def test_submit_validates_requests(model):
+    eng = Engine(model, op_plan(1, 4)).start()
+    try:
+        with pytest.raises(RequestRejected, match="prompt is empty"):
+            eng.submit([], 4)
+        with pytest.raises(RequestRejected, match=r"out of range \[0, 256\): \[256\]"):
+            eng.submit([1, 256], 4)
+        with pytest.raises(RequestRejected, match="max_tokens must be >= 1"):
+            eng.submit([1], 0)
+        with pytest.raises(RequestRejected, match="exceeds the model's context of 512"):
+            eng.submit([1] * 500, 13)
+    finally:
+        eng.stop()
+    with pytest.raises(Overloaded, match="not serving"):
+        eng.submit([1], 1)
+
+
+def test_plan_is_clipped_to_max_replicas(model):
+    eng = Engine(model, op_plan(1, 4), EngineConfig(max_replicas=2))
+    applied = eng.apply(op_plan(5, 4))
+    assert all(applied[g].replicas == 2 for g in OPERATOR_GROUPS)
