@@ -123,6 +123,7 @@ class ModelLevelController(Controller):
 
     def decide(self, state: ClusterState) -> Plan:
         c = self.config
+        self.ctx.slo = state.slo  # the targets in force
         if self.replicas is None:
             self.replicas = int(np.clip(state.plan["mlp"].replicas, c.min_replicas, c.max_replicas))
         want = self.desired(state)

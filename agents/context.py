@@ -96,7 +96,9 @@ class ControllerContext:
         slo: TTFT/TBT targets.
         latency: per-group latency model.
         gpu_memory_bytes: memory of one GPU (bytes).
-        tp: tensor-parallel degree of whole-model instances and of operator replicas.
+        tp: tensor-parallel degree of whole-model instances.
+        group_tp: tensor-parallel degree of each group's replicas when placed on their own
+            (``dedicated``/``pack``); groups not named use ``tp``.
         interval_s: control interval of the environment (seconds).
         codec: codec limits (batch levels, replica bounds) that plans must respect.
         memory_util: share of GPU memory usable for weights + KV cache (0..1).
@@ -109,6 +111,7 @@ class ControllerContext:
     latency: LatencyModel
     gpu_memory_bytes: int
     tp: int = 1
+    group_tp: Mapping[str, int] = field(default_factory=dict)
     interval_s: float = 1.0
     codec: CodecConfig = field(default_factory=CodecConfig)
     memory_util: float = 0.9
@@ -116,12 +119,20 @@ class ControllerContext:
     default_output_tokens: float = 200.0
 
     def __post_init__(self) -> None:
-        if self.tp not in (1, 2, 4, 8):
-            raise ValueError(f"tp must be 1, 2, 4 or 8, got {self.tp}")
+        for name, t in [("tp", self.tp)] + [(f"group_tp[{g!r}]", t) for g, t in self.group_tp.items()]:
+            if t not in (1, 2, 4, 8):
+                raise ValueError(f"{name} must be 1, 2, 4 or 8, got {t}")
+        unknown = set(self.group_tp) - set(OPERATOR_GROUPS)
+        if unknown:
+            raise ValueError(f"group_tp names unknown groups {sorted(unknown)}; expected {OPERATOR_GROUPS}")
         if self.gpu_memory_bytes <= 0:
             raise ValueError(f"gpu_memory_bytes must be > 0, got {self.gpu_memory_bytes}")
         if self.interval_s <= 0:
             raise ValueError(f"interval_s must be > 0, got {self.interval_s}")
+
+    def tp_of(self, group: str) -> int:
+        """Tensor-parallel degree of ``group``'s own replicas."""
+        return int(self.group_tp.get(group, self.tp))
 
     def model_step_s(self, batch: int, context: int, phase: str = "decode", tokens: int | None = None) -> float:
         """Seconds for one iteration of a whole-model instance: kernels of every group plus

@@ -114,8 +114,9 @@ class OperatorQueueingController(Controller):
         ctx = self.ctx
         p = max(1, int(round(prompt)))
         context = int(p + output / 2)
-        dec = ctx.latency.group_s(group, batch, context, batch, ctx.tp, "decode")
-        pre = ctx.latency.group_s(group, p, p, 1, ctx.tp, "prefill")
+        tp = ctx.tp_of(group)
+        dec = ctx.latency.group_s(group, batch, context, batch, tp, "decode")
+        pre = ctx.latency.group_s(group, p, p, 1, tp, "prefill")
         batches = rate * output / batch
         return GroupLoad(batch, dec, pre, batches + rate, batches * dec + rate * pre)
 
@@ -134,7 +135,7 @@ class OperatorQueueingController(Controller):
         c = self.ctx.codec
         n = max(c.min_replicas, math.ceil(load.offered / self.config.max_utilisation - 1e-9))
         if group == "attn" and kv_tokens > 0:
-            per_replica = (self.ctx.tp * self.ctx.gpu_memory_bytes * self.ctx.memory_util
+            per_replica = (self.ctx.tp_of("attn") * self.ctx.gpu_memory_bytes * self.ctx.memory_util
                            - self.ctx.model.group_weight_bytes("attn")) / self.ctx.model.kv_bytes_per_token
             n = max(n, math.ceil(kv_tokens / max(per_replica, 1.0)))
         return int(min(n, c.max_replicas))
@@ -151,7 +152,7 @@ class OperatorQueueingController(Controller):
             kern_dec += loads[g].decode_s
             kern_pre += loads[g].prefill_s
         b = loads["attn"].batch
-        lat, tp = self.ctx.latency, self.ctx.tp
+        lat, tp = self.ctx.latency, max(self.ctx.tp_of(g) for g in OPERATOR_GROUPS)
         tbt += lat.iteration_overhead_s(b, b, tp, "decode", kern_dec)
         ttft += lat.iteration_overhead_s(1, self._prompt, tp, "prefill", kern_pre)
         return tbt, ttft
@@ -176,7 +177,7 @@ class OperatorQueueingController(Controller):
         slo_tbt, slo_ttft = cfg.headroom * ctx.slo.tbt_s, cfg.headroom * ctx.slo.ttft_s
         context = prompt + output / 2
         kv_tokens = in_flight * context
-        kv_per_replica = (ctx.tp * ctx.gpu_memory_bytes * ctx.memory_util
+        kv_per_replica = (ctx.tp_of("attn") * ctx.gpu_memory_bytes * ctx.memory_util
                           - ctx.model.group_weight_bytes("attn")) / max(ctx.model.kv_bytes_per_token, 1)
         levels = {g: self.levels for g in OPERATOR_GROUPS}
         # An attention replica must hold the KV of the batch it runs.
@@ -189,7 +190,7 @@ class OperatorQueueingController(Controller):
         def cost(g: str, b: int, n: int) -> float:
             # GPUs: memory of the replicas' weights (all shards) plus the busy share of the
             # group's work (a busy replica occupies its tp GPUs).
-            return n * self.replica_gpus[g] + ctx.tp * table[g][b].offered
+            return n * self.replica_gpus[g] + ctx.tp_of(g) * table[g][b].offered
 
         batch: dict[str, int] = {}
         reps: dict[str, int] = {}
@@ -241,7 +242,7 @@ class OperatorQueueingController(Controller):
 
     def decide(self, state: ClusterState) -> Plan:
         ctx, cfg = self.ctx, self.config
-        slo = ctx.slo
+        ctx.slo = slo = state.slo  # the targets in force
         missed = (state.ttft_p99_s > slo.ttft_s or state.tbt_p99_s > slo.tbt_s
                   or state.slo_attainment < slo.attainment_target)
         self.margin = min(cfg.margin_max, self.margin * cfg.margin_up) if missed else max(1.0, self.margin * cfg.margin_down)
@@ -253,5 +254,5 @@ class OperatorQueueingController(Controller):
         self._targets.append((now, qp.replicas))
         # Up at once; down only to the largest target of the last downscale_delay_s.
         out = {g: max(r[g] for _, r in self._targets) for g in OPERATOR_GROUPS}
-        return Plan({g: OperatorPlan(max(ctx.codec.min_replicas, out[g]), qp.batch[g], "pack", ctx.tp)
+        return Plan({g: OperatorPlan(max(ctx.codec.min_replicas, out[g]), qp.batch[g], "pack", ctx.tp_of(g))
                      for g in OPERATOR_GROUPS})
