@@ -180,10 +180,11 @@ class Attention(nn.Module):
             ``[T, H*hd]``.
         """
         T = q.shape[0]
-        qh = q.transpose(0, 1)  # [H, T, hd]
-        kh = k.transpose(0, 1).repeat_interleave(self.groups, dim=0)
-        vh = v.transpose(0, 1).repeat_interleave(self.groups, dim=0)
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)  # [H, T, hd]
+        # 4-D [1, H, T, hd] so the fused (flash / memory-efficient) kernels are eligible on CUDA
+        qh = q.transpose(0, 1).unsqueeze(0)
+        kh = k.transpose(0, 1).repeat_interleave(self.groups, dim=0).unsqueeze(0)
+        vh = v.transpose(0, 1).repeat_interleave(self.groups, dim=0).unsqueeze(0)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)[0]  # [H, T, hd]
         return out.transpose(0, 1).reshape(T, self.n_heads * self.head_dim)
 
     def prefill_packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: Sequence[int]) -> torch.Tensor:
