@@ -1,0 +1,114 @@
+"""PPO hyperparameters from a YAML file laid out as in RL Baselines3 Zoo.
+
+The file maps env ids to blocks of hyperparameters; :func:`load_hyperparams` returns the
+block of one env id as a :class:`PPOHyperparams`, refusing unknown keys by name.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_ID = "opscale/OperatorScaling-v0"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo.yaml"
+
+
+@dataclass
+class BCConfig:
+    """Behaviour cloning before PPO.
+
+    Attributes:
+        episodes: teacher episodes to record (0 turns cloning off).
+        epochs: passes over the recorded (observation, action) pairs.
+        batch_size: pairs per gradient step.
+        learning_rate: Adam step size.
+        teacher: controller name that provides the actions.
+    """
+
+    episodes: int = 0
+    epochs: int = 30
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    teacher: str = "operator-queueing"
+
+
+@dataclass
+class PPOHyperparams:
+    """One env's training block (see agents/configs/ppo.yaml for the meaning of each key)."""
+
+    algo: str = "MaskablePPO"
+    n_timesteps: int = 150_000
+    n_envs: int = 2
+    vec_env: str = "dummy"
+    policy: str = "MlpPolicy"
+    n_steps: int = 512
+    batch_size: int = 256
+    n_epochs: int = 5
+    gamma: float = 0.98
+    gae_lambda: float = 0.95
+    learning_rate: float = 3e-4
+    clip_range: float = 0.2
+    ent_coef: float = 0.003
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    normalize: dict[str, Any] = field(default_factory=lambda: {"norm_obs": True, "norm_reward": True})
+    bc: BCConfig = field(default_factory=BCConfig)
+    eval_freq: int = 20_000
+    eval_episodes: int = 2
+    checkpoint_freq: int = 50_000
+
+    def __post_init__(self) -> None:
+        if self.algo not in ("PPO", "MaskablePPO"):
+            raise ValueError(f"algo must be PPO or MaskablePPO, got {self.algo!r}")
+        if self.vec_env not in ("dummy", "subproc"):
+            raise ValueError(f"vec_env must be dummy or subproc, got {self.vec_env!r}")
+        if isinstance(self.bc, dict):
+            self.bc = BCConfig(**self.bc)
+        for name in ("n_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def ppo_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the SB3 algorithm constructor."""
+        keys = ("n_steps", "batch_size", "n_epochs", "gamma", "gae_lambda", "learning_rate", "clip_range",
+                "ent_coef", "vf_coef", "max_grad_norm", "policy_kwargs")
+        return {k: getattr(self, k) for k in keys}
+
+    def flat(self) -> dict[str, Any]:
+        """Flat dict for TensorBoard's HPARAMS (nested values joined with '.')."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, v: Any) -> None:
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), x)
+            else:
+                out[prefix] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+        walk("", asdict(self))
+        return out
+
+
+def load_hyperparams(path: str | Path = DEFAULT_CONFIG, env_id: str = ENV_ID) -> PPOHyperparams:
+    """Read ``env_id``'s block from the YAML file at ``path``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hyperparameter file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or env_id not in data:
+        have = sorted(data) if isinstance(data, dict) else []
+        raise KeyError(f"{path}: no block for env id {env_id!r} (blocks: {have})")
+    block = data[env_id] or {}
+    known = {f.name for f in fields(PPOHyperparams)}
+    unknown = sorted(set(block) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown hyperparameters {unknown} in block {env_id!r}; known: {sorted(known)}")
+    bc = block.get("bc") or {}
+    bc_known = {f.name for f in fields(BCConfig)}
+    bad = sorted(set(bc) - bc_known)
+    if bad:
+        raise ValueError(f"{path}: unknown bc settings {bad} in block {env_id!r}; known: {sorted(bc_known)}")
+    return PPOHyperparams(**{**block, "bc": BCConfig(**bc)})
