@@ -8,5 +8,6 @@ user traces in the same schemas, and seeded generators fitted to a real trace.
 """
 from traces.trace import Trace, TraceError, TraceWarning
 from traces.loader import TRACE_NAMES, load_trace
+from traces.generate import GENERATORS, generate
 
-__all__ = ["Trace", "TraceError", "TraceWarning", "TRACE_NAMES", "load_trace"]
+__all__ = ["Trace", "TraceError", "TraceWarning", "TRACE_NAMES", "load_trace", "GENERATORS", "generate"]
