@@ -1,4 +1,6 @@
 """traces/: the shipped Azure 2023 traces, the Trace operations and the CSV schemas."""
+import pickle
+
 import numpy as np
 import pytest
 
@@ -72,6 +74,10 @@ def test_loaded_traces_are_cached_and_read_only():
         a.prompt_tokens[0] = 1
     with pytest.raises(ValueError, match="read-only"):
         load_trace("azure").arrival_s[0] = 5.0
+    back = pickle.loads(pickle.dumps(load_trace("azure")))     # e.g. into a SubprocVecEnv worker
+    assert back.name == "azure" and len(back) == 28_185 and back.service[-1] in ("conv", "code")
+    with pytest.raises(ValueError, match="read-only"):
+        back.output_tokens[0] = 1
 
 
 # --------------------------------------------------------------- operations

@@ -113,6 +113,11 @@ class Trace:
         return (f"Trace({self.name!r}, {len(self)} requests, {self.duration_s:.1f} s, "
                 f"{self.mean_rate_per_s:.3f} req/s{gen})")
 
+    def __reduce__(self):
+        # Rebuild through the constructor so unpickled arrays are validated and read-only.
+        return (Trace, (self.arrival_s, self.prompt_tokens, self.output_tokens, self.num_images,
+                        self.service, self.name, self.generated, self.duration_s))
+
     @property
     def mean_rate_per_s(self) -> float:
         """Mean arrival rate over the trace's duration (requests per second); nan if 0 s long."""
