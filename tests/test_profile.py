@@ -30,7 +30,10 @@ TINY = get_model("tiny")  # d=64, H=4, KV=2, hd=16, d_ff=172, V=256, max_seq_len
 def quick_csv(tmp_path_factory):
     out = tmp_path_factory.mktemp("prof") / "p.csv"
     t0 = time.perf_counter()
-    rc = main(["--model", "tiny", "--device", "cpu", "--out", str(out), "--quick", "-q"])
+    threads = torch.get_num_threads()
+    # one thread: on a shared 2-core machine multi-threaded kernels stall for whole time slices
+    rc = main(["--model", "tiny", "--device", "cpu", "--out", str(out), "--quick", "-q", "--threads", "1"])
+    assert torch.get_num_threads() == threads  # restored for the rest of the process
     elapsed = time.perf_counter() - t0
     assert rc == 0
     with out.open() as f:
@@ -53,7 +56,7 @@ def test_quick_cli_writes_project_schema(quick_csv):
         lo, med, p90, hi = (float(r[k]) for k in ("latency_ms_min", "latency_ms_median", "latency_ms_p90", "latency_ms_max"))
         assert 0 < lo <= med <= p90 <= hi, r
         assert r["power_w"] == ""  # no NVML on CPU
-        assert r["memory_method"] == "analytic"
+        assert r["memory_method"] == "analytic" and r["threads"] == "1"
         assert int(r["memory_bytes"]) == int(r["weight_bytes"]) + int(r["activation_bytes"])
 
 
