@@ -33,6 +33,10 @@ class LatencyModel(Protocol):
         """Seconds a serving stack adds to one iteration whose kernels take ``kernel_s``."""
         ...
 
+    def send_s(self, tokens: int) -> float:
+        """Seconds to move ``tokens`` hidden states between two GPUs."""
+        ...
+
 
 @dataclass(frozen=True)
 class LinearLatency:
@@ -50,9 +54,13 @@ class LinearLatency:
     per_token_ms: Mapping[str, float]
     per_ctx_ms: Mapping[str, float] = field(default_factory=dict)
     overhead_ms: float = 0.0
+    send_ms_per_token: float = 0.0
 
     def iteration_overhead_s(self, batch: int, tokens: int, tp: int, phase: str, kernel_s: float) -> float:
         return self.overhead_ms / 1000.0
+
+    def send_s(self, tokens: int) -> float:
+        return self.send_ms_per_token * tokens / 1000.0
 
     def group_s(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
         if group not in OPERATOR_GROUPS:
@@ -72,6 +80,18 @@ class ProfileLatency:
     def __init__(self, db: Any, gpu: str, model: str, cache_size: int = 65536) -> None:
         self.db, self.gpu, self.model = db, gpu, model
         self._cached = lru_cache(maxsize=cache_size)(self._query)
+        self._send = lru_cache(maxsize=4096)(self._send_query)
+        from runtime.models import get_model
+
+        cfg = get_model(model)
+        self._token_bytes = cfg.d_model * cfg.dtype_bytes
+
+    def _send_query(self, tokens: int) -> float:
+        return float(self.db.send_recv_ms(self.gpu, tokens * self._token_bytes)) / 1000.0
+
+    def send_s(self, tokens: int) -> float:
+        """ProfileDB.send_recv_ms of ``tokens`` hidden states (seconds)."""
+        return self._send(max(1, int(tokens)))
 
     def _query(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
         return float(self.db.group_latency(group, self.gpu, self.model, tokens, context=context,
@@ -104,6 +124,8 @@ class ControllerContext:
         memory_util: share of GPU memory usable for weights + KV cache (0..1).
         default_prompt_tokens, default_output_tokens: request shape assumed before any
             request has been seen (tokens).
+        kv_reserve_tokens: KV tokens an operator-level attention replica reserves per batch
+            slot (0: it shares its free memory among its sequences by their context).
     """
 
     model: ModelConfig
@@ -117,6 +139,7 @@ class ControllerContext:
     memory_util: float = 0.9
     default_prompt_tokens: float = 1000.0
     default_output_tokens: float = 200.0
+    kv_reserve_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name, t in [("tp", self.tp)] + [(f"group_tp[{g!r}]", t) for g, t in self.group_tp.items()]:

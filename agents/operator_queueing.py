@@ -5,7 +5,7 @@ sequences' token-steps) and prefills (one mean prompt). Service times come from 
 latency model (profiles); waiting from Erlang C. A decode step passes through every
 group, so the TBT estimate is the sum over groups of wait + decode service; a prompt
 passes through every group once, so the TTFT estimate is the sum of wait + prefill
-service. A greedy planner starts every group at its cheapest stable (batch, replicas) and
+service. Both add the per-iteration serving overhead and the pool-to-pool transfers. A greedy planner starts every group at its cheapest stable (batch, replicas) and
 repeatedly takes the change that removes the most SLO violation per GPU it costs, until
 both estimates are within ``headroom`` x SLO. Replicas are placed ``pack`` (interference-
 aware best fit on GPUs in use, done by the simulator or runtime).
@@ -28,6 +28,9 @@ from agents.queueing import mmc_wait, mmc_wait_quantile
 from agents.sizing import LoadEstimator
 from runtime.control import ClusterState, Controller, OperatorPlan, Plan
 from runtime.models import OPERATOR_GROUPS
+
+#: Pool-to-pool transfers per layer when every group has its own replicas.
+HOPS_PER_LAYER = 4
 
 
 @dataclass
@@ -130,14 +133,30 @@ class OperatorQueueingController(Controller):
             return mmc_wait(load.arrivals, mu, replicas)
         return mmc_wait_quantile(load.arrivals, mu, replicas, q)
 
-    def min_replicas_for(self, load: GroupLoad, group: str, kv_tokens: float) -> int:
-        """Fewest replicas that keep utilisation within bounds and the KV cache in memory."""
+    def attn_slots(self, batch: int, context: float) -> float:
+        """Sequences one attention replica at ``batch`` can hold (KV memory bound)."""
+        ctx = self.ctx
+        if ctx.kv_reserve_tokens > 0:
+            return float(batch)
+        tp = ctx.tp_of("attn")
+        free = tp * ctx.gpu_memory_bytes * ctx.memory_util - ctx.model.group_weight_bytes("attn")
+        return min(float(batch), free / max(ctx.model.kv_bytes_per_token, 1) / max(context, 1.0))
+
+    def attn_batch_fits(self, batch: int, context: float) -> bool:
+        """Whether one attention replica at ``batch`` fits GPU memory (weights + KV)."""
+        ctx = self.ctx
+        tp = ctx.tp_of("attn")
+        per_seq = ctx.kv_reserve_tokens if ctx.kv_reserve_tokens > 0 else context
+        need = ctx.model.group_weight_bytes("attn") + batch * per_seq * ctx.model.kv_bytes_per_token
+        return need <= tp * ctx.gpu_memory_bytes * ctx.memory_util
+
+    def min_replicas_for(self, load: GroupLoad, group: str, in_flight: float, context: float) -> int:
+        """Fewest replicas that keep utilisation within bounds and, for attention, hold
+        every sequence in flight."""
         c = self.ctx.codec
         n = max(c.min_replicas, math.ceil(load.offered / self.config.max_utilisation - 1e-9))
-        if group == "attn" and kv_tokens > 0:
-            per_replica = (self.ctx.tp_of("attn") * self.ctx.gpu_memory_bytes * self.ctx.memory_util
-                           - self.ctx.model.group_weight_bytes("attn")) / self.ctx.model.kv_bytes_per_token
-            n = max(n, math.ceil(kv_tokens / max(per_replica, 1.0)))
+        if group == "attn" and in_flight > 0:
+            n = max(n, math.ceil(in_flight / max(self.attn_slots(load.batch, context), 1e-9) - 1e-9))
         return int(min(n, c.max_replicas))
 
     def estimate(self, loads: dict[str, GroupLoad], replicas: dict[str, int]) -> tuple[float, float]:
@@ -153,9 +172,14 @@ class OperatorQueueingController(Controller):
             kern_pre += loads[g].prefill_s
         b = loads["attn"].batch
         lat, tp = self.ctx.latency, max(self.ctx.tp_of(g) for g in OPERATOR_GROUPS)
-        tbt += lat.iteration_overhead_s(b, b, tp, "decode", kern_dec)
-        ttft += lat.iteration_overhead_s(1, self._prompt, tp, "prefill", kern_pre)
+        tbt += lat.iteration_overhead_s(b, b, tp, "decode", kern_dec) + self.hop_s(b)
+        ttft += lat.iteration_overhead_s(1, self._prompt, tp, "prefill", kern_pre) + self.hop_s(self._prompt)
         return tbt, ttft
+
+    def hop_s(self, tokens: int) -> float:
+        """Transfers of one step between pools on different GPUs: per layer QKV -> attention
+        -> O projection -> MLP -> next layer (4 hops), plus embedding and LM head (seconds)."""
+        return (HOPS_PER_LAYER * self.ctx.model.n_layers + 2) * self.ctx.latency.send_s(tokens)
 
     def plan_for(self, rate: float, prompt: float, output: float) -> QueueingPlan:
         """Greedy (batch, replicas) per group for ``rate`` req/s of the given shape.
@@ -176,15 +200,11 @@ class OperatorQueueingController(Controller):
         ctx, cfg = self.ctx, self.config
         slo_tbt, slo_ttft = cfg.headroom * ctx.slo.tbt_s, cfg.headroom * ctx.slo.ttft_s
         context = prompt + output / 2
-        kv_tokens = in_flight * context
-        kv_per_replica = (ctx.tp_of("attn") * ctx.gpu_memory_bytes * ctx.memory_util
-                          - ctx.model.group_weight_bytes("attn")) / max(ctx.model.kv_bytes_per_token, 1)
         levels = {g: self.levels for g in OPERATOR_GROUPS}
         # An attention replica must hold the KV of the batch it runs.
-        attn_levels = tuple(b for b in self.levels if b * context <= kv_per_replica)
-        levels["attn"] = attn_levels or self.levels[:1]
+        levels["attn"] = tuple(b for b in self.levels if self.attn_batch_fits(b, context)) or self.levels[:1]
         table = {g: {b: self.group_load(g, b, rate, prompt, output) for b in levels[g]} for g in OPERATOR_GROUPS}
-        floor = {g: {b: self.min_replicas_for(table[g][b], g, kv_tokens) for b in levels[g]}
+        floor = {g: {b: self.min_replicas_for(table[g][b], g, in_flight, context) for b in levels[g]}
                  for g in OPERATOR_GROUPS}
 
         def cost(g: str, b: int, n: int) -> float:
