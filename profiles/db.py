@@ -105,8 +105,12 @@ class ProfileDB:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, paths: Sequence[str | Path] = (), strict: bool = False, include_shipped: bool = True,
-             measured_dir: str | Path | None = MEASURED_DIR) -> "ProfileDB":
-        """Shipped Vidur data, then CSVs in ``measured_dir``, then ``paths`` (later override earlier)."""
+             measured_dir: str | Path | None = MEASURED_DIR, overhead: OverheadModel = OVERHEAD) -> "ProfileDB":
+        """Shipped Vidur data, then CSVs in ``measured_dir``, then ``paths`` (later override earlier).
+
+        ``overhead``: the per-iteration overhead model used when ``calibrated=True``
+        (default: the A100 fit; pass ``OverheadModel()`` for none).
+        """
         frames = []
         if include_shipped:
             frames.append(read_profile_csv(OPERATORS_CSV))
@@ -116,7 +120,8 @@ class ProfileDB:
         frames += [read_profile_csv(p) for p in paths]
         if not frames:
             raise ProfileError("no profile data: include_shipped=False and no paths given")
-        return cls(pd.concat(frames, ignore_index=True), read_network_csv(NETWORK_CSV), strict=strict)
+        return cls(pd.concat(frames, ignore_index=True), read_network_csv(NETWORK_CSV), strict=strict,
+                   overhead=overhead)
 
     def _ingest(self, df: pd.DataFrame) -> None:
         # Later rows override earlier ones per key, so ingest file by file in order.
@@ -316,19 +321,26 @@ class ProfileDB:
 
     def _attn_vec(self, op: str, gpu: str, cfg: ModelConfig, batch: np.ndarray, context: np.ndarray,
                   tp: int) -> np.ndarray:
-        g = self.gpu(gpu)
         fn = rl.attn_prefill_ms if op == "attn_prefill" else rl.attn_decode_ms
-        floor = self.launch_floor_ms(gpu)
-        ms = fn(cfg, g, batch, context, tp, floor)
         pts = self._attn.get((gpu, cfg.name, op, tp))
         if pts is None:
-            return ms
-        # Scale by measured/roofline at the nearest measured point (log distance in batch, context).
+            return fn(cfg, self.gpu(gpu), batch, context, tp, self.launch_floor_ms(gpu))
+        # Measured points: the roofline's shape scaled by measured/roofline at the nearest
+        # measured point (log distance in batch and context). A device without a GPUSpec
+        # (e.g. the CPU the profiler ran on) borrows the H100's shape; only ratios matter.
+        g = GPUS.get(gpu, GPUS["h100"])
+        floor = self.launch_floor_ms(gpu) if gpu in GPUS or self._has_floor(gpu) else 0.0
+        ms = fn(cfg, g, batch, context, tp, floor)
         pb, pc, pm = pts
         ratio = pm / fn(cfg, g, pb, pc, tp, floor)
         d = (np.log(np.maximum(batch, 1))[..., None] - np.log(pb)) ** 2 + \
             (np.log(np.maximum(context, 1))[..., None] - np.log(pc)) ** 2
-        return ms * ratio[np.argmin(d, axis=-1)]
+        idx = np.argmin(d, axis=-1)
+        exact = np.take_along_axis(d, idx[..., None], axis=-1)[..., 0] == 0
+        return np.where(exact, pm[idx], ms * ratio[idx])  # a measured point answers itself
+
+    def _has_floor(self, gpu: str) -> bool:
+        return any(g == gpu and op == "attn_rope" and c.x[0] == 1 for (g, _m, op, _t), c in self._curves.items())
 
     def latency_vec(self, op: str, gpu: str, model: str, tokens: np.ndarray, context: np.ndarray | float = 0,
                     batch: np.ndarray | float = 1, tp: int = 1) -> np.ndarray:

@@ -283,3 +283,25 @@ def test_shipped_conversion_is_reproducible():
     assert len(a) == len(b) == 10 * 4 * 259
     np.testing.assert_allclose(a["latency_ms_median"], b["latency_ms_median"], rtol=1e-8)
     assert any("32768" in n for n in notes)  # Vidur's padded vocabulary is reported
+
+
+def test_device_without_spec_answers_from_its_own_rows(tmp_path: Path):
+    # A profiler run on a CPU: token ops and measured attention, no GPUSpec for "cpu".
+    rows = []
+    base = {c: "" for c in COLUMNS}
+    for op in ("input_layernorm", "attn_rope"):
+        for t, ms in ((1, 0.01), (64, 0.03)):
+            rows.append(dict(base, gpu="cpu", model="tiny", op=op, tokens=t, tp=1, latency_ms_median=ms,
+                             source="opscale-profiler"))
+    for b, c, ms in ((1, 128, 0.02), (16, 512, 0.2)):
+        rows.append(dict(base, gpu="cpu", model="tiny", op="attn_decode", tokens=b, context=c, batch=b, tp=1,
+                         latency_ms_median=ms, source="opscale-profiler"))
+    p = tmp_path / "cpu.csv"
+    pd.DataFrame(rows)[list(COLUMNS)].to_csv(p, index=False)
+    db2 = ProfileDB.load([p], include_shipped=False, measured_dir=None)
+    assert db2.estimate("attn_decode", "cpu", "tiny", 16, 512, 16) == (0.2, "measured", "roofline x measured correction")
+    # group = layers x (norm + rope + attention), each from the CPU rows.
+    want = 2 * (0.03 + 0.03 + 0.2)
+    assert db2.group_latency("attn", "cpu", "tiny", 64, 512, 16) == pytest.approx(want)
+    with pytest.raises(ProfileError, match=r"unknown gpu 'cpu'; GPUs with a spec"):
+        db2.gpu("cpu")
