@@ -1,12 +1,13 @@
 """Controller plug-in for the live runtime: name -> Controller, and the control loop.
 
-``make_controller(name, engine, ...)`` resolves ``static``, ``model-level``,
-``operator-queueing`` and ``ppo`` through ``agents.make_controller`` when the agents
-package provides a registry, and otherwise builds the agents classes directly (imported
-lazily, so the runtime serves without them when no controller is asked for). The
-non-learned controllers need a :class:`agents.context.ControllerContext`; on the live
-runtime its latency model is measured on the engine's own operators at start-up
-(:func:`measure_latency`, a linear fit per group).
+``make_controller(name, engine, ...)`` builds ``static``, ``model-level``,
+``operator-queueing`` or ``ppo`` from the agents package (imported lazily, so the runtime
+serves without it when no controller is asked for). ``agents.registry.make_controller``
+is bound to a simulator scenario (profiled GPU, scenario codec); the live runtime instead
+gives the non-learned controllers a :class:`agents.context.ControllerContext` whose
+latency model is measured on the engine's own operators at start-up
+(:func:`measure_latency`, a linear fit per group). The PPO controller is the same class
+the simulator evaluates, loaded from its checkpoint folder with its own codec.
 
 :class:`ControlLoop` calls ``controller.decide(engine.observe())`` every ``interval_s``
 seconds on its own thread and applies the plan; a controller that raises keeps the plan in
@@ -127,12 +128,6 @@ def make_controller(name: str, engine: Any, checkpoint: str | None = None, inter
         raise ValueError(f"unknown controller {name!r}; choose one of {', '.join(CONTROLLERS)}")
     if key == "ppo" and not checkpoint:
         raise ValueError("controller 'ppo' needs --checkpoint DIR (a folder written by training)")
-    import agents
-
-    registry = getattr(agents, "make_controller", None)
-    if registry is not None:
-        ctx = None if key in ("static", "ppo") else controller_context(engine, interval_s)
-        return registry(key, ctx=ctx, checkpoint=checkpoint, plan=engine.plan, **kwargs)
     if key == "static":
         from agents.baselines import StaticController
 
@@ -146,9 +141,9 @@ def make_controller(name: str, engine: Any, checkpoint: str | None = None, inter
         from agents.baselines import ModelLevelConfig, ModelLevelController
 
         return ModelLevelController(ctx, ModelLevelConfig(max_replicas=engine.config.max_replicas, **kwargs))
-    from agents.operator_queueing import OperatorQueueingController
+    from agents.operator_queueing import OperatorQueueingConfig, OperatorQueueingController
 
-    return OperatorQueueingController(ctx, **kwargs)
+    return OperatorQueueingController(ctx, OperatorQueueingConfig(**kwargs))
 
 
 @dataclass
