@@ -1,8 +1,8 @@
 """Behaviour cloning: warm-start a PPO policy from a teacher controller's decisions.
 
 The teacher (by default operator-queueing) is run through the training env; each step
-records the raw observation, the action that moves the plan in force closest to the
-teacher's plan (:meth:`runtime.codec.ActionDecoder.encode`) and the action mask. The
+records the raw observation, the allowed action that moves the plan in force closest to
+the teacher's plan (:func:`teacher_action`) and the action mask. The
 policy is then fitted by maximum likelihood of those actions on the observations
 normalised with statistics fitted to the same data (and written into the VecNormalize
 wrapper, so PPO continues from them).
@@ -16,7 +16,8 @@ import numpy as np
 import torch as th
 
 from runtime.codec import ActionDecoder
-from runtime.control import ClusterState, Controller
+from runtime.control import ClusterState, Controller, Plan
+from runtime.models import OPERATOR_GROUPS
 
 
 @dataclass
@@ -41,6 +42,29 @@ class Demonstrations:
         return int(self.obs.shape[0])
 
 
+def teacher_action(decoder: ActionDecoder, plan: Plan, prev: Plan) -> np.ndarray:
+    """The unmasked action whose decoded plan comes closest to ``plan`` from ``prev``.
+
+    Per group: the allowed replica delta that lands nearest the teacher's replica count
+    (ties: the smaller move), the nearest batch level, and the teacher's placement.
+    """
+    c = decoder.config
+    action = decoder.encode(plan, prev)
+    mask = decoder.action_mask(prev)
+    nd = len(c.replica_deltas)
+    offset = 0
+    for k, g in enumerate(OPERATOR_GROUPS):
+        allowed = mask[offset:offset + nd]
+        r = prev[g].replicas
+        want = plan[g].replicas
+        best = min((i for i in range(nd) if allowed[i]),
+                   key=lambda i: (abs(int(np.clip(r + c.replica_deltas[i], c.min_replicas, c.max_replicas)) - want),
+                                  abs(c.replica_deltas[i])))
+        action[3 * k] = best
+        offset += int(decoder.nvec[3 * k] + decoder.nvec[3 * k + 1] + decoder.nvec[3 * k + 2])
+    return action
+
+
 def collect_demonstrations(env: Any, teacher: Controller, decoder: ActionDecoder, episodes: int,
                            state_of: Callable[[Any], ClusterState], seed: int = 0,
                            max_steps: int = 1_000_000) -> Demonstrations:
@@ -62,7 +86,7 @@ def collect_demonstrations(env: Any, teacher: Controller, decoder: ActionDecoder
         total, steps, done = 0.0, 0, False
         while not done and steps < max_steps:
             plan = teacher.decide(state)
-            action = decoder.encode(plan, state.plan)
+            action = teacher_action(decoder, plan, state.plan)
             obs_l.append(np.asarray(obs, dtype=np.float32))
             act_l.append(action)
             mask_l.append(decoder.action_mask(state.plan))
