@@ -326,3 +326,22 @@ def test_loader_errors_name_the_problem(tmp_path):
     cfg_path.write_text(json.dumps(raw))
     with pytest.raises(WeightsError, match=r"lacks required keys \['vocab_size'\]"):
         config_from_hf(ckpt)
+
+
+def test_matches_transformers_llama_when_installed(tmp_path):
+    """Against Hugging Face's own LlamaForCausalLM (GQA, rotate_half rotary); skipped without transformers."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, max_position_embeddings=512, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, torch_dtype="float32", initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ours = load_model(tmp_path)
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    torch.testing.assert_close(ours.forward_monolithic(ids)[0], ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(split_prefill_logits(ours, PROMPT), ref, atol=1e-4, rtol=1e-4)
