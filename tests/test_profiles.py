@@ -89,21 +89,27 @@ def test_unknown_gpu_model_op_name_the_value_and_the_choices(db):
         db.latency("mlp_up_proj", "h100", "tiny", 8)
 
 
-def test_tokens_beyond_grid_strict_raises_default_extrapolates_with_flag(db, strict_db):
+def test_tokens_beyond_grid_strict_raises_default_extrapolates_with_flag(strict_db):
     with pytest.raises(ProfileError, match=r"tokens=8192 outside the measured grid 1..4096"):
         strict_db.latency("mlp_up_proj", "h100", "llama-2-7b", 8192)
-    at_max = db.latency("mlp_up_proj", "h100", "llama-2-7b", 4096)
-    before = sum(v for k, v in db.flags.items() if k[0] == "extrapolated")
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        est = db.estimate("mlp_up_proj", "h100", "llama-2-7b", 8192, tp=1)
-    assert est.source == "extrapolated"
-    assert est.ms == pytest.approx(2 * at_max)  # compute-bound: time in proportion to tokens
-    assert sum(v for k, v in db.flags.items() if k[0] == "extrapolated") == before + 1
-    assert any("outside the measured grid" in str(x.message) for x in w) or \
-        ("h100", "llama-2-7b", "mlp_up_proj", 1, "extrapolated") in db._warned
     with pytest.raises(ProfileError, match="strict=True"):
         strict_db.latency_vec("mlp_up_proj", "h100", "llama-2-7b", np.array([8.0, 5000.0]))
+    with pytest.raises(ProfileError, match="strict=True"):
+        strict_db.group_latency("mlp", "h100", "llama-2-7b", 5000, 0, 1, 1, "prefill")
+    fresh = ProfileDB.load(measured_dir=None)
+    at_max = fresh.latency("mlp_up_proj", "h100", "llama-2-7b", 4096)
+    with pytest.warns(UserWarning, match="outside the measured grid"):
+        est = fresh.estimate("mlp_up_proj", "h100", "llama-2-7b", 8192, tp=1)
+    assert est.source == "extrapolated"
+    assert est.ms == pytest.approx(2 * at_max)  # compute-bound: time in proportion to tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per key, not on every call
+        fresh.latency("mlp_up_proj", "h100", "llama-2-7b", 6000)
+    assert fresh.flags[("extrapolated", "h100", "llama-2-7b", "mlp_up_proj", 1)] == 2
+    with pytest.raises(ProfileError, match=r"unknown phase 'generate'"):
+        fresh.group_latency("mlp", "h100", "llama-2-7b", 8, phase="generate")
+    with pytest.raises(ProfileError, match=r"tokens must be >= 1, got 0"):
+        fresh.latency("mlp_up_proj", "h100", "llama-2-7b", 0)
 
 
 def test_tp_not_profiled_is_extrapolated_or_refused(db, strict_db):
