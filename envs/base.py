@@ -1,0 +1,265 @@
+"""What both fidelities share: the plan timeline, cost accounting and the ClusterState they emit.
+
+A simulator is built for one scenario and one trace. ``reset(plan)`` puts the plan in place
+(loaded at time 0) and returns the state at t=0; ``step(plan)`` applies the plan (repaired
+to fit memory and ``max_gpus``; a plan that cannot be repaired is refused and the previous
+one kept, with the reason in ``last_repairs``) and advances one control interval.
+Subclasses implement ``_run(t0, t1)``, which advances the queues and returns an
+:class:`IntervalMetrics`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
+from runtime.models import OPERATOR_GROUPS
+
+from envs.cluster import ClusterTimeline
+from envs.predictor import ExecutionPredictor
+from envs.scenario import Scenario
+from envs.world import MODEL, Layout, Placer, StepModel
+
+
+@dataclass
+class IntervalMetrics:
+    """What happened in one control interval (seconds, tokens, counts)."""
+
+    ttft_p50_s: float = 0.0
+    ttft_p99_s: float = 0.0
+    tbt_p50_s: float = 0.0
+    tbt_p99_s: float = 0.0
+    finished: float = 0.0
+    met: float = 0.0
+    rejected: float = 0.0
+    arrivals: float = 0.0
+    prompt_mean: float = 0.0
+    output_mean: float = 0.0
+    queued: float = 0.0
+    running: float = 0.0
+    kv_used_frac: float = 0.0
+    queue_tokens: float = 0.0
+    util: dict[str, float] = field(default_factory=dict)
+    group_ms: dict[str, float] = field(default_factory=dict)
+    group_ms_p99: dict[str, float] = field(default_factory=dict)
+
+
+class TraceIndex:
+    """Per-interval aggregates of a trace, computed once (counts, token sums and quantiles)."""
+
+    def __init__(self, arrival_s: np.ndarray, prompt: np.ndarray, output: np.ndarray, interval_s: float,
+                 n_intervals: int) -> None:
+        self.interval_s = interval_s
+        idx = np.minimum((arrival_s // interval_s).astype(np.int64), max(n_intervals - 1, 0))
+        self.count = np.bincount(idx, minlength=n_intervals).astype(np.float64)
+        self.prompt_sum = np.bincount(idx, weights=prompt, minlength=n_intervals)
+        self.output_sum = np.bincount(idx, weights=output, minlength=n_intervals)
+        self.start = np.searchsorted(idx, np.arange(n_intervals), side="left")
+        self.end = np.searchsorted(idx, np.arange(n_intervals), side="right")
+        p99 = np.zeros(n_intervals)
+        p50 = np.zeros(n_intervals)
+        o99 = np.zeros(n_intervals)
+        order_p = prompt
+        for k in np.nonzero(self.count)[0]:
+            s, e = self.start[k], self.end[k]
+            seg = order_p[s:e]
+            p50[k], p99[k] = np.percentile(seg, [50, 99])
+            o99[k] = np.percentile(output[s:e], 99)
+        self.prompt_p50, self.prompt_p99, self.output_p99 = p50, p99, o99
+
+
+class Simulator(ABC):
+    """Base of both fidelities (see module docstring).
+
+    Args:
+        scenario: the scenario (interval, SLO scales, physical constants).
+        trace: a traces.Trace (already windowed / rate-scaled as wanted).
+        pred: the execution-time predictor.
+        slo: the SLO in force.
+        seed: seed for anything random (the reference breaks ties with it).
+    """
+
+    fidelity = "base"
+
+    def __init__(self, scenario: Scenario, trace, pred: ExecutionPredictor, slo: SLO, seed: int = 0,
+                 cache: dict | None = None) -> None:
+        self.sc = scenario
+        self.trace = trace
+        self.pred = pred
+        self.slo = slo
+        self.seed = seed
+        # placements and step models are pure functions of the plan: share them across
+        # simulators of one scenario (the env builds one simulator per episode)
+        self.cache = cache if cache is not None else {}
+        self.placer = self.cache.setdefault("placer", Placer(scenario, pred))
+        self.dt = float(scenario.interval_s)
+        self.arrival = np.asarray(trace.arrival_s, dtype=np.float64)
+        self.prompt = np.asarray(trace.prompt_tokens, dtype=np.int64)
+        self.output = np.maximum(np.asarray(trace.output_tokens, dtype=np.int64), 1)
+        dur = float(trace.duration_s or (self.arrival[-1] if len(self.arrival) else 0.0))
+        self.duration_s = max(dur, self.arrival[-1] if len(self.arrival) else 0.0)
+        self.n_intervals = max(int(math.ceil(self.duration_s / self.dt - 1e-9)), 1)
+        self.index = TraceIndex(self.arrival, self.prompt, self.output, self.dt, self.n_intervals)
+        self._steps: dict[tuple, StepModel] = self.cache.setdefault("steps", {})
+        self.timeline: ClusterTimeline | None = None
+        self.now = 0.0
+        self.k = 0
+        self.last_repairs: list[str] = []
+        self.history: deque[float] = deque(maxlen=scenario.history_len)
+        self.gpu_seconds = 0.0
+        self.energy_j = 0.0
+        self._acc_t = 0.0
+        self.util: dict[str, float] = {}
+        self.wall_s = 0.0
+        self.last_metrics = IntervalMetrics()
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def step_model(self, layout: Layout) -> StepModel:
+        """The (cached) step model of a layout."""
+        key = tuple((g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in layout.plan.ops.items())
+        sm = self._steps.get(key)
+        if sm is None:
+            if len(self._steps) > 5000:
+                self._steps.clear()
+            sm = self._steps[key] = StepModel(layout, self.pred, self.sc)
+        return sm
+
+    def serving_layout(self, t: float) -> Layout:
+        """Layout of the replicas serving at ``t``."""
+        assert self.timeline is not None
+        return self.placer.place(self.timeline.serving_plan(t))
+
+    def account(self, t: float, util: dict[str, float] | None = None) -> None:
+        """Add GPU-seconds and joules from the last accounting time up to ``t``.
+
+        Each paid GPU draws power(u) where u is the summed busy share of the processes on it
+        (capped at 1); GPUs that are loading or draining draw idle power.
+        """
+        assert self.timeline is not None
+        span = t - self._acc_t
+        if span <= 0:
+            return
+        util = self.util if util is None else util
+        paid = self.timeline.gpus(self._acc_t)
+        layout = self.serving_layout(self._acc_t)
+        watts = 0.0
+        for gpu in layout.gpus:
+            u = sum(util.get(proc, 0.0) for proc in gpu.procs)
+            watts += self.pred.power_w(min(u, 1.0))
+        watts += max(paid - layout.n_gpus, 0) * self.pred.power_w(0.0)
+        self.gpu_seconds += paid * span
+        self.energy_j += watts * span
+        self._acc_t = t
+
+    # ------------------------------------------------------------------ API
+    def reset(self, plan: Plan) -> ClusterState:
+        """Start the run with ``plan`` loaded; returns the state at t=0."""
+        self.timeline = ClusterTimeline(self.placer, plan)
+        self.last_repairs = list(self.timeline.repairs)
+        self.now = 0.0
+        self.k = 0
+        self._acc_t = 0.0
+        self.gpu_seconds = 0.0
+        self.energy_j = 0.0
+        self.util = {}
+        self.history.clear()
+        self.wall_s = 0.0
+        self._reset_queues()
+        self.last_metrics = IntervalMetrics()
+        return self._state(self.last_metrics, 0.0)
+
+    def step(self, plan: Plan | None = None) -> ClusterState:
+        """Apply ``plan`` (None keeps the current one) and advance one control interval."""
+        if self.timeline is None:
+            raise RuntimeError("call reset(plan) before step()")
+        w0 = time.perf_counter()
+        self.last_repairs = []
+        if plan is not None and plan != self.timeline.target_plan:
+            try:
+                self.account(self.now)
+                draining = self.timeline.draining_units
+                self.last_repairs = self.timeline.apply(plan, self.now)
+                if self.timeline.draining_units > draining:
+                    self._on_drain(self.timeline.draining_units - draining)
+            except PlanError as e:
+                self.last_repairs = [f"plan refused, previous plan kept: {e}"]
+        t0, t1 = self.now, self.now + self.dt
+        e0 = self.energy_j
+        m = self._run(t0, t1)
+        self.account(t1)
+        self.timeline.advance(t1)
+        self.now = t1
+        self.k += 1
+        self.history.append(m.arrivals / self.dt)
+        self.wall_s += time.perf_counter() - w0
+        self.last_metrics = m
+        return self._state(m, self.energy_j - e0)
+
+    @property
+    def done(self) -> bool:
+        """The trace is exhausted and no work is left."""
+        return self.now >= self.duration_s - 1e-9 and self._idle()
+
+    def _state(self, m: IntervalMetrics, energy: float) -> ClusterState:
+        assert self.timeline is not None
+        tl = self.timeline
+        serving = tl.serving_plan(self.now)
+        layout = self.placer.place(serving)
+        ops = {}
+        for g in OPERATOR_GROUPS:
+            op = serving[g]
+            target = tl.target_plan[g]
+            proc = layout.proc_of(g)
+            ops[g] = OperatorState(
+                replicas=op.replicas, max_batch=target.max_batch, placement=target.placement, tp=target.tp,
+                pending_replicas=tl.pending(g, self.now),
+                arrival_rate=(self.index.prompt_sum[self.k - 1] + self.index.output_sum[self.k - 1]) / self.dt
+                if 0 < self.k <= self.n_intervals else 0.0,
+                queue_len=m.queue_tokens if g == "attn" else 0.0,
+                utilisation=m.util.get(proc, 0.0),
+                latency_p50_s=m.group_ms.get(g, 0.0) / 1000.0,
+                latency_p99_s=m.group_ms_p99.get(g, 0.0) / 1000.0,
+                memory_bytes=float(layout.memory_bytes.get(g, 0.0)),
+            )
+        att = m.met / (m.finished + m.rejected) if (m.finished + m.rejected) > 0 else 1.0
+        return ClusterState(
+            time_s=self.now, interval_s=self.dt, operators=ops, slo=self.slo, plan=tl.target_plan,
+            ttft_p50_s=m.ttft_p50_s, ttft_p99_s=m.ttft_p99_s, tbt_p50_s=m.tbt_p50_s, tbt_p99_s=m.tbt_p99_s,
+            slo_attainment=float(att), gpus_in_use=float(tl.gpus(self.now)),
+            power_w=energy / self.dt if self.k else 0.0, energy_j=energy,
+            request_rate_history=np.asarray(self.history, dtype=np.float64),
+            prompt_tokens_mean=m.prompt_mean, output_tokens_mean=m.output_mean,
+            queued_requests=int(round(m.queued)), running_requests=int(round(m.running)),
+            rejected_requests=int(round(m.rejected)), kv_used_frac=float(min(max(m.kv_used_frac, 0.0), 1.0)),
+        )
+
+    # ------------------------------------------------------------------ subclass hooks
+    @abstractmethod
+    def _reset_queues(self) -> None:
+        """Empty all queues and per-request records."""
+
+    @abstractmethod
+    def _run(self, t0: float, t1: float) -> IntervalMetrics:
+        """Advance the cluster from t0 to t1 under the timeline; call account() at changes."""
+
+    def _on_drain(self, units: int) -> None:
+        """``units`` serving attention units were removed and now drain (subclasses track them)."""
+
+    @abstractmethod
+    def _idle(self) -> bool:
+        """No request waiting or running."""
+
+    @abstractmethod
+    def summary(self) -> dict:
+        """Whole-run metrics: slo_attainment, ttft/tbt p50/p99 (s), gpu_seconds, energy_j, counts."""
+
+    def _cost_summary(self) -> dict:
+        return {"gpu_seconds": self.gpu_seconds, "energy_j": self.energy_j,
+                "mean_gpus": self.gpu_seconds / self.now if self.now > 0 else 0.0,
+                "sim_time_s": self.now, "wall_s": self.wall_s, "fidelity": self.fidelity,
+                "slo_ttft_s": self.slo.ttft_s, "slo_tbt_s": self.slo.tbt_s}

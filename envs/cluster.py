@@ -1,0 +1,162 @@
+"""Plan changes over time: which replicas serve, which are loading, which are draining.
+
+A new replica serves only after its weights are loaded (``Layout.load_s``: start-up time
+plus weight bytes per GPU over the load bandwidth). A replica that is removed stops taking
+new work at once; an attention unit (which holds sequences' KV) keeps its GPUs until its
+running sequences finish (the simulator reports when it has drained). Changing a group's
+placement or tensor parallelism is a blue/green switch: the old replicas serve until all
+new ones are loaded, and both are paid for meanwhile. A loading replica that a later plan
+no longer wants is cancelled at no cost.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from runtime.control import OperatorPlan, Plan
+from runtime.models import OPERATOR_GROUPS
+
+from envs.world import Layout, Placer
+
+
+@dataclass
+class GroupTimeline:
+    """Replicas of one group over time.
+
+    Attributes:
+        op: the target operator plan.
+        ready: ready time (seconds) of each target replica; <= now means serving.
+        old: the operator plan that serves while a placement / tp switch loads.
+        switch_at: when the switch completes (seconds); None when none is pending.
+    """
+
+    op: OperatorPlan
+    ready: list[float]
+    old: OperatorPlan | None = None
+    switch_at: float | None = None
+
+
+@dataclass
+class ClusterTimeline:
+    """Tracks target, serving and draining replicas of every group.
+
+    Args:
+        placer: places plans (memory, GPUs).
+        plan: the initial plan, taken as already loaded at time 0.
+    """
+
+    placer: Placer
+    plan: Plan
+    groups: dict[str, GroupTimeline] = field(init=False)
+    target: Layout = field(init=False)
+    draining_units: int = 0
+    repairs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.target = self.placer.place(self.plan)
+        self.repairs = list(self.target.repairs)
+        placed = self.target.plan
+        self.groups = {g: GroupTimeline(placed[g], [0.0] * placed[g].replicas) for g in OPERATOR_GROUPS}
+
+    @property
+    def target_plan(self) -> Plan:
+        """The plan (as placed and repaired) the cluster is moving to."""
+        return self.target.plan
+
+    def apply(self, plan: Plan, now: float) -> list[str]:
+        """Move towards ``plan`` from time ``now``; returns the repair messages (may raise PlanError)."""
+        layout = self.placer.place(plan)
+        placed = layout.plan
+        for g in OPERATOR_GROUPS:
+            tl = self.groups[g]
+            new = placed[g]
+            load = layout.load_s[g]
+            if new.placement != tl.op.placement or new.tp != tl.op.tp:
+                if tl.switch_at is not None and tl.old is not None and \
+                        (tl.old.placement, tl.old.tp) == (new.placement, new.tp):
+                    # switching back to what still serves: cancel the switch
+                    tl.op, tl.old, tl.switch_at = new, None, None
+                    tl.ready = [0.0] * min(new.replicas, tl.old.replicas if tl.old else new.replicas)
+                    tl.ready += [now + load] * (new.replicas - len(tl.ready))
+                    continue
+                serving = self.serving_op(g, now)
+                tl.old = serving
+                tl.switch_at = now + load
+                tl.op = new
+                tl.ready = [now + load] * new.replicas
+                continue
+            ready = sorted(tl.ready)
+            if new.replicas > len(ready):
+                ready += [now + load] * (new.replicas - len(ready))
+            elif new.replicas < len(ready):
+                removed = ready[new.replicas:]
+                ready = ready[:new.replicas]
+                if g == "attn":  # serving attention units drain; loading ones are cancelled
+                    self.draining_units += sum(1 for r in removed if r <= now)
+            tl.ready = ready
+            tl.op = new
+        self.target = layout
+        self.repairs = list(layout.repairs)
+        return self.repairs
+
+    def drained(self, units: int = 1) -> None:
+        """``units`` draining attention units finished their sequences and gave back their GPUs."""
+        self.draining_units = max(self.draining_units - units, 0)
+
+    def advance(self, now: float) -> None:
+        """Complete switches whose loads finished by ``now``."""
+        for tl in self.groups.values():
+            if tl.switch_at is not None and tl.switch_at <= now:
+                tl.old, tl.switch_at = None, None
+
+    def serving_op(self, g: str, now: float) -> OperatorPlan:
+        """The operator plan of ``g`` that serves at ``now`` (at least one replica)."""
+        tl = self.groups[g]
+        if tl.switch_at is not None and now < tl.switch_at and tl.old is not None:
+            return tl.old
+        n = sum(1 for r in tl.ready if r <= now)
+        op = tl.op
+        return OperatorPlan(max(n, 1), op.max_batch, op.placement, op.tp)
+
+    def serving_plan(self, now: float) -> Plan:
+        """Per group the replicas serving at ``now``."""
+        return Plan({g: self.serving_op(g, now) for g in OPERATOR_GROUPS})
+
+    def serving_fraction(self, g: str, t0: float, t1: float) -> float:
+        """Mean serving replicas of ``g`` over [t0, t1) (fractional when a load finishes inside)."""
+        tl = self.groups[g]
+        span = max(t1 - t0, 1e-12)
+        if tl.switch_at is not None and tl.old is not None and t0 < tl.switch_at:
+            cut = min(tl.switch_at, t1)
+            old_part = tl.old.replicas * (cut - t0)
+            new_part = sum(max(t1 - max(r, cut), 0.0) for r in tl.ready)
+            return (old_part + new_part) / span
+        return sum(max(t1 - max(r, t0), 0.0) for r in tl.ready) / span
+
+    def next_ready(self, now: float) -> float | None:
+        """The next time a load or switch completes after ``now`` (None when nothing is loading)."""
+        times = [r for tl in self.groups.values() for r in tl.ready if r > now]
+        times += [tl.switch_at for tl in self.groups.values() if tl.switch_at is not None and tl.switch_at > now]
+        return min(times) if times else None
+
+    def pending(self, g: str, now: float) -> int:
+        """Replicas of ``g`` loading at ``now``."""
+        tl = self.groups[g]
+        return sum(1 for r in tl.ready if r > now)
+
+    def gpus(self, now: float) -> int:
+        """GPUs paid for at ``now``: the target layout, plus old replicas of switching groups,
+        plus draining attention units."""
+        n = self.target.n_gpus
+        serving = self.placer.place(self.serving_plan(now))
+        for g, tl in self.groups.items():
+            if tl.switch_at is not None and now < tl.switch_at:
+                n += serving.proc_gpus.get(serving.proc_of(g), 0) if serving.proc_of(g) == g else 0
+        if any(tl.switch_at is not None and now < tl.switch_at for g, tl in self.groups.items()
+               if serving.proc_of(g) != g):
+            n += serving.proc_gpus.get("model", 0)
+        if self.draining_units:
+            per_unit = self.target.unit_tp if self.target.units else 1
+            n += self.draining_units * per_unit
+        # The cluster owns max_gpus GPUs: old replicas that serve during a switch or drain use
+        # GPUs the new plan has not claimed yet, never more than exist.
+        return min(n, max(self.placer.sc.max_gpus, self.target.n_gpus))

@@ -1,0 +1,160 @@
+"""``opscale/OperatorScaling-v0``: the Gymnasium shell around a simulator.
+
+One step = one control interval. The action is the codec's MultiDiscrete (per group:
+replica delta, batch level, placement), decoded against the current target plan; plans
+that do not fit are repaired by the simulator (never a crash), and ``action_masks()``
+gives sb3-contrib's MaskablePPO the codec's mask. The observation is
+``runtime.codec.ObservationEncoder``'s vector of the simulator's ClusterState. Reward:
+
+    w_slo * attainment - w_gpu * gpus / max_gpus - w_energy * joules / (max_gpus * peak_w * interval_s)
+
+Episodes are windows of ``episode_intervals`` intervals drawn uniformly from the chosen
+split of the scenario's trace (``train`` for training, ``test`` = held-out for evaluation).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import gymnasium as gym
+import numpy as np
+
+from runtime.codec import ActionDecoder, ObservationEncoder
+from runtime.control import ClusterState, Plan
+
+from envs.scenario import Scenario
+
+#: Every feature of the codec is >= 0 and, for any sane cluster, far below this bound.
+OBS_HIGH = 100.0
+ENV_KWARGS = ("scenario", "split", "fidelity", "seed", "trace_obj", "sim_kwargs")
+
+
+def _scenario(scenario: Scenario | Mapping[str, Any] | str | Path | None, overrides: Mapping[str, Any]) -> Scenario:
+    if scenario is None:
+        return Scenario.from_yaml(**overrides)
+    if isinstance(scenario, Scenario):
+        return scenario.replace(**overrides) if overrides else scenario
+    if isinstance(scenario, (str, Path)):
+        return Scenario.from_yaml(scenario, **overrides)
+    return Scenario.from_dict({**dict(scenario), **overrides})
+
+
+class OperatorScalingEnv(gym.Env):
+    """Operator-level autoscaling of one serving cluster.
+
+    Args:
+        scenario: a Scenario, a mapping of its fields, or a YAML path (default config if None).
+        split: ``train`` or ``test`` part of the trace episodes are drawn from (``all`` also works).
+        fidelity: ``fast`` (default) or ``reference``.
+        seed: seeds the window sampler (reset(seed=...) reseeds).
+        trace_obj: a traces.Trace to draw windows from instead of the scenario's trace.
+        sim_kwargs: extra arguments for the simulator.
+        **overrides: Scenario fields (e.g. ``model``, ``gpu``, ``trace``, ``interval_s``,
+            ``slo_ttft_s``, ``slo_tbt_s``, ``w_gpu``, ``w_energy``, ``episode_intervals``).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, scenario: Scenario | Mapping[str, Any] | str | Path | None = None, split: str = "train",
+                 fidelity: str = "fast", seed: int | None = None, trace_obj: Any = None,
+                 sim_kwargs: Mapping[str, Any] | None = None, **overrides: Any) -> None:
+        from envs import default_slo, predictor_for, scenario_trace
+
+        self.scenario = _scenario(scenario, overrides)
+        self.split = split
+        self.fidelity = fidelity
+        self.sim_kwargs = dict(sim_kwargs or {})
+        self.trace = trace_obj if trace_obj is not None else scenario_trace(self.scenario, split)
+        self.pred = predictor_for(self.scenario.model, self.scenario.gpu)
+        self.slo = default_slo(self.scenario, self.pred)
+        codec = self.scenario.codec_config
+        self.encoder = ObservationEncoder(codec)
+        self.decoder = ActionDecoder(codec)
+        self.observation_space = gym.spaces.Box(low=0.0, high=OBS_HIGH, shape=(self.encoder.size,),
+                                                dtype=np.float32)
+        self.action_space = gym.spaces.MultiDiscrete(self.decoder.nvec)
+        self.episode_s = self.scenario.episode_intervals * self.scenario.interval_s
+        self._cache: dict[str, Any] = {}
+        self.sim = None
+        self.state: ClusterState | None = None
+        self.t = 0
+        self._seed_rng = np.random.default_rng(seed)
+        self.window_start_s = 0.0
+
+    # ------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Start an episode on a random window of the split.
+
+        options: ``start_s`` (window start, seconds into the split), ``plan`` (initial Plan or
+        its dict form; default the scenario's initial plan).
+        """
+        super().reset(seed=seed)
+        if seed is not None:
+            self._seed_rng = np.random.default_rng(seed)
+        from envs import make_simulator
+
+        options = options or {}
+        dur = float(self.trace.duration_s or 0.0)
+        span = max(dur - self.episode_s, 0.0)
+        start = float(options.get("start_s", self._seed_rng.uniform(0.0, span) if span > 0 else 0.0))
+        self.window_start_s = start
+        window = self.trace.window(start, start + self.episode_s)
+        self.sim = make_simulator(self.scenario, window, fidelity=self.fidelity,
+                                  seed=int(self._seed_rng.integers(2**31 - 1)), slo=self.slo,
+                                  cache=self._cache, **self.sim_kwargs)
+        plan = options.get("plan", self.scenario.initial_plan())
+        if isinstance(plan, Mapping):
+            plan = Plan.from_dict(plan)
+        self.state = self.sim.reset(plan)
+        self.t = 0
+        return self._obs(), self._info(self.state)
+
+    def step(self, action):
+        assert self.sim is not None and self.state is not None, "call reset() first"
+        plan = self._tp_follows_placement(self.decoder.decode(np.asarray(action), self.sim.timeline.target_plan))
+        self.state = self.sim.step(plan)
+        self.t += 1
+        reward = self._reward(self.state)
+        terminated = bool(self.sim.done)
+        truncated = self.t >= self.scenario.episode_intervals and not terminated
+        return self._obs(), reward, terminated, truncated, self._info(self.state)
+
+    def _tp_follows_placement(self, plan: Plan) -> Plan:
+        """The codec keeps tp; the env sets it from the placement: ``model_tp`` for groups in a
+        whole-model instance, the scenario's per-group tp otherwise (memory repairs may raise it)."""
+        prev = self.sim.timeline.target_plan
+        ops = dict(plan.ops)
+        for g, op in plan.ops.items():
+            if op.placement != prev[g].placement:
+                tp = self.scenario.model_tp if op.placement == "model" else int(self.scenario.tp[g])
+                ops[g] = replace(op, tp=tp)
+        return Plan(ops)
+
+    def action_masks(self) -> np.ndarray:
+        """Flat boolean mask of allowed sub-actions (sb3-contrib MaskablePPO layout)."""
+        plan = self.sim.timeline.target_plan if self.sim is not None else self.scenario.initial_plan()
+        return self.decoder.action_mask(plan)
+
+    # ------------------------------------------------------------------ helpers
+    def _obs(self) -> np.ndarray:
+        obs = self.encoder.encode(self.state)
+        return np.clip(np.nan_to_num(obs, nan=0.0), 0.0, OBS_HIGH)
+
+    def _reward(self, s: ClusterState) -> float:
+        sc = self.scenario
+        gpu_term = s.gpus_in_use / sc.max_gpus
+        energy_term = s.energy_j / (sc.max_gpus * self.pred.gpu.peak_w * sc.interval_s)
+        return float(sc.w_slo * s.slo_attainment - sc.w_gpu * gpu_term - sc.w_energy * energy_term)
+
+    def _info(self, s: ClusterState) -> dict[str, Any]:
+        m = self.sim.last_metrics
+        return {
+            "slo_attainment": s.slo_attainment, "gpus": s.gpus_in_use, "energy_j": s.energy_j,
+            "ttft_p99_s": s.ttft_p99_s, "tbt_p99_s": s.tbt_p99_s, "ttft_p50_s": s.ttft_p50_s,
+            "tbt_p50_s": s.tbt_p50_s, "plan": s.plan.to_dict(),
+            "requests_finished": float(m.finished), "requests_queued": float(m.queued),
+            "requests_rejected": float(m.rejected), "requests_running": float(m.running),
+            "repairs": list(self.sim.last_repairs), "time_s": s.time_s,
+            "window_start_s": self.window_start_s,
+        }

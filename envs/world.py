@@ -1,0 +1,453 @@
+"""The world model: where replicas sit, what memory they hold, and how long an iteration takes.
+
+Entities (Vidur-style): a :class:`GPU` holds replicas of one or more operator groups; a
+:class:`Layout` is a plan placed onto GPUs (memory checked, repaired or refused); a
+:class:`StepModel` turns the load of one attention unit (the replica that holds a set of
+sequences' KV cache) plus the load of the shared stateless pools into an iteration time.
+Both fidelities (reference.py, fast.py) use these, so they can only disagree about
+queueing, never about the physics.
+
+Units: bytes, tokens, milliseconds inside the step model, seconds elsewhere.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from runtime.control import OperatorPlan, Plan, PlanError
+from runtime.models import OPERATOR_GROUPS
+
+from envs.predictor import ExecutionPredictor
+from envs.scenario import Scenario
+
+TP_LEVELS = (1, 2, 4, 8)
+#: Pseudo-group of a whole-model instance (all groups placed ``model``).
+MODEL = "model"
+
+
+@dataclass
+class GPU:
+    """One GPU: memory used (bytes) and the processes on it (``model`` or a group name)."""
+
+    index: int
+    kind: str  # "model", "dedicated" or "pack": who opened it
+    used_bytes: float = 0.0
+    procs: dict[str, int] = field(default_factory=dict)
+
+    def add(self, proc: str, nbytes: float) -> None:
+        self.used_bytes += nbytes
+        self.procs[proc] = self.procs.get(proc, 0) + 1
+
+
+@dataclass
+class Layout:
+    """A plan placed on GPUs.
+
+    Attributes:
+        plan: the plan as placed (after repairs).
+        repairs: what was changed to make it fit, one message per change.
+        gpus: the GPUs in use.
+        mono: groups that are part of whole-model instances.
+        instances: whole-model instances (0 when ``mono`` is empty).
+        units: attention units (replicas holding KV; instances when attn is ``model``).
+        unit_tp: tensor parallelism of an attention unit.
+        unit_kv_tokens: KV-cache capacity of one attention unit (tokens).
+        proc_gpus: GPUs each process (group or ``model``) occupies.
+        peers: for each process, {other process: share of its GPUs it co-resides with}.
+        load_s: seconds a new replica of each group needs before it serves.
+    """
+
+    plan: Plan
+    repairs: list[str]
+    gpus: list[GPU]
+    mono: frozenset[str]
+    instances: int
+    units: int
+    unit_tp: int
+    unit_kv_tokens: float
+    proc_gpus: dict[str, int]
+    peers: dict[str, dict[str, float]]
+    load_s: dict[str, float]
+    memory_bytes: dict[str, float]
+
+    @property
+    def n_gpus(self) -> int:
+        """GPUs holding any replica."""
+        return len(self.gpus)
+
+    def proc_of(self, group: str) -> str:
+        """The process a group runs in: ``model`` or the group itself."""
+        return MODEL if group in self.mono else group
+
+
+def _plan_key(plan: Plan) -> tuple:
+    return tuple((g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in sorted(plan.ops.items()))
+
+
+class Placer:
+    """Places plans onto GPUs for one scenario, checking memory; results are memoised."""
+
+    def __init__(self, scenario: Scenario, pred: ExecutionPredictor) -> None:
+        self.sc = scenario
+        self.pred = pred
+        self.cap = pred.gpu.memory_bytes * scenario.gpu_mem_util
+        self._cache: dict[tuple, Layout] = {}
+
+    # -------------------------------------------------------------- memory per GPU of one replica
+    def _tokens(self, max_batch: int) -> int:
+        return max_batch + self.sc.prefill_chunk_tokens
+
+    def replica_need(self, group: str, op: OperatorPlan) -> float:
+        """Bytes per GPU of one ``group`` replica at ``op.tp`` (weights, activations, KV reserve)."""
+        p = self.pred
+        need = p.weight_bytes_per_gpu(group, op.tp) + p.activation_bytes_per_gpu(group, self._tokens(op.max_batch),
+                                                                                  op.tp)
+        if group == "attn":
+            need += op.max_batch * self.sc.kv_reserve_tokens * p.kv_bytes_per_token / op.tp
+        return need
+
+    def instance_need(self, groups: frozenset[str], tp: int, max_batch: int) -> float:
+        """Bytes per GPU of a whole-model instance without its KV (plus one full sequence of KV)."""
+        p = self.pred
+        need = sum(p.weight_bytes_per_gpu(g, tp) + p.activation_bytes_per_gpu(g, self._tokens(max_batch), tp)
+                   for g in groups)
+        if "attn" in groups:
+            need += p.cfg.max_seq_len * p.kv_bytes_per_token / tp
+        return need
+
+    # -------------------------------------------------------------- public
+    def place(self, plan: Plan) -> Layout:
+        """Place ``plan``; repairs it to fit memory and ``max_gpus`` or raises PlanError."""
+        key = _plan_key(plan)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._place(plan)
+            if len(self._cache) > 20_000:
+                self._cache.clear()
+            self._cache[key] = hit
+        return hit
+
+    def check(self, plan: Plan) -> list[str]:
+        """Problems of ``plan`` as placed, empty when it fits unchanged (PlanError text if refused)."""
+        try:
+            return list(self.place(plan).repairs)
+        except PlanError as e:
+            return [str(e)]
+
+    def _place(self, plan: Plan) -> Layout:
+        repairs: list[str] = []
+        plan = self._fit_tp(plan, repairs)
+        while True:
+            layout = self._layout(plan, repairs)
+            if layout.n_gpus <= self.sc.max_gpus:
+                return layout
+            # Too many GPUs: take one replica from the process using the most GPUs.
+            per = {g: layout.proc_gpus.get(layout.proc_of(g), 0) for g in OPERATOR_GROUPS}
+            for g in sorted(per, key=lambda k: -per[k]):
+                if plan[g].replicas > 1:
+                    groups = [h for h in OPERATOR_GROUPS if layout.proc_of(h) == layout.proc_of(g)]
+                    ops = dict(plan.ops)
+                    for h in groups:
+                        ops[h] = OperatorPlan(plan[h].replicas - 1, plan[h].max_batch, plan[h].placement, plan[h].tp)
+                    repairs.append(f"plan needs {layout.n_gpus} GPUs, more than max_gpus={self.sc.max_gpus}: "
+                                   f"{'+'.join(groups)} replicas {plan[g].replicas} -> {plan[g].replicas - 1}")
+                    plan = Plan(ops)
+                    break
+            else:
+                raise PlanError(f"plan needs {layout.n_gpus} GPUs with one replica per group, more than "
+                                f"max_gpus={self.sc.max_gpus}")
+
+    def _fit_tp(self, plan: Plan, repairs: list[str]) -> Plan:
+        ops = dict(plan.ops)
+        mono = frozenset(g for g in OPERATOR_GROUPS if ops[g].placement == "model")
+        gb = 1e9
+        if mono:
+            tp = ops["attn"].tp if "attn" in mono else max(ops[g].tp for g in mono)
+            n = max(ops[g].replicas for g in mono)
+            mb = ops["attn"].max_batch if "attn" in mono else max(ops[g].max_batch for g in mono)
+            if any(ops[g].tp != tp or ops[g].replicas != n for g in mono):
+                repairs.append(f"groups placed 'model' form one instance: set {sorted(mono)} to "
+                               f"{n} replicas at tp={tp}")
+            new_tp = tp
+            while self.instance_need(mono, new_tp, mb) > self.cap:
+                bigger = [t for t in TP_LEVELS if t > new_tp]
+                if not bigger:
+                    raise PlanError(f"a whole-model instance of {self.pred.model_name} needs "
+                                    f"{self.instance_need(mono, new_tp, mb) / gb:.1f} GB per GPU even at tp={new_tp}, "
+                                    f"more than the {self.cap / gb:.1f} GB usable on {self.pred.gpu_name}")
+                new_tp = bigger[0]
+            if new_tp != tp:
+                repairs.append(f"whole-model instance needs {self.instance_need(mono, tp, mb) / gb:.1f} GB per GPU "
+                               f"at tp={tp}, more than {self.cap / gb:.1f} GB usable: tp -> {new_tp}")
+            for g in mono:
+                ops[g] = OperatorPlan(n, ops[g].max_batch, "model", new_tp)
+        for g in OPERATOR_GROUPS:
+            op = ops[g]
+            if g in mono:
+                continue
+            tp = op.tp
+            mb = op.max_batch
+            while self.replica_need(g, OperatorPlan(1, mb, op.placement, tp)) > self.cap:
+                bigger = [t for t in TP_LEVELS if t > tp]
+                if bigger:
+                    tp = bigger[0]
+                elif mb > 1:
+                    mb = max(mb // 2, 1)
+                else:
+                    raise PlanError(f"one {g} replica needs {self.replica_need(g, op) / gb:.1f} GB per GPU at "
+                                    f"tp=8, more than {self.cap / gb:.1f} GB usable on {self.pred.gpu_name}")
+            if tp != op.tp or mb != op.max_batch:
+                repairs.append(f"{g} replica needs {self.replica_need(g, op) / gb:.1f} GB per GPU at tp={op.tp}, "
+                               f"max_batch={op.max_batch}, more than {self.cap / gb:.1f} GB usable: "
+                               f"tp -> {tp}, max_batch -> {mb}")
+                ops[g] = OperatorPlan(op.replicas, mb, op.placement, tp)
+        return Plan(ops)
+
+    def _layout(self, plan: Plan, repairs: list[str]) -> Layout:
+        sc, p = self.sc, self.pred
+        mono = frozenset(g for g in OPERATOR_GROUPS if plan[g].placement == "model")
+        gpus: list[GPU] = []
+        proc_slots: dict[str, list[list[int]]] = {}
+        instances = 0
+        inst_tp = 1
+        if mono:
+            ref = plan["attn"] if "attn" in mono else plan[sorted(mono)[0]]
+            instances, inst_tp = ref.replicas, ref.tp
+            need = self.instance_need(mono, inst_tp, ref.max_batch)
+            if "attn" in mono:
+                need -= p.cfg.max_seq_len * p.kv_bytes_per_token / inst_tp  # KV takes what is left later
+            for _ in range(instances):
+                ids = []
+                for _ in range(inst_tp):
+                    gpu = GPU(len(gpus), "model")
+                    gpu.add(MODEL, need)
+                    gpus.append(gpu)
+                    ids.append(gpu.index)
+                proc_slots.setdefault(MODEL, []).append(ids)
+        for g in OPERATOR_GROUPS:
+            op = plan[g]
+            if g in mono or op.placement != "dedicated":
+                continue
+            need = self.replica_need(g, op)
+            for _ in range(op.replicas):
+                ids = []
+                for _ in range(op.tp):
+                    gpu = GPU(len(gpus), "dedicated")
+                    gpu.add(g, need)
+                    gpus.append(gpu)
+                    ids.append(gpu.index)
+                proc_slots.setdefault(g, []).append(ids)
+        packed = [g for g in OPERATOR_GROUPS if g not in mono and plan[g].placement == "pack"]
+        packed.sort(key=lambda g: -self.replica_need(g, plan[g]))
+        for g in packed:
+            op = plan[g]
+            need = self.replica_need(g, op)
+            for _ in range(op.replicas):
+                cands = [x for x in gpus if x.kind != "dedicated" and self.cap - x.used_bytes >= need]
+                # best fit: least free memory first; ties prefer GPUs already hosting this group
+                cands.sort(key=lambda x: (self.cap - x.used_bytes, -x.procs.get(g, 0), x.index))
+                ids = [x.index for x in cands[:op.tp]]
+                while len(ids) < op.tp:
+                    gpu = GPU(len(gpus), "pack")
+                    gpus.append(gpu)
+                    ids.append(gpu.index)
+                for i in ids:
+                    gpus[i].add(g, need)
+                proc_slots.setdefault(g, []).append(ids)
+        # KV capacity of an attention unit
+        kvb = p.kv_bytes_per_token
+        if "attn" in mono:
+            units, unit_tp = instances, inst_tp
+            free = min((self.cap - gpus[i].used_bytes for ids in proc_slots[MODEL] for i in ids), default=0.0)
+            unit_kv = max(free, 0.0) * inst_tp / kvb
+        else:
+            a = plan["attn"]
+            units, unit_tp = a.replicas, a.tp
+            reserve = a.max_batch * sc.kv_reserve_tokens
+            if a.placement == "dedicated":
+                free = min((self.cap - gpus[i].used_bytes for ids in proc_slots["attn"] for i in ids), default=0.0)
+                unit_kv = reserve + max(free, 0.0) * a.tp / kvb
+            else:
+                unit_kv = float(reserve)
+        for x in gpus:
+            if x.used_bytes > self.cap * (1 + 1e-9):
+                raise PlanError(f"GPU {x.index} would hold {x.used_bytes / 1e9:.1f} GB, more than "
+                                f"{self.cap / 1e9:.1f} GB usable")  # cannot happen: placement checks fit
+        proc_gpus = {k: len({i for ids in v for i in ids}) for k, v in proc_slots.items()}
+        peers: dict[str, dict[str, float]] = {}
+        for proc, slots in proc_slots.items():
+            ids = {i for s in slots for i in s}
+            share: dict[str, float] = {}
+            for i in ids:
+                for other in gpus[i].procs:
+                    if other != proc:
+                        share[other] = share.get(other, 0.0) + 1.0 / len(ids)
+            peers[proc] = share
+        load_s = {}
+        memory = {}
+        for g in OPERATOR_GROUPS:
+            op = plan[g]
+            tp = inst_tp if g in mono else op.tp
+            per_gpu = p.weight_bytes_per_gpu(g, tp) if g not in mono else sum(
+                p.weight_bytes_per_gpu(h, tp) for h in mono)
+            load_s[g] = sc.replica_start_s + per_gpu / sc.load_bw_bytes_per_s
+            memory[g] = (p.weight_bytes_per_gpu(g, tp) + p.activation_bytes_per_gpu(g, self._tokens(op.max_batch), tp)) \
+                * tp * op.replicas
+        memory["attn"] += units * unit_kv * kvb
+        return Layout(plan=plan, repairs=list(repairs), gpus=gpus, mono=mono, instances=instances, units=units,
+                      unit_tp=unit_tp, unit_kv_tokens=unit_kv, proc_gpus=proc_gpus, peers=peers, load_s=load_s,
+                      memory_bytes=memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Iteration time
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    """One iteration of an attention unit.
+
+    Attributes:
+        ms: iteration time (ms).
+        busy: per process, busy share of the iteration (0..1) on each of its replicas.
+    """
+
+    ms: float
+    busy: dict[str, float]
+
+
+class StepModel:
+    """Iteration time of an attention unit under a layout (see docs/SIMULATOR.md, "Step").
+
+    Per layer a token passes QKV projection -> attention -> O projection -> MLP. Operators
+    on the unit's own GPUs ("local") run back to back; operators on other pools are
+    "sites" reached by a send/recv hop each way. With ``micro_batches`` m the batch is cut
+    into m micro-batches that ping-pong around the ring of stages (compute stages and
+    hops), so one layer takes max(m * slowest stage, sum of stages) with stage times at
+    the micro-batch size: balanced pools hide transfers and idle time, unbalanced ones
+    expose them. Stateless remote pools merge the concurrent micro-batches of all units
+    (per replica: total tokens / replicas, split into calls of at most max_batch
+    sequences). Co-located processes slow each other by ``1 + contention * peer busy``.
+    """
+
+    def __init__(self, layout: Layout, pred: ExecutionPredictor, scenario: Scenario) -> None:
+        self.L = layout
+        self.p = pred
+        self.sc = scenario
+        cfg = pred.cfg
+        self.layers = cfg.n_layers
+        q = cfg.qkv_out * cfg.d_model
+        o = cfg.n_heads * cfg.head_dim * cfg.d_model
+        self.qkv_frac = q / (q + o)
+        plan = layout.plan
+        mono = layout.mono
+        attn_local = "attn" in mono
+        self.local = set(mono) if attn_local else {"attn"}
+        #: the process of the unit itself: a whole-model instance or an attention replica
+        self.local_proc = MODEL if attn_local else "attn"
+        self.tp = {g: (plan[g].tp) for g in OPERATOR_GROUPS}
+        self.site = {}
+        for g in OPERATOR_GROUPS:
+            if g in self.local:
+                self.site[g] = "local"
+            elif g in mono:
+                self.site[g] = MODEL
+            else:
+                self.site[g] = g
+        ring = [("proj", self.qkv_frac), ("attn", 1.0), ("proj", 1.0 - self.qkv_frac), ("mlp", 1.0)]
+        stages: list[tuple[str, list[tuple[str, float]]]] = []
+        for g, frac in ring:
+            s = self.site[g]
+            if stages and stages[-1][0] == s:
+                stages[-1][1].append((g, frac))
+            else:
+                stages.append((s, [(g, frac)]))
+        if len(stages) > 1 and stages[0][0] == stages[-1][0]:
+            first = stages.pop(0)
+            stages[-1][1].extend(first[1])
+        self.stages = stages
+        self.hops = len(stages) if len(stages) > 1 else 0
+        self.m = scenario.micro_batches if self.hops else 1
+        self.replicas = {g: max(plan[g].replicas, 1) for g in OPERATOR_GROUPS}
+        self.max_batch = {g: plan[g].max_batch for g in OPERATOR_GROUPS}
+
+    def contention(self, proc: str, util: Mapping[str, float]) -> float:
+        """Slowdown factor of ``proc`` given the busy share of the processes it shares GPUs with."""
+        peers = self.L.peers.get(proc)
+        if not peers:
+            return 1.0
+        return 1.0 + self.sc.contention * sum(share * min(max(util.get(o, 0.0), 0.0), 1.0)
+                                               for o, share in peers.items())
+
+    def iteration(self, n_dec: float, ctx_dec: float, p_tok: float, ctx_pre: float, n_pre: float,
+                  tot_tokens: float, tot_seqs: float, util: Mapping[str, float] | None = None) -> StepResult:
+        """Time one iteration of a unit.
+
+        Args:
+            n_dec: decoding sequences in the unit's batch.
+            ctx_dec: their mean KV length (tokens).
+            p_tok: prompt tokens prefilled this iteration (chunk).
+            ctx_pre: mean prompt length of the sequences being prefilled (tokens).
+            n_pre: sequences being prefilled.
+            tot_tokens: tokens per iteration summed over all units (for merged remote pools).
+            tot_seqs: sequences summed over all units.
+            util: busy share of each process last interval (contention); None = no contention.
+        """
+        util = util or {}
+        p = self.p
+        m = self.m
+        tokens = n_dec + p_tok
+        if tokens <= 0:
+            return StepResult(0.0, {})
+        tot_tokens = max(tot_tokens, tokens)
+        tot_seqs = max(tot_seqs, n_dec + n_pre)
+        L = self.layers
+        busy_ms: dict[str, float] = {}
+
+        def group_time(g: str, site: str) -> float:
+            """ms of group g (all layers) for one micro-batch as this unit sees it."""
+            if g == "attn":
+                t = 0.0
+                if n_dec > 0:
+                    t += p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, self.tp["attn"], "decode")
+                if p_tok > 0:
+                    t += p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), self.tp["attn"], "prefill")
+                return t
+            if site == "local":
+                return p.group_ms(g, tokens / m, tp=self.tp[g])
+            r = self.replicas[g]
+            seqs = tot_seqs / r
+            calls = max(1.0, seqs / self.max_batch[g])
+            per_call = tot_tokens / r / calls / m
+            return p.group_ms(g, per_call, tp=self.tp[g]) * calls
+
+        stage_ms = []
+        for site, ops in self.stages:
+            proc = self.local_proc if site == "local" else site
+            slow = self.contention(proc, util)
+            t = sum(frac * group_time(g, site) / L for g, frac in ops) * slow
+            stage_ms.append(t)
+            busy_ms[proc] = busy_ms.get(proc, 0.0) + t * m * L
+        hop_ms = p.send_ms(tokens / m) if self.hops else 0.0
+        ring = stage_ms + [hop_ms] * self.hops
+        layer_ms = max(m * max(ring), sum(ring)) if self.hops else sum(ring)
+        total = L * layer_ms
+        # embed and head, once per step: local or one hop away
+        for g, tok in (("embed", tokens), ("head", n_dec + n_pre)):
+            site = self.site[g]
+            if site == "local":
+                proc = self.local_proc
+                t = p.group_ms(g, tok, tp=self.tp[g]) * self.contention(proc, util)
+            else:
+                r = self.replicas[g]
+                proc = self.L.proc_of(g)
+                t = p.group_ms(g, tot_tokens / r if g == "embed" else tot_seqs / r, tp=self.tp[g]) * \
+                    self.contention(proc, util)
+                t += p.send_ms(tok)
+            total += t
+            busy_ms[proc] = busy_ms.get(proc, 0.0) + t
+        kernel = total
+        total = p.step_ms(kernel, n_dec, kernel * p_tok / tokens)
+        busy = {k: min(v / total, 1.0) for k, v in busy_ms.items()}
+        return StepResult(total, busy)

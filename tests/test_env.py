@@ -1,0 +1,115 @@
+"""The Gymnasium env: registration, checkers, action masks, info keys, splits and reward."""
+from __future__ import annotations
+
+import warnings
+
+import gymnasium
+import numpy as np
+import pytest
+
+from envs import ENV_ID, Scenario, make_env
+from runtime.codec import ObservationEncoder
+
+INFO_KEYS = {"slo_attainment", "gpus", "energy_j", "ttft_p99_s", "tbt_p99_s", "plan", "requests_finished",
+             "requests_queued", "requests_rejected"}
+
+
+def test_registered_and_passes_gymnasium_check_env():
+    from gymnasium.utils.env_checker import check_env
+
+    env = gymnasium.make(ENV_ID, episode_intervals=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no checker warning either
+        check_env(env.unwrapped, skip_render_check=True)
+
+
+def test_passes_sb3_check_env():
+    from stable_baselines3.common.env_checker import check_env
+
+    check_env(make_env(episode_intervals=12), warn=True)
+
+
+def test_observation_layout_is_the_codec_and_action_space_is_its_nvec():
+    env = make_env()
+    enc = ObservationEncoder(env.scenario.codec_config)
+    obs, info = env.reset(seed=3)
+    assert obs.shape == (enc.size,)
+    np.testing.assert_allclose(obs, np.clip(enc.encode(env.state), 0, 100))
+    np.testing.assert_array_equal(env.action_space.nvec, env.decoder.nvec)
+
+
+def test_random_actions_never_crash_and_info_carries_raw_metrics():
+    env = make_env(episode_intervals=30, seed=0)
+    env.reset(seed=0)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        # out-of-range entries are clipped by the decoder, never a crash
+        a = rng.integers(-2, 9, size=env.action_space.shape)
+        obs, r, term, trunc, info = env.step(a)
+        assert INFO_KEYS <= set(info)
+        assert np.all(np.isfinite(obs)) and np.isfinite(r)
+        assert info["gpus"] <= env.scenario.max_gpus
+        assert 0.0 <= info["slo_attainment"] <= 1.0
+        assert env.observation_space.contains(obs)
+    assert trunc and not term
+
+
+def test_action_masks_match_codec_and_block_leaving_replica_bounds():
+    env = make_env()
+    env.reset(seed=1)
+    mask = env.action_masks()
+    assert mask.shape == (int(env.decoder.nvec.sum()),) and mask.dtype == bool
+    np.testing.assert_array_equal(mask, env.decoder.action_mask(env.sim.timeline.target_plan))
+
+
+def test_tp_follows_placement_when_a_group_leaves_the_instance():
+    env = make_env()
+    env.reset(seed=1)
+    a = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
+    a[3 * 3 + 2] = 1  # mlp -> dedicated
+    env.step(a)
+    plan = env.sim.timeline.target_plan
+    assert plan["mlp"].placement == "dedicated" and plan["mlp"].tp == env.scenario.tp["mlp"]
+    assert plan["attn"].placement == "model" and plan["attn"].tp == env.scenario.model_tp
+
+
+def test_reward_is_the_documented_weighted_sum():
+    env = make_env(w_slo=2.0, w_gpu=0.25, w_energy=0.5)
+    env.reset(seed=2)
+    zero = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
+    _, r, _, _, info = env.step(zero)
+    sc = env.scenario
+    want = 2.0 * info["slo_attainment"] - 0.25 * info["gpus"] / sc.max_gpus \
+        - 0.5 * info["energy_j"] / (sc.max_gpus * env.pred.gpu.peak_w * sc.interval_s)
+    assert r == pytest.approx(want)
+
+
+def test_train_and_test_splits_are_disjoint_windows():
+    tr = make_env(split="train")
+    te = make_env(split="test")
+    assert len(tr.trace) > 0 and len(te.trace) > 0
+    total = tr.trace.duration_s + te.trace.duration_s
+    assert tr.trace.duration_s == pytest.approx(0.7 * total, rel=0.02)
+    env = make_env(split="test", seed=5)
+    env.reset(seed=5)
+    assert 0.0 <= env.window_start_s <= te.trace.duration_s
+
+
+def test_same_seed_same_episode():
+    def run(seed):
+        env = make_env(seed=seed, episode_intervals=10)
+        env.reset(seed=seed)
+        out = []
+        for _ in range(10):
+            out.append(env.step(np.zeros(len(env.decoder.nvec), dtype=np.int64) + 2)[1])
+        return out
+
+    assert run(7) == run(7)
+
+
+def test_scenario_overrides_reach_the_env():
+    env = gymnasium.make(ENV_ID, interval_s=2.0, slo_ttft_s=1.5, slo_tbt_s=0.3).unwrapped
+    assert env.scenario.interval_s == 2.0
+    assert (env.slo.ttft_s, env.slo.tbt_s) == (1.5, 0.3)
+    with pytest.raises(Exception, match="unknown scenario fields"):
+        make_env(not_a_field=1)
