@@ -217,30 +217,36 @@ def _head(rep: Replica, x: torch.Tensor, temps: torch.Tensor, gen: torch.Generat
 @torch.no_grad()
 def _attend(rep: Replica, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             seqs: list[tuple[int, int, int]]) -> torch.Tensor:
-    """RoPE, KV write and attention for sequences ``(seq_id, n_new, start_pos)`` laid out in order."""
+    """RoPE, KV write and attention for sequences ``(seq_id, n_new, start_pos)`` laid out in order.
+
+    A sequence starting at position 0 is a prefill (causal attention over its own rows);
+    one with a cache is a decode step of one token, batched with the other decodes.
+    """
     dev = rep.device
     q, k, v = q.to(dev), k.to(dev), v.to(dev)
-    pos = torch.cat([torch.arange(p, p + n) for _, n, p in seqs]).to(dev)
-    q, k = rep.modules["rope"][layer](q, k, pos)
+    key = tuple(seqs)
+    cached = getattr(rep, "_row_index", None)
+    if cached is None or cached[0] != key:  # same rows for every layer of an iteration
+        ix = rep.kv.index_rows(seqs)
+        dec = [i for i, (_, _, p) in enumerate(seqs) if p > 0]
+        starts = np.cumsum([0] + [n for _, n, _ in seqs])[:-1]
+        dec_rows = torch.tensor([int(starts[i]) for i in dec], dtype=torch.long, device=dev)
+        dec_seqs = torch.tensor(dec, dtype=torch.long, device=dev)
+        max_len = max((seqs[i][2] + 1 for i in dec), default=0)
+        cached = (key, ix, dec_rows, dec_seqs, max_len, starts)
+        rep._row_index = cached
+    _, ix, dec_rows, dec_seqs, max_len, starts = cached
+    q, k = rep.modules["rope"][layer](q, k, ix.positions)
+    rep.kv.write_rows(layer, ix, k, v)
     attn = rep.modules["attn"][layer]
     out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=dev)
-    decode_rows: list[int] = []
-    decode_ids: list[int] = []
-    row = 0
-    for sid, n, p in seqs:
-        rep.kv.write(layer, sid, pos[row:row + n], k[row:row + n], v[row:row + n])
+    for i, (_, n, p) in enumerate(seqs):
         if p == 0:
-            out[row:row + n] = attn.prefill(q[row:row + n], k[row:row + n], v[row:row + n])
-        else:
-            decode_rows.append(row)
-            decode_ids.append(sid)
-        row += n
-    if decode_rows:
-        rows = torch.tensor(decode_rows, device=dev)
-        lengths = pos[rows] + 1
-        max_len = max(p + n for _, n, p in seqs if p > 0)
-        kc, vc = rep.kv.gather(layer, decode_ids, max_len)
-        out[rows] = attn.decode(q[rows], kc, vc, lengths)
+            r = int(starts[i])
+            out[r:r + n] = attn.prefill(q[r:r + n], k[r:r + n], v[r:r + n])
+    if max_len:
+        kc, vc = rep.kv.gather_rows(layer, ix, dec_seqs, max_len)
+        out[dec_rows] = attn.decode(q[dec_rows], kc, vc, ix.lengths[dec_seqs])
     return out
 
 

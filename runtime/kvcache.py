@@ -55,6 +55,24 @@ class KVLayout:
         return math.ceil(max(tokens, 0) / self.block_tokens)
 
 
+@dataclass(frozen=True)
+class RowIndex:
+    """Where the new rows of one iteration go (see :meth:`PagedKVCache.index_rows`).
+
+    Attributes:
+        positions: token position of each row ``[rows]``.
+        block, offset: block and slot in the block of each row ``[rows]``.
+        tables: padded block tables ``[seqs, width]``.
+        lengths: cached tokens of each sequence after this iteration's write ``[seqs]``.
+    """
+
+    positions: torch.Tensor
+    block: torch.Tensor
+    offset: torch.Tensor
+    tables: torch.Tensor
+    lengths: torch.Tensor
+
+
 class PagedKVCache:
     """Block pool plus per-sequence block tables for one attention replica.
 
@@ -162,6 +180,50 @@ class PagedKVCache:
         k = self.k[layer][idx].reshape(shape)[:, :max_len]
         v = self.v[layer][idx].reshape(shape)[:, :max_len]
         return k, v
+
+    def index_rows(self, seqs: list[tuple[int, int, int]]) -> "RowIndex":
+        """Block/offset of every new row and the padded block tables of ``seqs``.
+
+        ``seqs`` lists ``(seq_id, n_new, start_pos)`` in row order. The result is valid for
+        every layer of one iteration (tables do not change within an iteration).
+        """
+        bt = self.layout.block_tokens
+        tables = [self._table(sid) for sid, _, _ in seqs]
+        width = max(len(t) for t in tables)
+        mat = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, t in enumerate(tables):
+            mat[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        n_new = torch.tensor([n for _, n, _ in seqs], dtype=torch.long)
+        starts = torch.tensor([p for _, _, p in seqs], dtype=torch.long)
+        seq_of_row = torch.repeat_interleave(torch.arange(len(seqs)), n_new)
+        first_row = torch.cumsum(n_new, 0) - n_new
+        pos = starts[seq_of_row] + torch.arange(int(n_new.sum())) - first_row[seq_of_row]
+        limit = torch.tensor([len(t) * bt for t in tables], dtype=torch.long)
+        over = pos >= limit[seq_of_row]
+        if bool(over.any()):
+            r = int(over.nonzero()[0, 0])
+            sid = seqs[int(seq_of_row[r])][0]
+            raise KVCacheError(f"sequence {sid}: position {int(pos[r])} beyond its reservation of "
+                               f"{int(limit[seq_of_row[r]])} tokens")
+        blk = mat[seq_of_row, pos // bt]
+        dev = self.device
+        return RowIndex(pos.to(dev), blk.to(dev), (pos % bt).to(dev), mat.to(dev), (starts + n_new).to(dev))
+
+    def write_rows(self, layer: int, ix: "RowIndex", k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V ``[rows, n_kv_heads, head_dim]`` at the rows of ``ix``."""
+        self.k[layer][ix.block, ix.offset] = k.to(self.device, self.layout.dtype)
+        self.v[layer][ix.block, ix.offset] = v.to(self.device, self.layout.dtype)
+
+    def gather_rows(self, layer: int, ix: "RowIndex", which: torch.Tensor, max_len: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V ``[len(which), max_len, KV, hd]`` of the sequences ``which`` (indices into ``ix``)."""
+        bt = self.layout.block_tokens
+        nblk = self.layout.blocks_for(max_len)
+        idx = ix.tables[which][:, :nblk]
+        if idx.shape[1] < nblk:
+            idx = torch.nn.functional.pad(idx, (0, nblk - idx.shape[1]))
+        shape = (idx.shape[0], nblk * bt, self.layout.n_kv_heads, self.layout.head_dim)
+        return self.k[layer][idx].reshape(shape)[:, :max_len], self.v[layer][idx].reshape(shape)[:, :max_len]
 
     def export(self, seq_id: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the first ``length`` cached tokens of a sequence, per layer (for migration)."""

@@ -76,6 +76,7 @@ class Replica:
         self.modules: Any = None
         self.kv: Any = None  # PagedKVCache on attention replicas
         self.load_s = 0.0
+        self.items_done = 0
         self.load_error: BaseException | None = None
         self._load = load
         self._on_done = on_done
@@ -125,6 +126,7 @@ class Replica:
                 item.future.set_exception(e)
             else:
                 end = time.perf_counter()
+                self.items_done += 1
                 if self._on_done is not None:
                     self._on_done(self, item, start, end)
                 item.future.set_result(result)

@@ -1,0 +1,183 @@
+"""What splitting the model into operator pools costs, and how fast a pool grows.
+
+    python bench/runtime_overhead.py --model tiny --device cpu --batch 16 --json out.json
+
+1. Decode throughput and time between tokens at the same batch: the operator-split engine
+   (one replica per group, every hop a queue hand-off between worker threads) against a
+   monolithic loop over the same modules in one thread with one contiguous KV cache.
+   Both run ``batch`` sequences of ``prompt`` tokens generating ``tokens`` tokens each;
+   tokens/s counts decode tokens only (the prefill step is excluded from both).
+2. Scale-up time-to-serve per operator group: from ``apply(plan with one more replica)``
+   until the new replica is ready (weights copied to its device) and until it has served
+   its first batch under load.
+
+Runs on CPU now and on CUDA (``--device cuda``; timings synchronise the device).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtime.control import Plan  # noqa: E402
+from runtime.engine import Engine, EngineConfig  # noqa: E402
+from runtime.model import LlamaModel, build_model  # noqa: E402
+from runtime.models import OPERATOR_GROUPS, get_model  # noqa: E402
+from runtime.pools import READY  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def monolithic(model: LlamaModel, prompts: list[list[int]], tokens: int, device: str) -> dict[str, float]:
+    """Batched greedy decode in one thread; returns decode tokens/s and TBT median/p99 (s)."""
+    cfg = model.cfg
+    B, P = len(prompts), len(prompts[0])
+    tmax = P + tokens
+    kc = [torch.zeros(B, tmax, cfg.n_kv_heads, cfg.head_dim, device=device, dtype=model.embed.weight.dtype)
+          for _ in model.layers]
+    vc = [torch.zeros_like(k) for k in kc]
+    nxt = []
+    for b, p in enumerate(prompts):
+        h = model.embed(torch.tensor(p, device=device))
+        pos = torch.arange(P, device=device)
+        for i, layer in enumerate(model.layers):
+            h, k, v = layer.prefill(h, pos)
+            kc[i][b, :P], vc[i][b, :P] = k, v
+        nxt.append(model.sampler(model.lm_head(model.final_norm(h[-1:]))))
+    token = torch.cat(nxt)
+    _sync(device)
+    gaps = []
+    t_start = time.perf_counter()
+    last = t_start
+    for step in range(1, tokens):
+        n = P + step
+        h = model.embed(token)
+        pos = torch.full((B,), n - 1, device=device)
+        lengths = torch.full((B,), n, device=device)
+        for i, layer in enumerate(model.layers):
+            q, k, v = layer.qkv(layer.attn_norm(h))
+            q, k = layer.rope(q, k, pos)
+            kc[i][:, n - 1], vc[i][:, n - 1] = k, v
+            h = h + layer.o_proj(layer.attn.decode(q, kc[i], vc[i], lengths, max_length=n))
+            h = h + layer.mlp(layer.mlp_norm(h))
+        token = model.sampler(model.lm_head(model.final_norm(h)))
+        _sync(device)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    wall = time.perf_counter() - t_start
+    return {"tokens_per_s": B * (tokens - 1) / wall, "tbt_p50_s": statistics.median(gaps),
+            "tbt_p99_s": sorted(gaps)[min(len(gaps) - 1, int(0.99 * len(gaps)))]}
+
+
+def split(model: LlamaModel, prompts: list[list[int]], tokens: int, device: str, batch: int) -> dict[str, float]:
+    """The same work through the engine (one replica per group, max_batch = batch)."""
+    eng = Engine(model, Plan.model_level(1, batch, 1), EngineConfig(device=device)).start()
+    try:
+        eng.generate(prompts[0], 2)  # warm-up
+        seqs = [eng.submit(p, tokens) for p in prompts]
+        for s in seqs:
+            s.finished.wait(600)
+        starts = [s.first_token_s for s in seqs]
+        ends = [s.last_token_s for s in seqs]
+        wall = max(ends) - max(starts)  # decode phase: all sequences have their first token
+        st = eng.observe()  # TBT percentiles of every gap emitted since the warm-up
+        return {"tokens_per_s": len(prompts) * (tokens - 1) / max(wall, 1e-9), "tbt_p50_s": st.tbt_p50_s,
+                "tbt_p99_s": st.tbt_p99_s}
+    finally:
+        eng.stop()
+
+
+def scale_up(model: LlamaModel, device: str, batch: int, prompt: int, tokens: int) -> dict[str, dict[str, float]]:
+    """Per group: seconds from apply() to the new replica being ready and to its first batch."""
+    out: dict[str, dict[str, float]] = {}
+    base = Plan.model_level(1, batch, 1)
+    for g in OPERATOR_GROUPS:
+        eng = Engine(model, base, EngineConfig(device=device)).start()
+        try:
+            # keep load on so the new replica gets work as soon as it joins
+            seqs = [eng.submit([(7 * i + j) % model.cfg.vocab_size for j in range(prompt)], tokens)
+                    for i in range(2 * batch)]
+            while not any(s.generated for s in seqs):
+                time.sleep(0.0005)
+            old = {r.id for r in eng.replicas[g]}
+            t0 = time.perf_counter()
+            eng.apply(base.with_op(g, replicas=2).with_op(g, placement="dedicated"))
+            new = None
+            t_ready = t_first = float("nan")
+            deadline = t0 + 120
+            while time.perf_counter() < deadline:
+                reps = [r for r in eng.replicas[g] if r.id not in old]
+                if reps:
+                    new = reps[0]
+                if new is not None and new.state == READY and t_ready != t_ready:
+                    t_ready = time.perf_counter() - t0
+                if new is not None and new.items_done > 0:
+                    t_first = time.perf_counter() - t0
+                    break
+                time.sleep(0.0002)
+            out[g] = {"ready_s": t_ready, "first_batch_s": t_first, "load_s": new.load_s if new else float("nan"),
+                      "weight_bytes": float(sum(p.numel() * p.element_size() for p in new.modules.parameters()))
+                      if new is not None and new.modules is not None else 0.0}
+            for s in seqs:
+                s.finished.wait(600)
+        finally:
+            eng.stop()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
+    p.add_argument("--tokens", type=int, default=32, help="generated tokens per sequence")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "float32")]
+    cfg = get_model(args.model)
+    model = build_model(cfg, device="cpu", dtype=dtype, seed=0)
+    mono_model = build_model(cfg, device=args.device if args.device == "cpu" else "cuda:0", dtype=dtype, seed=0)
+    prompts = [[(11 * b + 3 * j) % cfg.vocab_size for j in range(args.prompt)] for b in range(args.batch)]
+    mono, spl = [], []
+    for _ in range(args.repeats):
+        mono.append(monolithic(mono_model, prompts, args.tokens, "cpu" if args.device == "cpu" else "cuda:0"))
+        spl.append(split(model, prompts, args.tokens, args.device, args.batch))
+    med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+    result = {
+        "model": cfg.name, "device": args.device,
+        "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "prompt": args.prompt, "tokens": args.tokens,
+        "torch_threads": torch.get_num_threads(),
+        "monolithic": {k: med(mono, k) for k in ("tokens_per_s", "tbt_p50_s", "tbt_p99_s")},
+        "split": {k: med(spl, k) for k in ("tokens_per_s", "tbt_p50_s", "tbt_p99_s")},
+    }
+    result["split_over_monolithic_tokens_per_s"] = result["split"]["tokens_per_s"] / result["monolithic"]["tokens_per_s"]
+    result["split_over_monolithic_tbt_p50"] = result["split"]["tbt_p50_s"] / result["monolithic"]["tbt_p50_s"]
+    result["scale_up"] = scale_up(model, args.device, args.batch, args.prompt, args.tokens)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
