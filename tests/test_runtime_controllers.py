@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runtime.codec import ObservationEncoder
-from runtime.control import ClusterState, Controller, OperatorPlan, Plan
+from runtime.control import ClusterState, Controller, Plan
 from runtime.controllers import ControlLoop, make_controller, measure_latency
 from runtime.engine import Engine
 from runtime.model import build_model, generate_split
@@ -136,7 +136,6 @@ def _tiny_checkpoint(folder):
     return folder
 
 
-@pytest.mark.slow
 def test_ppo_checkpoint_drives_the_control_loop(engine, model, tmp_path):
     folder = _tiny_checkpoint(tmp_path / "ppo")
     ctrl = make_controller("ppo", engine, checkpoint=str(folder))
@@ -158,4 +157,3 @@ def test_ppo_checkpoint_drives_the_control_loop(engine, model, tmp_path):
         assert engine.plan[g].max_batch == want[g].max_batch
         assert engine.plan[g].placement == want[g].placement
         assert engine.plan[g].replicas == min(want[g].replicas, engine.config.max_replicas)
-    assert isinstance(engine.plan[g], OperatorPlan)
