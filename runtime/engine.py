@@ -14,7 +14,8 @@ their chunks in parallel; each is a worker thread with its own queue and device.
 
 Admission control lives with the attention pool: a request reserves KV blocks for
 ``prompt + max_tokens`` tokens on one attention replica before it starts, so a running
-sequence never runs out of cache memory. Requests that cannot get blocks wait (FIFO, at
+sequence never runs out of cache memory, and an attention replica holds at most the attn
+group's ``max_batch`` sequences (the simulator's batch slots of an attention unit). Requests that cannot get blocks wait (FIFO, at
 most ``max_waiting``); beyond that they are refused with :class:`Overloaded`; a request
 larger than one replica's cache is refused with :class:`RequestRejected`.
 
@@ -546,17 +547,24 @@ class Engine:
     def _admit(self) -> None:
         budget = self.config.max_prefill_tokens
         admitted = 0
+        limit = self._plan["attn"].max_batch  # sequences an attention replica holds at once
+        per_replica: dict[int, int] = {}
+        for s in self._running:
+            if s.attn is not None:
+                per_replica[s.attn.id] = per_replica.get(s.attn.id, 0) + 1
         while self._waiting:
             s = self._waiting[0]
             need = len(s.tokens)
             if admitted and need > budget:
                 break
-            attn = [r for r in self.replicas["attn"] if r.state == READY and r.kv.can_reserve(s.kv_tokens)]
+            attn = [r for r in self.replicas["attn"] if r.state == READY and r.kv.can_reserve(s.kv_tokens)
+                    and per_replica.get(r.id, 0) < limit]
             if not attn:
                 break
             target = max(attn, key=lambda r: r.kv.free_blocks)
             target.kv.reserve(s.id, s.kv_tokens)
             s.attn = target
+            per_replica[target.id] = per_replica.get(target.id, 0) + 1
             self._waiting.popleft()
             self._running.append(s)
             budget -= need

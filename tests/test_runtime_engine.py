@@ -194,3 +194,22 @@ def test_plan_is_clipped_to_max_replicas(model):
     eng = Engine(model, op_plan(1, 4), EngineConfig(max_replicas=2))
     applied = eng.apply(op_plan(5, 4))
     assert all(applied[g].replicas == 2 for g in OPERATOR_GROUPS)
+
+
+def test_attention_max_batch_bounds_sequences_in_flight(model):
+    plan = op_plan(1, 8).with_op("attn", max_batch=2)
+    eng = Engine(model, plan).start()
+    try:
+        ps = prompts(6, base=9)
+        refs = [generate_split(model, p, 5) for p in ps]
+        seqs = [eng.submit(p, 5) for p in ps]
+        seen_running, seen_queued = set(), set()
+        while not all(s.finished.is_set() for s in seqs):
+            with eng._lock:
+                seen_running.add(len(eng._running))
+                seen_queued.add(len(eng._waiting))
+            time.sleep(0.0005)
+        assert max(seen_running) == 2 and max(seen_queued) >= 3
+        assert [s.generated for s in seqs] == refs
+    finally:
+        eng.stop()
