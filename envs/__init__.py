@@ -36,14 +36,15 @@ def predictor_for(model: str, gpu: str) -> ExecutionPredictor:
 def default_slo(scenario: Scenario, pred: ExecutionPredictor | None = None) -> SLO:
     """The scenario's SLO: explicit seconds if given, else multiples of unloaded latency.
 
-    Unloaded latency = one ``model_tp`` whole-model instance, batch 1: prefill of a
+    Unloaded latency = one ``model_tp`` whole-model instance, batch 1: chunked prefill of a
     ``slo_ref_prompt_tokens`` prompt (TTFT) and one decode iteration at that context (TBT).
     """
     pred = pred or predictor_for(scenario.model, scenario.gpu)
     ttft = scenario.slo_ttft_s
     tbt = scenario.slo_tbt_s
     if ttft is None:
-        ttft = scenario.slo_ttft_scale * pred.prefill_ms(scenario.model_tp, 1, scenario.slo_ref_prompt_tokens) / 1e3
+        ttft = scenario.slo_ttft_scale * pred.chunked_prefill_ms(
+            scenario.model_tp, scenario.slo_ref_prompt_tokens, scenario.prefill_chunk_tokens) / 1e3
     if tbt is None:
         tbt = scenario.slo_tbt_scale * pred.decode_ms(scenario.model_tp, 1, scenario.slo_ref_prompt_tokens) / 1e3
     return SLO(float(ttft), float(tbt), 99.0, scenario.attainment_target)

@@ -99,8 +99,13 @@ class Simulator(ABC):
         self.placer = self.cache.setdefault("placer", Placer(scenario, pred))
         self.dt = float(scenario.interval_s)
         self.arrival = np.asarray(trace.arrival_s, dtype=np.float64)
-        self.prompt = np.asarray(trace.prompt_tokens, dtype=np.int64)
-        self.output = np.maximum(np.asarray(trace.output_tokens, dtype=np.int64), 1)
+        prompt = np.maximum(np.asarray(trace.prompt_tokens, dtype=np.int64), 1)
+        output = np.maximum(np.asarray(trace.output_tokens, dtype=np.int64), 1)
+        limit = int(scenario.max_request_tokens or pred.cfg.max_seq_len)
+        self.output = np.minimum(output, max(limit // 2, 1))
+        self.prompt = np.minimum(prompt, np.maximum(limit - self.output, 1))
+        #: requests whose prompt or output was clipped to the context limit
+        self.clipped = int(np.count_nonzero((self.output != output) | (self.prompt != prompt)))
         dur = float(trace.duration_s or (self.arrival[-1] if len(self.arrival) else 0.0))
         self.duration_s = max(dur, self.arrival[-1] if len(self.arrival) else 0.0)
         self.n_intervals = max(int(math.ceil(self.duration_s / self.dt - 1e-9)), 1)
@@ -262,4 +267,4 @@ class Simulator(ABC):
         return {"gpu_seconds": self.gpu_seconds, "energy_j": self.energy_j,
                 "mean_gpus": self.gpu_seconds / self.now if self.now > 0 else 0.0,
                 "sim_time_s": self.now, "wall_s": self.wall_s, "fidelity": self.fidelity,
-                "slo_ttft_s": self.slo.ttft_s, "slo_tbt_s": self.slo.tbt_s}
+                "slo_ttft_s": self.slo.ttft_s, "slo_tbt_s": self.slo.tbt_s, "clipped_requests": self.clipped}

@@ -157,6 +157,16 @@ class ExecutionPredictor:
         """Prefill ``batch`` prompts of ``prompt_tokens`` each in one iteration (ms)."""
         return self.mono_iteration_ms(tp, 0, 0, batch * prompt_tokens, prompt_tokens, batch)
 
+    def chunked_prefill_ms(self, tp: int, prompt_tokens: int, chunk_tokens: int) -> float:
+        """Unloaded time to first token of one prompt prefilled in chunks of ``chunk_tokens`` (ms):
+        one iteration per chunk, each chunk attending over the prompt so far."""
+        t, done = 0.0, 0
+        while done < prompt_tokens:
+            c = min(chunk_tokens, prompt_tokens - done)
+            done += c
+            t += self.mono_iteration_ms(tp, 0, 0, c, done, 1)
+        return t
+
     def decode_ms(self, tp: int, batch: int, context_tokens: int) -> float:
         """One decode iteration of ``batch`` sequences at ``context_tokens`` KV each (ms)."""
         return self.mono_iteration_ms(tp, batch, context_tokens)

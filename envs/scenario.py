@@ -64,6 +64,9 @@ class Scenario:
         replica_start_s: fixed start-up time of a new replica (process, CUDA graphs), seconds.
         contention: slowdown per unit of co-located busy share (see docs/SIMULATOR.md).
         max_queue_wait_s: a request still waiting for admission after this long is rejected.
+        max_request_tokens: prompt + output limit (tokens); longer trace requests are clipped
+            (output to half of it, then the prompt to the rest), as Vidur clips to its max
+            tokens. None = the model's context length (4096 for Llama-2).
         history_len: request-rate history length in ClusterState (intervals).
         codec: CodecConfig fields that fix the observation/action layout.
     """
@@ -71,7 +74,7 @@ class Scenario:
     model: str = "llama-2-70b"
     gpu: str = "h100"
     trace: str = "azure"
-    rate_scale: float = 2.0
+    rate_scale: float = 1.0
     train_frac: float = 0.7
     interval_s: float = 5.0
     episode_intervals: int = 120
@@ -79,13 +82,13 @@ class Scenario:
     tp: Mapping[str, int] = field(default_factory=lambda: {"embed": 1, "attn": 1, "proj": 1, "mlp": 2,
                                                            "head": 1})
     model_tp: int = 4
-    initial_replicas: int = 4
+    initial_replicas: int = 8
     initial_max_batch: int = 64
-    slo_ttft_scale: float = 5.0
+    slo_ttft_scale: float = 3.0
     slo_tbt_scale: float = 5.0
     slo_ttft_s: float | None = None
     slo_tbt_s: float | None = None
-    slo_ref_prompt_tokens: int = 1024
+    slo_ref_prompt_tokens: int = 4096
     attainment_target: float = 0.99
     w_slo: float = 1.0
     w_gpu: float = 0.5
@@ -98,6 +101,7 @@ class Scenario:
     replica_start_s: float = 1.0
     contention: float = 0.5
     max_queue_wait_s: float = 120.0
+    max_request_tokens: int | None = None
     history_len: int = 8
     codec: Mapping[str, Any] = field(default_factory=dict)
 
