@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime.control import SLO
 
-from envs.base import IntervalMetrics, Simulator
+from envs.base import IntervalMetrics, Simulator, TraceIndex
 from envs.predictor import ExecutionPredictor, quantise
 from envs.scenario import Scenario
 from envs.world import Layout, StepModel
@@ -58,12 +58,19 @@ class FastSimulator(Simulator):
         self.q = 0.0          # requests waiting for admission
         self.q_prompt = 0.0   # their prompt tokens
         self.q_output = 0.0   # their output tokens
-        self.n = 0.0          # running sequences (prefilling + decoding)
+        self.n_dec = 0.0      # decoding sequences (all units)
+        self.n_pre = 0.0      # sequences admitted, prompt not yet fully prefilled
         self.backlog = 0.0    # prompt tokens admitted but not yet prefilled
         self.r_prompt = 1.0   # mean prompt of running sequences
         self.r_output = 1.0   # mean output of running sequences
         self.kv = 0.0         # KV tokens held
+        self._last_T = 0.05
+        self._bg_chunk = 0.0  # prefill tokens per unit iteration, last sub-step (load on remote pools)
         self.drain_until: list[tuple[float, int]] = []
+        if not hasattr(self, "sub_index"):
+            h = self.dt / self.sub_steps
+            self.sub_index = TraceIndex(self.arrival, self.prompt, self.output, h, self.n_intervals * self.sub_steps,
+                                        quantiles=False)
         # run-level accumulators
         self.tot_arrived = 0.0
         self.tot_finished = 0.0
@@ -73,20 +80,27 @@ class FastSimulator(Simulator):
         self.tbt_rec: list[tuple[float, float, float]] = []
 
     def _idle(self) -> bool:
-        return self.q < 0.5 and self.n < 0.5
+        return self.q < 0.5 and self.n_dec + self.n_pre < 0.5
 
     # ------------------------------------------------------------------ iteration time, memoised
-    def _iter(self, layout: Layout, sm: StepModel, n_dec: float, ctx: float, chunk: float, n_pre: float) -> tuple[float, dict]:
-        peers = layout.peers.get(sm.local_proc) or any(layout.peers.values())
+    def _iter(self, layout: Layout, sm: StepModel, n_dec: float, ctx: float, chunk: float, n_pre: float,
+              bg_chunk: float) -> tuple[float, dict]:
+        """(seconds, busy shares) of one iteration of a unit with ``n_dec`` decodes and a
+        ``chunk``-token prefill, while every unit's iteration carries ``n_dec`` decodes and
+        ``bg_chunk`` prefill tokens on average (the load the shared remote pools see)."""
+        peers = any(layout.peers.values())
         ukey = tuple(round(v, 1) for v in self.util.values()) if peers else ()
-        key = (id(sm), int(round(n_dec)), quantise(ctx), quantise(chunk), int(round(n_pre)),
-               quantise(self.r_prompt), ukey)
+        remote = sm.remote
+        key = (id(sm), int(round(n_dec)), quantise(ctx), quantise(chunk), int(math.ceil(n_pre)),
+               quantise(self.r_prompt), quantise(bg_chunk) if remote else 0, ukey)
         hit = self._it.get(key)
         if hit is None:
             u = layout.units
-            nd, cp = float(key[1]), float(key[3])
-            r = sm.iteration(nd, float(key[2]), cp, float(key[5]), float(key[4]), (nd + cp) * u,
-                             (nd + key[4]) * u, self.util)
+            nd, cp, npre = float(key[1]), float(key[3]), float(key[4])
+            bg = float(key[6]) if remote else cp
+            tot_tokens = cp + nd + (u - 1) * (nd + bg)
+            tot_seqs = u * nd + npre + (u - 1) * (npre if bg > 0 else 0.0)
+            r = sm.iteration(nd, float(key[2]), cp, float(key[5]), npre, tot_tokens, tot_seqs, self.util)
             if len(self._it) > 200_000:
                 self._it.clear()
             hit = self._it[key] = (r.ms / 1000.0, r.busy)
@@ -97,145 +111,201 @@ class FastSimulator(Simulator):
         sc = self.sc
         k = self.k
         idx = self.index
+        sub = self.sub_index
         in_trace = k < self.n_intervals
-        a_tot = idx.count[k] if in_trace else 0.0
-        p_mean = idx.prompt_sum[k] / a_tot if a_tot else self.r_prompt
-        o_mean = idx.output_sum[k] / a_tot if a_tot else self.r_output
-        p50 = idx.prompt_p50[k] if a_tot else p_mean
-        p99 = idx.prompt_p99[k] if a_tot else p_mean
-        h = (t1 - t0) / self.sub_steps
+        a_int = idx.count[k] if in_trace else 0.0
+        m = IntervalMetrics(arrivals=a_int)
+        if a_int:
+            m.prompt_mean = idx.prompt_sum[k] / a_int
+            m.output_mean = idx.output_sum[k] / a_int
+            p50, p99 = idx.prompt_p50[k], idx.prompt_p99[k]
+        else:
+            p50 = p99 = self.r_prompt
+        S = self.sub_steps
+        h = (t1 - t0) / S
         C = float(sc.prefill_chunk_tokens)
-        m = IntervalMetrics(arrivals=a_tot, prompt_mean=p_mean if a_tot else 0.0,
-                            output_mean=o_mean if a_tot else 0.0)
+        slo_ttft, slo_tbt = self.slo.ttft_s, self.slo.tbt_s
         util_acc: dict[str, float] = {}
-        waits: list[float] = []
-        t_dec_acc = t_mix_acc = f_mix_acc = w_acc = 0.0
-        t_mix_max = t_dec_max = 0.0
-        fin = met_ttft_w = 0.0
+        fin = met = 0.0
         kv_frac = 0.0
-        backlog_u_max = 0.0
-        for s in range(self.sub_steps):
+        ttft_w = ttft50_acc = 0.0
+        ttft99 = 0.0
+        ok_ttft = 0.0
+        gaps_mix = gaps_dec = 0.0
+        t_dec_acc = t_mix_acc = 0.0
+        t_mix_max = t_dec_max = 0.0
+        t_full_acc = 0.0
+        tpot_acc = 0.0
+        layout = None
+        next_ready = self.timeline.next_ready(t0)
+        for s in range(S):
             t = t0 + s * h
-            # draining units hand back GPUs when their sequences should have finished
             if self.drain_until and self.drain_until[0][0] <= t:
                 self.account(t)
                 while self.drain_until and self.drain_until[0][0] <= t:
                     self.timeline.drained(self.drain_until.pop(0)[1])
-            layout = self.serving_layout(t + 0.5 * h)
-            sm = self.step_model(layout)
-            U = max(layout.units, 1)
-            B = layout.plan["attn"].max_batch
-            # arrivals
-            a = a_tot / self.sub_steps
-            self.q += a
-            self.q_prompt += a * p_mean
-            self.q_output += a * o_mean
-            # current operating point
-            n_u = self.n / U
-            pre_u = self.backlog / U
-            chunk = min(C, pre_u)
-            n_pre = min(n_u, max(pre_u / max(self.r_prompt, 1.0), 0.0))
-            n_dec = max(n_u - n_pre, 0.0)
-            ctx = self.r_prompt + 0.5 * self.r_output
-            T, busy = self._iter(layout, sm, max(n_dec, 1.0), ctx, chunk, n_pre)
-            T_dec, _ = self._iter(layout, sm, max(n_dec, 1.0), ctx, 0.0, 0.0)
-            iters = h / T
-            # prefill and decode progress
-            pre_done = min(self.backlog, iters * C * U)
-            self.backlog -= pre_done
-            tokens = n_dec * U * iters
-            done = min(self.n - self.backlog / max(self.r_prompt, 1.0),
-                       tokens / max(self.r_output - 1.0, 1.0)) if self.n > 0 else 0.0
-            done = max(done, 0.0)
-            self.n -= done
-            self.kv = max(self.kv + tokens + pre_done - done * (self.r_prompt + self.r_output), 0.0)
-            fin += done
-            # admission
-            kv_cap = layout.unit_kv_tokens * U
-            foot = self.r_prompt + 0.5 * self.r_output
-            n_max = min(U * B, kv_cap / max(foot, 1.0))
-            if self.n > n_max + 1e-9:
-                # capacity shrank (fewer units, smaller batch or KV): preempt back to the queue
-                out = self.n - n_max
-                self.q += out
-                self.q_prompt += out * self.r_prompt
-                self.q_output += out * self.r_output
-                self.backlog = max(self.backlog - out * self.r_prompt, 0.0) if self.backlog > 0 else 0.0
-                self.kv = max(self.kv - out * foot, 0.0)
-                self.n = n_max
+            if layout is None or (next_ready is not None and next_ready <= t + 0.5 * h):
+                if next_ready is not None and next_ready <= t + 0.5 * h:
+                    self.account(t)
+                    self.timeline.advance(t)
+                    next_ready = self.timeline.next_ready(t)
+                layout = self.serving_layout(t + 0.5 * h)
+                sm = self.step_model(layout)
+                U = float(max(layout.units, 1))
+                B = float(layout.plan["attn"].max_batch)
+                kv_cap = layout.unit_kv_tokens * U
+            # arrivals of this sub-step join the queue
+            j = k * S + s
+            a = sub.count[j] if in_trace else 0.0
+            if a:
+                pa = sub.prompt_sum[j] / a
+                oa = sub.output_sum[j] / a
+                self.q += a
+                self.q_prompt += sub.prompt_sum[j]
+                self.q_output += sub.output_sum[j]
+            else:
+                pa, oa = self.r_prompt, self.r_output
+            # admission: free batch slots and KV room, FIFO
+            running = self.n_dec + self.n_pre
+            if running > U * B + 1e-9 or self.kv > kv_cap + 1e-9:
+                # capacity shrank: preempt back to the queue (recompute)
+                over = max(running - U * B, (self.kv - kv_cap) / max(self.r_prompt + 0.5 * self.r_output, 1.0), 0.0)
+                over = min(over, self.n_dec)
+                self.n_dec -= over
+                self.q += over
+                self.q_prompt += over * (self.r_prompt + 0.5 * self.r_output)
+                self.q_output += over * 0.5 * self.r_output
+                self.kv = max(self.kv - over * (self.r_prompt + 0.5 * self.r_output), 0.0)
+                running = self.n_dec + self.n_pre
             q_before = self.q
-            admit = min(self.q, max(n_max - self.n, 0.0))
-            if admit > 0:
-                ap = self.q_prompt / self.q
-                ao = self.q_output / self.q
-                w_old = self.n
-                self.n += admit
-                self.r_prompt = (self.r_prompt * w_old + ap * admit) / self.n
-                self.r_output = (self.r_output * w_old + ao * admit) / self.n
-                self.backlog += admit * ap
-                self.kv += 0.0
-                self.q -= admit
-                self.q_prompt -= admit * ap
-                self.q_output -= admit * ao
-            # queue wait by Little's law: what is left waits for the service rate
-            serve_rate = max(done / h, 1e-9) if done > 0 else (U * B / max(self.r_output * T, 1e-9))
-            wait = (q_before - admit) / serve_rate if q_before - admit > 1e-9 else 0.0
-            if wait > sc.max_queue_wait_s and self.q > 0:
-                keep = serve_rate * sc.max_queue_wait_s
+            admit = 0.0
+            if self.q > 0:
+                qp = self.q_prompt / self.q
+                qo = self.q_output / self.q
+                room = min(U * B - running, (kv_cap - self.kv) / max(qp + 1.0, 1.0))
+                admit = min(self.q, max(room, 0.0))
+                if admit > 0:
+                    w = running
+                    tot = w + admit
+                    self.r_prompt = (self.r_prompt * w + qp * admit) / tot
+                    self.r_output = (self.r_output * w + qo * admit) / tot
+                    self.n_pre += admit
+                    self.backlog += admit * qp
+                    self.kv += admit * qp
+                    self.q -= admit
+                    self.q_prompt -= admit * qp
+                    self.q_output -= admit * qo
+            # iteration times at the per-unit operating point
+            nd_u = self.n_dec / U
+            back_u = self.backlog / U
+            chunk = min(C, back_u)
+            npre_u = min(self.n_pre / U, max(chunk / max(self.r_prompt, 1.0), 1.0)) if chunk > 0 else 0.0
+            ctx = self.r_prompt + 0.5 * self.r_output
+            bg = self._bg_chunk
+            T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg)
+            T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg)
+            slope = max(T_full - T_dec, 0.0) / C      # seconds per prefilled token in an iteration
+            T_mix = T_dec + slope * chunk
+            # time split between mixed (prefill) and decode-only iterations
+            adm_u = admit / U
+            need_mix = back_u / max(chunk, 1.0) + 0.5 * adm_u if chunk > 0 else 0.0
+            mix = min(need_mix, h / T_mix)
+            dec_it = max(h - mix * T_mix, 0.0) / T_dec if nd_u > 0 or mix > 0 else 0.0
+            if nd_u <= 0:
+                dec_it = 0.0
+            iters = mix + dec_it
+            # progress
+            pre_done = min(self.backlog, mix * chunk * U)
+            self._bg_chunk = pre_done / U / iters if iters > 0 else 0.0
+            seq_pre_done = min(self.n_pre, pre_done / max(self.r_prompt, 1.0)) if self.backlog > 0 else self.n_pre
+            if self.backlog - pre_done < 1e-6:
+                seq_pre_done = self.n_pre
+            self.backlog -= pre_done
+            tokens = self.n_dec * iters
+            done = min(self.n_dec, tokens / max(self.r_output - 1.0, 1.0))
+            self.n_dec += seq_pre_done - done
+            self.n_pre -= seq_pre_done
+            self.kv = max(self.kv + tokens - done * (self.r_prompt + self.r_output), 0.0)
+            fin += done
+            # queue wait (Little) and rejections
+            serve = done / h if done > 0 else U * B / max(self.r_output * T_dec, 1e-9)
+            wait = self.q / serve if self.q > 1e-9 else 0.0
+            if wait > sc.max_queue_wait_s:
+                keep = serve * sc.max_queue_wait_s
                 rej = max(self.q - keep, 0.0)
                 frac = rej / self.q
                 self.q -= rej
-                self.q_prompt *= (1 - frac)
-                self.q_output *= (1 - frac)
+                self.q_prompt *= 1 - frac
+                self.q_output *= 1 - frac
                 m.rejected += rej
                 wait = sc.max_queue_wait_s
-            waits.append(wait)
-            # TBT and TTFT ingredients
-            f_mix = min(1.0, self.backlog / U / C) if self.backlog > 0 else min(1.0, admit * p_mean / (U * C * iters + 1e-9))
-            f_mix_acc += f_mix
-            t_dec_acc += T_dec
-            t_mix_acc += T
-            self._last_T = T
-            t_mix_max = max(t_mix_max, T)
+            # TTFT of this sub-step's arrivals: queue wait, the residual of the iteration in
+            # flight, then the prompt tokens ahead in the unit (join-shortest-queue routing:
+            # only carried backlog, plus the burst beyond one request per unit at p99) and the
+            # own prompt, at one iteration per chunk
+            f_time = mix * T_mix / h
+            resid = 0.5 * (f_time * T_mix + (1 - f_time) * T_dec)
+            new_u = adm_u * pa
+            old_u = max(back_u - new_u, 0.0)
+            ahead99 = old_u + max(adm_u - 1.0, 0.0) * pa
+            w50 = old_u + p50
+            w99 = ahead99 + p99
+            lo = wait + resid + math.ceil(w50 / C - 1e-9) * T_dec + slope * w50
+            hi = max(wait + 2 * resid + math.ceil(w99 / C - 1e-9) * T_dec + slope * w99, lo)
+            if a > 0:
+                ttft_w += a
+                ttft50_acc += a * lo
+                ok_ttft += a * _lognorm_cdf(slo_ttft, lo, hi)
+                ttft99 = max(ttft99, hi)
+            # TBT gaps
+            g_mix = mix * self.n_dec
+            g_dec = dec_it * self.n_dec
+            gaps_mix += g_mix
+            gaps_dec += g_dec
+            t_dec_acc += T_dec * g_dec
+            t_mix_acc += T_mix * g_mix
             t_dec_max = max(t_dec_max, T_dec)
-            backlog_u_max = max(backlog_u_max, self.backlog / U)
-            w_acc += wait
+            if mix > 0:
+                t_mix_max = max(t_mix_max, T_mix)
+                t_full_acc += T_full * g_mix
+            tpot_acc += (h / iters if iters > 0 else T_dec) * done
             kv_frac = max(kv_frac, self.kv / max(kv_cap, 1.0))
-            active = min(1.0, n_u) if self.n > 0 else 0.0
-            for proc, b in busy.items():
-                util_acc[proc] = util_acc.get(proc, 0.0) + b * active / self.sub_steps
-        n_s = self.sub_steps
-        T_dec = t_dec_acc / n_s
-        T_mix = t_mix_acc / n_s
-        f = f_mix_acc / n_s
-        wait50 = w_acc / n_s
-        wait99 = max(waits) if waits else 0.0
-        # TTFT: queue wait + wait for the running iteration + prefill iterations (FCFS chunk budget)
-        ttft50 = wait50 + 0.5 * T_mix + math.ceil(max(p50, 1.0) / C) * T_mix
-        ttft99 = wait99 + T_mix + math.ceil((max(p99, 1.0) + backlog_u_max) / C) * max(t_mix_max, T_mix)
-        tbt50 = T_mix if f >= 0.5 else T_dec
-        tbt99 = max(t_mix_max, T_dec) if f > 0.01 else t_dec_max
-        tpot = f * T_mix + (1 - f) * T_dec
-        p_ok = _lognorm_cdf(self.slo.ttft_s, ttft50, max(ttft99, ttft50)) * _phi(
-            (math.log(self.slo.tbt_s) - math.log(max(tpot, 1e-9))) / 0.1)
+            active = min(1.0, iters * (T_dec if dec_it else T_mix) / h + mix * T_mix / h) if iters else 0.0
+            for proc, b in busy_d.items():
+                util_acc[proc] = util_acc.get(proc, 0.0) + b * (dec_it * T_dec / h) / S
+            for proc, b in busy_m.items():
+                util_acc[proc] = util_acc.get(proc, 0.0) + b * (mix * T_mix / h) / S
+            self._last_T = T_dec
+        # interval percentiles
+        gaps = gaps_mix + gaps_dec
+        f_mix = gaps_mix / gaps if gaps > 0 else 0.0
+        T_dec_m = t_dec_acc / gaps_dec if gaps_dec > 0 else t_dec_max
+        T_mix_m = t_mix_acc / gaps_mix if gaps_mix > 0 else T_dec_m
+        tbt50 = T_mix_m if f_mix > 0.5 else T_dec_m
+        # p99 gap: a full-chunk mixed iteration once more than 1% of gaps are mixed
+        T_full_m = t_full_acc / gaps_mix if gaps_mix > 0 else T_dec_m
+        tbt99 = max(T_full_m, T_dec_m) if f_mix > 0.01 else max(T_mix_m, T_dec_m)
+        tpot = tpot_acc / fin if fin > 0 else T_dec_m
+        p_ttft = ok_ttft / ttft_w if ttft_w > 0 else 1.0
+        p_tbt = _phi((math.log(slo_tbt) - math.log(max(tpot, 1e-9))) / 0.1)
+        ttft50 = ttft50_acc / ttft_w if ttft_w > 0 else 0.0
         m.finished = fin
-        m.met = fin * p_ok
-        m.ttft_p50_s, m.ttft_p99_s, m.tbt_p50_s, m.tbt_p99_s = ttft50, ttft99, tbt50, tbt99
-        m.queued, m.running = self.q, self.n
+        m.met = fin * p_ttft * p_tbt
+        m.ttft_p50_s, m.ttft_p99_s = ttft50, max(ttft99, ttft50)
+        m.tbt_p50_s, m.tbt_p99_s = (tbt50, tbt99) if gaps > 0 else (0.0, 0.0)
+        m.queued, m.running = self.q, self.n_dec + self.n_pre
         m.kv_used_frac = kv_frac
         m.queue_tokens = self.q_prompt + self.q_output
         m.util = util_acc
         self.util = util_acc
-        for g in ("embed", "attn", "proj", "mlp", "head"):
-            m.group_ms[g] = 0.0
-        self.tot_arrived += a_tot
+        self.tot_arrived += a_int
         self.tot_finished += fin
         self.tot_met += m.met
         self.tot_rejected += m.rejected
-        if fin > 0:
-            self.ttft_rec.append((fin, ttft50, ttft99))
-            tok = self.n * self.dt / max(T_mix, 1e-9)
-            self.tbt_rec.append((max(tok, 1.0), tbt50, tbt99))
+        if ttft_w > 0 and a_int:
+            self.ttft_rec.append((a_int, ttft50, max(ttft99, ttft50)))
+        if gaps > 0:
+            self.tbt_rec.append((gaps, tbt50, tbt99))
         return m
 
     # ------------------------------------------------------------------ drains
@@ -267,7 +337,7 @@ class FastSimulator(Simulator):
             "requests": int(round(self.tot_arrived)),
             "finished": int(round(self.tot_finished)),
             "rejected": int(round(self.tot_rejected)),
-            "queued": int(round(self.q + self.n)),
+            "queued": int(round(self.q + self.n_dec + self.n_pre)),
             "slo_attainment": self.tot_met / max(self.tot_arrived, 1e-9),
             "ttft_p50_s": self._mixture_quantile(self.ttft_rec, 0.5),
             "ttft_p99_s": self._mixture_quantile(self.ttft_rec, 0.99),

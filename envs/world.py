@@ -368,6 +368,8 @@ class StepModel:
             stages[-1][1].extend(first[1])
         self.stages = stages
         self.hops = len(stages) if len(stages) > 1 else 0
+        #: whether any group runs outside the unit (then the load of other units matters)
+        self.remote = any(site != "local" for site in self.site.values())
         self.m = scenario.micro_batches if self.hops else 1
         self.replicas = {g: max(plan[g].replicas, 1) for g in OPERATOR_GROUPS}
         self.max_batch = {g: plan[g].max_batch for g in OPERATOR_GROUPS}
