@@ -78,6 +78,7 @@ class FastSimulator(Simulator):
         self.tot_rejected = 0.0
         self.ttft_rec: list[tuple[float, float, float]] = []
         self.tbt_rec: list[tuple[float, float, float]] = []
+        self.f_mix_log: list[float] = []
 
     def _idle(self) -> bool:
         return self.q < 0.5 and self.n_dec + self.n_pre < 0.5
@@ -205,6 +206,15 @@ class FastSimulator(Simulator):
             T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg)
             T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg)
             slope = max(T_full - T_dec, 0.0) / C      # seconds per prefilled token in an iteration
+            if sm.remote:
+                # shared remote pools: at the p99, more units prefill at once than on average
+                # (binomial over units, each prefilling a share bg / C of its iterations)
+                fb = min(bg / C, 1.0)
+                bg99 = C * min(1.0, fb + _Z99 * math.sqrt(max(fb * (1 - fb), 0.0) / U))
+                T_full99 = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg99)[0]
+            else:
+                T_full99 = T_full
+            slope99 = max(T_full99 - T_dec, 0.0) / C
             T_mix = T_dec + slope * chunk
             # time split between mixed (prefill) and decode-only iterations
             adm_u = admit / U
@@ -247,11 +257,13 @@ class FastSimulator(Simulator):
             resid = 0.5 * (f_time * T_mix + (1 - f_time) * T_dec)
             new_u = adm_u * pa
             old_u = max(back_u - new_u, 0.0)
-            ahead99 = old_u + max(adm_u - 1.0, 0.0) * pa
+            # an earlier arrival of this sub-step is still being prefilled with the probability
+            # that its prefill (pa / C iterations) overlaps: its share of the sub-step
+            ahead99 = old_u + max(adm_u - 1.0, 0.0) * pa * min(1.0, pa / C * T_full / h)
             w50 = old_u + p50
             w99 = ahead99 + p99
             lo = wait + resid + math.ceil(w50 / C - 1e-9) * T_dec + slope * w50
-            hi = max(wait + 2 * resid + math.ceil(w99 / C - 1e-9) * T_dec + slope * w99, lo)
+            hi = max(wait + resid + math.ceil(w99 / C - 1e-9) * T_dec + slope99 * w99, lo)
             if a > 0:
                 ttft_w += a
                 ttft50_acc += a * lo
@@ -267,7 +279,7 @@ class FastSimulator(Simulator):
             t_dec_max = max(t_dec_max, T_dec)
             if mix > 0:
                 t_mix_max = max(t_mix_max, T_mix)
-                t_full_acc += T_full * g_mix
+                t_full_acc += T_full99 * g_mix
             tpot_acc += (h / iters if iters > 0 else T_dec) * done
             kv_frac = max(kv_frac, self.kv / max(kv_cap, 1.0))
             active = min(1.0, iters * (T_dec if dec_it else T_mix) / h + mix * T_mix / h) if iters else 0.0
@@ -302,6 +314,7 @@ class FastSimulator(Simulator):
         self.tot_finished += fin
         self.tot_met += m.met
         self.tot_rejected += m.rejected
+        self.f_mix_log.append(f_mix)
         if ttft_w > 0 and a_int:
             self.ttft_rec.append((a_int, ttft50, max(ttft99, ttft50)))
         if gaps > 0:
