@@ -50,6 +50,7 @@ class ClusterTimeline:
     target: Layout = field(init=False)
     draining_units: int = 0
     repairs: list[str] = field(default_factory=list)
+    _cache: tuple | None = field(default=None, repr=False)  # (from, until, serving plan)
 
     def __post_init__(self) -> None:
         self.target = self.placer.place(self.plan)
@@ -65,6 +66,7 @@ class ClusterTimeline:
     def apply(self, plan: Plan, now: float) -> list[str]:
         """Move towards ``plan`` from time ``now``; returns the repair messages (may raise PlanError)."""
         layout = self.placer.place(plan)
+        self._cache = None
         placed = layout.plan
         for g in OPERATOR_GROUPS:
             tl = self.groups[g]
@@ -107,6 +109,7 @@ class ClusterTimeline:
         for tl in self.groups.values():
             if tl.switch_at is not None and tl.switch_at <= now:
                 tl.old, tl.switch_at = None, None
+                self._cache = None
 
     def serving_op(self, g: str, now: float) -> OperatorPlan:
         """The operator plan of ``g`` that serves at ``now`` (at least one replica)."""
@@ -118,8 +121,14 @@ class ClusterTimeline:
         return OperatorPlan(max(n, 1), op.max_batch, op.placement, op.tp)
 
     def serving_plan(self, now: float) -> Plan:
-        """Per group the replicas serving at ``now``."""
-        return Plan({g: self.serving_op(g, now) for g in OPERATOR_GROUPS})
+        """Per group the replicas serving at ``now`` (cached until the next load completes)."""
+        cache = self._cache
+        if cache is not None and cache[0] <= now < cache[1]:
+            return cache[2]
+        plan = Plan({g: self.serving_op(g, now) for g in OPERATOR_GROUPS})
+        nxt = self.next_ready(now)
+        self._cache = (now, nxt if nxt is not None else float("inf"), plan)
+        return plan
 
     def serving_fraction(self, g: str, t0: float, t1: float) -> float:
         """Mean serving replicas of ``g`` over [t0, t1) (fractional when a load finishes inside)."""

@@ -23,6 +23,7 @@ import numpy as np
 from runtime.codec import ActionDecoder, ObservationEncoder
 from runtime.control import ClusterState, Plan
 
+from envs.obs import FastActionDecoder, FastObservationEncoder
 from envs.scenario import Scenario
 
 #: Every feature of the codec is >= 0 and, for any sane cluster, far below this bound.
@@ -70,6 +71,9 @@ class OperatorScalingEnv(gym.Env):
         self.slo = default_slo(self.scenario, self.pred)
         codec = self.scenario.codec_config
         self.encoder = ObservationEncoder(codec)
+        self._fast_encoder = FastObservationEncoder(codec)
+        self._fast_decoder = FastActionDecoder(codec)
+        self._tp_cache: dict[int, tuple[Plan, Plan, Plan]] = {}
         self.decoder = ActionDecoder(codec)
         self.observation_space = gym.spaces.Box(low=0.0, high=OBS_HIGH, shape=(self.encoder.size,),
                                                 dtype=np.float32)
@@ -112,7 +116,16 @@ class OperatorScalingEnv(gym.Env):
 
     def step(self, action):
         assert self.sim is not None and self.state is not None, "call reset() first"
-        plan = self._tp_follows_placement(self.decoder.decode(np.asarray(action), self.sim.timeline.target_plan))
+        prev = self.sim.timeline.target_plan
+        decoded = self._fast_decoder.decode(action, prev)  # = self.decoder.decode (memoised)
+        hit = self._tp_cache.get(id(decoded))
+        if hit is not None and hit[0] is decoded and hit[1] is prev:
+            plan = hit[2]
+        else:
+            plan = self._tp_follows_placement(decoded)
+            if len(self._tp_cache) > 50_000:
+                self._tp_cache.clear()
+            self._tp_cache[id(decoded)] = (decoded, prev, plan)
         self.state = self.sim.step(plan)
         self.t += 1
         reward = self._reward(self.state)
@@ -138,8 +151,10 @@ class OperatorScalingEnv(gym.Env):
 
     # ------------------------------------------------------------------ helpers
     def _obs(self) -> np.ndarray:
-        obs = self.encoder.encode(self.state)
-        return np.clip(np.nan_to_num(obs, nan=0.0), 0.0, OBS_HIGH)
+        obs = self._fast_encoder.encode(self.state)  # equal to self.encoder.encode (tested)
+        if not np.isfinite(obs).all():
+            obs = np.nan_to_num(obs, nan=0.0)
+        return np.clip(obs, 0.0, OBS_HIGH)
 
     def _reward(self, s: ClusterState) -> float:
         sc = self.scenario

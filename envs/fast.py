@@ -65,6 +65,9 @@ class FastSimulator(Simulator):
         self.r_output = 1.0   # mean output of running sequences
         self.kv = 0.0         # KV tokens held
         self._last_T = 0.05
+        self._op_ref = None   # operating point the cached iteration times were computed at
+        self._op_val = None
+        self._op_full99 = 0.0
         self._bg_chunk = 0.0  # prefill tokens per unit iteration, last sub-step (load on remote pools)
         self.drain_until: list[tuple[float, int]] = []
         if not hasattr(self, "sub_index"):
@@ -203,15 +206,28 @@ class FastSimulator(Simulator):
             npre_u = min(self.n_pre / U, max(chunk / max(self.r_prompt, 1.0), 1.0)) if chunk > 0 else 0.0
             ctx = self.r_prompt + 0.5 * self.r_output
             bg = self._bg_chunk
-            T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg)
-            T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg)
+            # iteration times change slowly within an interval: re-time only when the
+            # operating point moved by more than 10% (or the layout changed)
+            op_pt = (sm, nd_u, bg)
+            ref = self._op_ref
+            if ref is None or ref[0] is not sm or abs(nd_u - ref[1]) > max(0.1 * ref[1], 2.0) \
+                    or abs(bg - ref[2]) > max(0.1 * ref[2], 32.0):
+                T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg)
+                T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg)
+                self._op_ref = op_pt
+                self._op_val = (T_dec, busy_d, T_full, busy_m)
+            else:
+                T_dec, busy_d, T_full, busy_m = self._op_val
             slope = max(T_full - T_dec, 0.0) / C      # seconds per prefilled token in an iteration
-            if sm.remote:
+            if sm.remote and self._op_ref is op_pt:
                 # shared remote pools: at the p99, more units prefill at once than on average
                 # (binomial over units, each prefilling a share bg / C of its iterations)
                 fb = min(bg / C, 1.0)
                 bg99 = C * min(1.0, fb + _Z99 * math.sqrt(max(fb * (1 - fb), 0.0) / U))
                 T_full99 = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg99)[0]
+                self._op_full99 = T_full99
+            elif sm.remote:
+                T_full99 = self._op_full99
             else:
                 T_full99 = T_full
             slope99 = max(T_full99 - T_dec, 0.0) / C

@@ -27,17 +27,21 @@ MODEL = "model"
 
 
 @dataclass
-class GPU:
-    """One GPU: memory used (bytes) and the processes on it (``model`` or a group name)."""
+class GPUClass:
+    """``count`` identical GPUs: memory used on each (bytes) and the processes on each.
 
-    index: int
-    kind: str  # "model", "dedicated" or "pack": who opened it
-    used_bytes: float = 0.0
+    A process is ``model`` (a whole-model instance) or a group name; ``procs`` maps it to the
+    replica shards it has on each GPU of the class. ``kind`` says who opened the GPUs
+    (``model``, ``dedicated`` or ``pack``).
+    """
+
+    count: int
+    kind: str
+    used_bytes: float
     procs: dict[str, int] = field(default_factory=dict)
 
-    def add(self, proc: str, nbytes: float) -> None:
-        self.used_bytes += nbytes
-        self.procs[proc] = self.procs.get(proc, 0) + 1
+    def key(self) -> tuple:
+        return (self.kind, round(self.used_bytes), tuple(sorted(self.procs.items())))
 
 
 @dataclass
@@ -47,7 +51,7 @@ class Layout:
     Attributes:
         plan: the plan as placed (after repairs).
         repairs: what was changed to make it fit, one message per change.
-        gpus: the GPUs in use.
+        gpus: the GPUs in use, as classes of identical GPUs.
         mono: groups that are part of whole-model instances.
         instances: whole-model instances (0 when ``mono`` is empty).
         units: attention units (replicas holding KV; instances when attn is ``model``).
@@ -60,7 +64,7 @@ class Layout:
 
     plan: Plan
     repairs: list[str]
-    gpus: list[GPU]
+    gpus: list[GPUClass]
     mono: frozenset[str]
     instances: int
     units: int
@@ -74,7 +78,7 @@ class Layout:
     @property
     def n_gpus(self) -> int:
         """GPUs holding any replica."""
-        return len(self.gpus)
+        return sum(c.count for c in self.gpus)
 
     def proc_of(self, group: str) -> str:
         """The process a group runs in: ``model`` or the group itself."""
@@ -142,16 +146,21 @@ class Placer:
             layout = self._layout(plan, repairs)
             if layout.n_gpus <= self.sc.max_gpus:
                 return layout
-            # Too many GPUs: take one replica from the process using the most GPUs.
+            # Too many GPUs: take replicas from the process using the most GPUs, as many as
+            # the excess needs (at least one), keeping one replica per group.
+            excess = layout.n_gpus - self.sc.max_gpus
             per = {g: layout.proc_gpus.get(layout.proc_of(g), 0) for g in OPERATOR_GROUPS}
             for g in sorted(per, key=lambda k: -per[k]):
                 if plan[g].replicas > 1:
                     groups = [h for h in OPERATOR_GROUPS if layout.proc_of(h) == layout.proc_of(g)]
+                    per_rep = max(per[g] // max(plan[g].replicas, 1), 1)
+                    drop = min(max(-(-excess // per_rep), 1), plan[g].replicas - 1)
                     ops = dict(plan.ops)
                     for h in groups:
-                        ops[h] = OperatorPlan(plan[h].replicas - 1, plan[h].max_batch, plan[h].placement, plan[h].tp)
+                        ops[h] = OperatorPlan(plan[h].replicas - drop, plan[h].max_batch, plan[h].placement,
+                                              plan[h].tp)
                     repairs.append(f"plan needs {layout.n_gpus} GPUs, more than max_gpus={self.sc.max_gpus}: "
-                                   f"{'+'.join(groups)} replicas {plan[g].replicas} -> {plan[g].replicas - 1}")
+                                   f"{'+'.join(groups)} replicas {plan[g].replicas} -> {plan[g].replicas - drop}")
                     plan = Plan(ops)
                     break
             else:
@@ -205,10 +214,9 @@ class Placer:
         return Plan(ops)
 
     def _layout(self, plan: Plan, repairs: list[str]) -> Layout:
-        sc, p = self.sc, self.pred
+        sc, p, cap = self.sc, self.pred, self.cap
         mono = frozenset(g for g in OPERATOR_GROUPS if plan[g].placement == "model")
-        gpus: list[GPU] = []
-        proc_slots: dict[str, list[list[int]]] = {}
+        classes: list[GPUClass] = []
         instances = 0
         inst_tp = 1
         if mono:
@@ -217,87 +225,95 @@ class Placer:
             need = self.instance_need(mono, inst_tp, ref.max_batch)
             if "attn" in mono:
                 need -= p.cfg.max_seq_len * p.kv_bytes_per_token / inst_tp  # KV takes what is left later
-            for _ in range(instances):
-                ids = []
-                for _ in range(inst_tp):
-                    gpu = GPU(len(gpus), "model")
-                    gpu.add(MODEL, need)
-                    gpus.append(gpu)
-                    ids.append(gpu.index)
-                proc_slots.setdefault(MODEL, []).append(ids)
+            classes.append(GPUClass(instances * inst_tp, "model", need, {MODEL: 1}))
         for g in OPERATOR_GROUPS:
             op = plan[g]
             if g in mono or op.placement != "dedicated":
                 continue
-            need = self.replica_need(g, op)
-            for _ in range(op.replicas):
-                ids = []
-                for _ in range(op.tp):
-                    gpu = GPU(len(gpus), "dedicated")
-                    gpu.add(g, need)
-                    gpus.append(gpu)
-                    ids.append(gpu.index)
-                proc_slots.setdefault(g, []).append(ids)
+            classes.append(GPUClass(op.replicas * op.tp, "dedicated", self.replica_need(g, op), {g: 1}))
         packed = [g for g in OPERATOR_GROUPS if g not in mono and plan[g].placement == "pack"]
         packed.sort(key=lambda g: -self.replica_need(g, plan[g]))
         for g in packed:
             op = plan[g]
             need = self.replica_need(g, op)
             for _ in range(op.replicas):
-                cands = [x for x in gpus if x.kind != "dedicated" and self.cap - x.used_bytes >= need]
+                left = op.tp
                 # best fit: least free memory first; ties prefer GPUs already hosting this group
-                cands.sort(key=lambda x: (self.cap - x.used_bytes, -x.procs.get(g, 0), x.index))
-                ids = [x.index for x in cands[:op.tp]]
-                while len(ids) < op.tp:
-                    gpu = GPU(len(gpus), "pack")
-                    gpus.append(gpu)
-                    ids.append(gpu.index)
-                for i in ids:
-                    gpus[i].add(g, need)
-                proc_slots.setdefault(g, []).append(ids)
-        # KV capacity of an attention unit
+                cands = sorted((c for c in classes if c.kind != "dedicated" and cap - c.used_bytes >= need),
+                               key=lambda c: (cap - c.used_bytes, -c.procs.get(g, 0)))
+                for c in cands:
+                    if left == 0:
+                        break
+                    k = min(left, c.count)
+                    if k < c.count:
+                        classes.append(GPUClass(c.count - k, c.kind, c.used_bytes, dict(c.procs)))
+                        c.count = k
+                    c.used_bytes += need
+                    c.procs[g] = c.procs.get(g, 0) + 1
+                    left -= k
+                if left:
+                    classes.append(GPUClass(left, "pack", need, {g: 1}))
+                classes = _merge(classes)
+        # KV capacity of an attention unit: what its GPUs have left
         kvb = p.kv_bytes_per_token
         if "attn" in mono:
             units, unit_tp = instances, inst_tp
-            free = min((self.cap - gpus[i].used_bytes for ids in proc_slots[MODEL] for i in ids), default=0.0)
+            free = min((cap - c.used_bytes for c in classes if MODEL in c.procs), default=0.0)
             unit_kv = max(free, 0.0) * inst_tp / kvb
         else:
             a = plan["attn"]
             units, unit_tp = a.replicas, a.tp
             reserve = a.max_batch * sc.kv_reserve_tokens
             if a.placement == "dedicated":
-                free = min((self.cap - gpus[i].used_bytes for ids in proc_slots["attn"] for i in ids), default=0.0)
+                free = min((cap - c.used_bytes for c in classes if "attn" in c.procs), default=0.0)
                 unit_kv = reserve + max(free, 0.0) * a.tp / kvb
             else:
                 unit_kv = float(reserve)
-        for x in gpus:
-            if x.used_bytes > self.cap * (1 + 1e-9):
-                raise PlanError(f"GPU {x.index} would hold {x.used_bytes / 1e9:.1f} GB, more than "
-                                f"{self.cap / 1e9:.1f} GB usable")  # cannot happen: placement checks fit
-        proc_gpus = {k: len({i for ids in v for i in ids}) for k, v in proc_slots.items()}
+        for c in classes:
+            if c.used_bytes > cap * (1 + 1e-9):  # cannot happen: placement checks the fit
+                raise PlanError(f"{c.count} GPUs would hold {c.used_bytes / 1e9:.1f} GB each, more than "
+                                f"{cap / 1e9:.1f} GB usable")
+        proc_gpus: dict[str, int] = {}
+        for c in classes:
+            for proc in c.procs:
+                proc_gpus[proc] = proc_gpus.get(proc, 0) + c.count
         peers: dict[str, dict[str, float]] = {}
-        for proc, slots in proc_slots.items():
-            ids = {i for s in slots for i in s}
+        for proc, n in proc_gpus.items():
             share: dict[str, float] = {}
-            for i in ids:
-                for other in gpus[i].procs:
-                    if other != proc:
-                        share[other] = share.get(other, 0.0) + 1.0 / len(ids)
+            for c in classes:
+                if proc in c.procs:
+                    for other in c.procs:
+                        if other != proc:
+                            share[other] = share.get(other, 0.0) + c.count / n
             peers[proc] = share
         load_s = {}
         memory = {}
+        mono_w = sum(p.weight_bytes_per_gpu(h, inst_tp) for h in mono)
         for g in OPERATOR_GROUPS:
             op = plan[g]
             tp = inst_tp if g in mono else op.tp
-            per_gpu = p.weight_bytes_per_gpu(g, tp) if g not in mono else sum(
-                p.weight_bytes_per_gpu(h, tp) for h in mono)
+            per_gpu = mono_w if g in mono else p.weight_bytes_per_gpu(g, tp)
             load_s[g] = sc.replica_start_s + per_gpu / sc.load_bw_bytes_per_s
             memory[g] = (p.weight_bytes_per_gpu(g, tp) + p.activation_bytes_per_gpu(g, self._tokens(op.max_batch), tp)) \
                 * tp * op.replicas
         memory["attn"] += units * unit_kv * kvb
-        return Layout(plan=plan, repairs=list(repairs), gpus=gpus, mono=mono, instances=instances, units=units,
+        return Layout(plan=plan, repairs=list(repairs), gpus=classes, mono=mono, instances=instances, units=units,
                       unit_tp=unit_tp, unit_kv_tokens=unit_kv, proc_gpus=proc_gpus, peers=peers, load_s=load_s,
                       memory_bytes=memory)
+
+
+def _merge(classes: list[GPUClass]) -> list[GPUClass]:
+    """Merge classes of identical GPUs (same opener, memory and processes)."""
+    out: dict[tuple, GPUClass] = {}
+    for c in classes:
+        if c.count <= 0:
+            continue
+        k = c.key()
+        if k in out:
+            out[k].count += c.count
+        else:
+            out[k] = c
+    return list(out.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,103 @@
+"""A faster twin of ``runtime.codec.ObservationEncoder.encode`` for the training env.
+
+Same layout and values (tests/test_env.py checks equality against the codec on simulated
+states); it avoids per-feature numpy calls, which made the codec's encoder the slowest
+part of an env step. The codec stays the one definition: if its layout changes, the
+equality test fails and this twin must follow (or the env must go back to the codec).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from runtime.codec import CodecConfig, ObservationEncoder
+from runtime.control import PLACEMENTS, ClusterState
+from runtime.models import OPERATOR_GROUPS
+
+_LOG9 = math.log(9.0)
+
+
+def _sq(x: float) -> float:
+    return math.log1p(x) if x > 0 else 0.0
+
+
+def _clip01(x: float) -> float:
+    return 0.0 if x < 0.0 else (1.0 if x > 1.0 else x)
+
+
+class FastObservationEncoder:
+    """``encode(state)`` equal to ``ObservationEncoder(config).encode(state)``."""
+
+    def __init__(self, config: CodecConfig) -> None:
+        self.config = config
+        self.size = ObservationEncoder(config).size
+        self.levels = tuple(config.batch_levels)
+        self._level_cache: dict[int, float] = {}
+
+    def _level(self, mb: int) -> float:
+        hit = self._level_cache.get(mb)
+        if hit is None:
+            lv = np.asarray(self.levels)
+            hit = float(int(np.argmin(np.abs(lv - mb))) / max(len(lv) - 1, 1))
+            self._level_cache[mb] = hit
+        return hit
+
+    def encode(self, state: ClusterState) -> np.ndarray:
+        c = self.config
+        vals: list[float] = []
+        slo_tbt = max(state.slo.tbt_s, 1e-9)
+        slo_ttft = max(state.slo.ttft_s, 1e-9)
+        mr = c.max_replicas
+        for g in OPERATOR_GROUPS:
+            op = state.operators[g]
+            pl = op.placement
+            vals += (op.replicas / mr, op.pending_replicas / mr, self._level(op.max_batch),
+                     1.0 if pl == PLACEMENTS[0] else 0.0, 1.0 if pl == PLACEMENTS[1] else 0.0,
+                     1.0 if pl == PLACEMENTS[2] else 0.0,
+                     _sq(op.arrival_rate / 1000.0), _sq(op.queue_len / 100.0), _clip01(op.utilisation),
+                     min(op.latency_p50_s / slo_tbt, 10.0), min(op.latency_p99_s / slo_tbt, 10.0),
+                     _sq(op.tp) / _LOG9)
+        vals += (min(state.ttft_p50_s / slo_ttft, 10.0), min(state.ttft_p99_s / slo_ttft, 10.0),
+                 min(state.tbt_p50_s / slo_tbt, 10.0), min(state.tbt_p99_s / slo_tbt, 10.0),
+                 _clip01(state.slo_attainment), state.gpus_in_use / c.max_gpus,
+                 state.power_w / (c.max_gpus * c.gpu_peak_w), _clip01(state.kv_used_frac),
+                 _sq(state.queued_requests) / 5.0, _sq(state.running_requests) / 5.0,
+                 _sq(state.prompt_tokens_mean) / 10.0)
+        hist = list(state.request_rate_history)[-c.history_len:]
+        pad = self.size - len(vals) - len(hist)
+        if pad > 0:
+            vals += [0.0] * pad
+        rs = c.rate_scale
+        vals += [math.log1p((h if h > 0 else 0.0) / rs) for h in hist]
+        return np.asarray(vals, dtype=np.float32)
+
+
+class FastActionDecoder:
+    """``decode(action, prev)`` equal to ``runtime.codec.ActionDecoder(config).decode``, memoised.
+
+    The env decodes against the current target plan, which stays the same object while the
+    policy keeps it, so (plan, action) pairs repeat and are answered from a cache.
+    """
+
+    def __init__(self, config: CodecConfig) -> None:
+        from runtime.codec import ActionDecoder
+
+        self.config = config
+        self.slow = ActionDecoder(config)
+        self.nvec = tuple(int(x) for x in self.slow.nvec)
+        self._cache: dict[tuple, tuple[object, object]] = {}
+
+    def decode(self, action, prev):  # noqa: ANN001 - same signature as the codec
+        a = np.asarray(action).reshape(-1)
+        if a.shape[0] != len(self.nvec):
+            return self.slow.decode(action, prev)  # raises the codec's error
+        key = (id(prev), a.astype(np.int64).tobytes())
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is prev:
+            return hit[1]
+        plan = self.slow.decode(a, prev)
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[key] = (prev, plan)
+        return plan
