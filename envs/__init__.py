@@ -72,7 +72,7 @@ def scenario_trace(scenario: Scenario, split: str = "all"):
 
 
 def make_simulator(scenario: Scenario | None = None, trace: Any = None, fidelity: str = "fast", seed: int = 0,
-                   slo: SLO | None = None, **kwargs: Any):
+                   slo: SLO | None = None, pred: ExecutionPredictor | None = None, **kwargs: Any):
     """Build a simulator of ``scenario`` over ``trace`` (default: the scenario's whole trace).
 
     Args:
@@ -81,10 +81,11 @@ def make_simulator(scenario: Scenario | None = None, trace: Any = None, fidelity
         fidelity: ``fast`` (fluid, for training) or ``reference`` (discrete-event).
         seed: seed for the reference's tie-breaking.
         slo: override the scenario's SLO.
+        pred: an execution-time predictor over another ProfileDB (default: the shipped one).
         kwargs: passed to the simulator class (e.g. ``sub_steps`` for fast).
     """
     scenario = scenario or Scenario.from_yaml()
-    pred = predictor_for(scenario.model, scenario.gpu)
+    pred = pred or predictor_for(scenario.model, scenario.gpu)
     trace = scenario_trace(scenario) if trace is None else trace
     slo = slo or default_slo(scenario, pred)
     if fidelity == "fast":

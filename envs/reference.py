@@ -323,6 +323,7 @@ class ReferenceSimulator(Simulator):
             self.finish_t[rid] = t
             return
         self.state[rid] = DECODE
+        u.kv += 1  # the new token's KV (prompt + generated tokens are cached from here on)
         u.n_dec += 1
         u.ctx_sum += self._need(rid)
         ep = int(self.epoch[rid])

@@ -1,0 +1,90 @@
+"""Invariants under hypothesis-generated plans and traces, for both fidelities:
+no request is lost (finished, queued/running or rejected with a reason), no queue or KV
+count goes negative, no GPU holds more than its usable memory, GPUs never exceed max_gpus."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from envs import Scenario, make_simulator
+from envs.reference import DONE, REJECTED
+from runtime.codec import CodecConfig
+from runtime.control import PLACEMENTS, OperatorPlan, Plan
+from runtime.models import OPERATOR_GROUPS
+from traces import Trace
+
+SC = Scenario(interval_s=2.0, max_gpus=24, max_queue_wait_s=20.0)
+LEVELS = CodecConfig().batch_levels
+
+
+@st.composite
+def plans(draw) -> Plan:
+    if draw(st.booleans()):
+        return Plan.model_level(draw(st.integers(1, 5)), draw(st.sampled_from(LEVELS)), draw(st.sampled_from((2, 4, 8))))
+    ops = {}
+    for g in OPERATOR_GROUPS:
+        ops[g] = OperatorPlan(draw(st.integers(1, 6)), draw(st.sampled_from(LEVELS)),
+                              draw(st.sampled_from(PLACEMENTS)), draw(st.sampled_from((1, 2, 4))))
+    return Plan(ops)
+
+
+@st.composite
+def traces(draw) -> Trace:
+    n = draw(st.integers(0, 60))
+    horizon = draw(st.floats(5.0, 40.0))
+    arr = np.sort(np.asarray(draw(st.lists(st.floats(0.0, horizon - 1e-3), min_size=n, max_size=n)), dtype=float))
+    prompt = np.asarray(draw(st.lists(st.integers(1, 6000), min_size=n, max_size=n)), dtype=np.int64)
+    out = np.asarray(draw(st.lists(st.integers(1, 600), min_size=n, max_size=n)), dtype=np.int64)
+    return Trace(arr, prompt, out, name="hyp", duration_s=horizon)
+
+
+def _check_layouts(sim) -> None:
+    for layout in (sim.timeline.target, sim.serving_layout(sim.now)):
+        for c in layout.gpus:
+            assert c.used_bytes <= sim.placer.cap * (1 + 1e-9)
+    assert sim.timeline.gpus(sim.now) <= SC.max_gpus
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6))
+def test_reference_loses_no_request_and_stays_physical(trace, seq):
+    sim = make_simulator(SC, trace, fidelity="reference")
+    sim.reset(seq[0])
+    steps = 0
+    while not sim.done and steps < 400:
+        plan = seq[min(steps // 3, len(seq) - 1)]
+        st_ = sim.step(plan)
+        steps += 1
+        assert st_.queued_requests >= 0 and st_.running_requests >= 0
+        for u in sim.units:
+            assert u.kv >= -1e-6 and u.n_dec >= 0 and u.pre_tokens >= 0
+            assert u.kv <= u.kv_cap + 1e-6 or u.gone
+        _check_layouts(sim)
+    s = sim.summary()
+    assert s["finished"] + s["rejected"] + s["queued"] == len(trace)
+    rejected = sim.state == REJECTED
+    assert np.all(sim.reason[rejected] > 0)  # every rejection has a reason
+    assert np.all(sim.reason[~rejected] == 0)
+    if sim.done:
+        assert np.all((sim.state == DONE) | rejected)
+        done = sim.state == DONE
+        assert np.all(sim.ttft[done] >= 0) and np.all(sim.finish_t[done] >= sim.arrival[done])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6))
+def test_fast_model_conserves_requests_and_stays_non_negative(trace, seq):
+    sim = make_simulator(SC, trace, fidelity="fast")
+    sim.reset(seq[0])
+    steps = 0
+    while not sim.done and steps < 400:
+        sim.step(seq[min(steps // 3, len(seq) - 1)])
+        steps += 1
+        for v in (sim.q, sim.q_prompt, sim.q_output, sim.n_dec, sim.n_pre, sim.backlog, sim.kv):
+            assert v >= -1e-6
+        _check_layouts(sim)
+    # conservation: arrived = finished + rejected + still queued or running
+    left = sim.q + sim.n_dec + sim.n_pre
+    assert sim.tot_arrived == np.float64(len(trace))
+    assert abs(sim.tot_finished + sim.tot_rejected + left - sim.tot_arrived) < 1e-6 * max(len(trace), 1) + 1e-6

@@ -1,0 +1,157 @@
+"""World model: hand-computed iteration times, a single request through an idle instance,
+placement and GPU-seconds, memory repair/refusal messages, plan-change timing."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from envs import Scenario, make_simulator, predictor_for
+from envs.predictor import ExecutionPredictor, quantise
+from envs.world import Placer, StepModel
+from runtime.control import OperatorPlan, Plan, PlanError, SLO
+from traces import Trace
+
+
+class FakeDB:
+    """Linear latencies (ms) so every iteration time can be computed by hand; no overhead."""
+
+    def group_latency(self, group, gpu, model, tokens, context=0, batch=1, tp=1, phase="decode"):
+        if group == "attn":
+            return 0.01 * batch * context / 100 if phase == "decode" else 0.002 * tokens
+        per = {"embed": 0.001, "proj": 0.01, "mlp": 0.02, "head": 0.005}[group]
+        return 1.0 + per * tokens
+
+    def send_recv_ms(self, gpu, nbytes):
+        return 0.001 * nbytes / 1e6
+
+    def power_w(self, gpu, u):
+        return 100.0 + 300.0 * u
+
+    def gpu(self, gpu):
+        return SimpleNamespace(memory_bytes=80_000_000_000, idle_w=100.0, peak_w=400.0)
+
+
+def fake_pred() -> ExecutionPredictor:
+    return ExecutionPredictor(FakeDB(), "llama-2-70b", "h100")
+
+
+def test_quantise_is_exact_on_small_and_power_of_two_grids():
+    assert [quantise(x) for x in (0, 1, 17, 64)] == [0, 1, 17, 64]
+    assert quantise(96) == 96 and quantise(2048) == 2048
+    assert quantise(1000) in (992, 1008)
+
+
+def test_monolithic_iteration_is_the_sum_of_group_times():
+    p = fake_pred()
+    # decode of 8 sequences at context 1024: embed 1.008 + proj 1.08 + mlp 1.16 + head 1.04 + attn 0.8192
+    assert p.decode_ms(4, 8, 1024) == pytest.approx(1.008 + 1.08 + 1.16 + 1.04 + 0.8192)
+    # prefill of 2 prompts x 48 tokens: 96 tokens through embed/proj/mlp, 2 rows of head, attn 0.192
+    assert p.prefill_ms(4, 2, 48) == pytest.approx(1.096 + 1.96 + 2.92 + 1.01 + 0.192)
+
+
+def test_calibrated_overhead_formula():
+    db = FakeDB()
+    db.overhead = SimpleNamespace(floor_ms_per_layer=0.5, base_ms=2.0, per_seq_ms=0.25, prefill_base_ms=1.0,
+                                  prefill_kernel_scale=0.1)
+    p = ExecutionPredictor(db, "llama-2-70b", "h100")
+    floor = 0.5 * 80
+    assert p.step_ms(10.0, decode_seqs=4) == pytest.approx(floor + 2.0 + 1.0)
+    assert p.step_ms(60.0, decode_seqs=0, prefill_kernel_ms=50.0) == pytest.approx(60.0 + 1.0 + 5.0)
+
+
+def one_request_trace(prompt=96, output=4, at=1.0) -> Trace:
+    return Trace(np.array([at]), np.array([prompt]), np.array([output]), name="one", duration_s=10.0)
+
+
+def test_single_request_through_idle_instance_ttft_is_prefill_and_tbt_is_decode():
+    pred = fake_pred()
+    sc = Scenario(interval_s=5.0, initial_replicas=1)
+    sim = make_simulator(sc, one_request_trace(), fidelity="reference", slo=SLO(10.0, 10.0), pred=pred)
+    sim.reset(Plan.model_level(1, 64, 4))
+    while not sim.done:
+        sim.step(None)
+    ttft = sim.ttft[0]
+    assert ttft == pytest.approx(pred.mono_iteration_ms(4, 0, 0, 96, 96, 1) / 1000)
+    gaps = [g for (_, g, w) in sim.iter_log]
+    # three decode iterations of one sequence, context 97, 98, 99 tokens
+    want = [pred.decode_ms(4, 1, c) / 1000 for c in (97, 98, 99)]
+    assert gaps == pytest.approx(want)
+    assert sim.finish_t[0] == pytest.approx(1.0 + ttft + sum(want))
+    s = sim.summary()
+    assert s["finished"] == 1 and s["slo_attainment"] == 1.0
+
+
+def test_gpu_seconds_and_idle_energy_of_a_hand_built_placement():
+    pred = fake_pred()
+    sc = Scenario(interval_s=5.0)
+    placer = Placer(sc, pred)
+    plan = sc.disaggregated_plan({"embed": 1, "attn": 2, "proj": 1, "mlp": 1, "head": 1}, 8, "dedicated")
+    plan = plan.with_op("embed", placement="pack").with_op("head", placement="pack")
+    layout = placer.place(plan)
+    # attn 2 x tp1 + proj 1 x tp1 + mlp 1 x tp2 dedicated; embed and head packed together on one new GPU
+    assert layout.n_gpus == 2 + 1 + 2 + 1
+    assert layout.peers["embed"] == {"head": 1.0} and layout.peers["mlp"] == {}
+    empty = Trace(np.array([]), np.array([], dtype=np.int64), np.array([], dtype=np.int64), name="empty",
+                  duration_s=15.0)
+    sim = make_simulator(sc, empty, fidelity="reference", slo=SLO(1.0, 1.0), pred=pred)
+    sim.reset(plan)
+    for _ in range(3):
+        sim.step(None)
+    assert sim.gpu_seconds == pytest.approx(6 * 15.0)
+    assert sim.energy_j == pytest.approx(6 * 15.0 * 100.0)  # idle power: nothing ran
+
+
+def test_memory_repair_raises_tp_with_a_message():
+    sc = Scenario()
+    placer = Placer(sc, predictor_for(sc.model, sc.gpu))
+    plan = sc.disaggregated_plan({"embed": 1, "attn": 2, "proj": 1, "mlp": 1, "head": 1}).with_op("mlp", tp=1)
+    layout = placer.place(plan)
+    assert layout.plan["mlp"].tp == 2
+    assert any("mlp replica needs 11" in r and "tp -> 2" in r for r in layout.repairs)
+    mono = placer.place(Plan.model_level(1, 64, 1))
+    assert mono.plan["attn"].tp == 2 and any("whole-model instance needs" in r for r in mono.repairs)
+    for c in layout.gpus + mono.gpus:
+        assert c.used_bytes <= placer.cap
+
+
+def test_plan_over_max_gpus_is_repaired_or_refused():
+    sc = Scenario(max_gpus=8)
+    placer = Placer(sc, predictor_for(sc.model, sc.gpu))
+    layout = placer.place(Plan.model_level(5, 64, 4))
+    assert layout.n_gpus == 8 and layout.plan["attn"].replicas == 2
+    assert "more than max_gpus=8" in layout.repairs[0]
+    tiny = Scenario(max_gpus=2)
+    with pytest.raises(PlanError, match="max_gpus=2"):
+        Placer(tiny, predictor_for(sc.model, sc.gpu)).place(Plan.model_level(1, 64, 4))
+    sim = make_simulator(sc, one_request_trace(), fidelity="fast")
+    sim.reset(Plan.model_level(2, 64, 4))
+    sim.step(sc.disaggregated_plan({"embed": 1, "attn": 8, "proj": 8, "mlp": 8, "head": 1}).with_op("mlp", tp=8))
+    assert sim.last_repairs  # repaired, never silently allowed
+    assert sim.timeline.gpus(sim.now) <= 8
+
+
+def test_new_replicas_serve_only_after_their_weights_load_and_removed_units_drain():
+    sc = Scenario()
+    trace = Trace(np.arange(0, 60, 0.5), np.full(120, 500), np.full(120, 400), name="steady", duration_s=60.0)
+    sim = make_simulator(sc, trace, fidelity="reference")
+    sim.reset(Plan.model_level(2, 64, 4))
+    load_s = sim.placer.place(Plan.model_level(3, 64, 4)).load_s["attn"]
+    # 70B / tp4 = 34.5 GB per GPU at 3 GB/s + 1 s start-up
+    assert load_s == pytest.approx(1.0 + 137.96e9 / 4 / 3.0e9, rel=0.01)
+    st = sim.step(Plan.model_level(3, 64, 4))
+    assert st.operators["attn"].replicas == 2 and st.operators["attn"].pending_replicas == 1
+    assert st.gpus_in_use == 12  # loading GPUs are paid for
+    while sim.now < load_s:
+        st = sim.step(None)
+    assert st.operators["attn"].replicas == 3 and st.operators["attn"].pending_replicas == 0
+    st = sim.step(Plan.model_level(1, 64, 4))
+    assert st.operators["attn"].replicas == 1
+    assert any(u.draining for u in sim.units)
+    drained_at = None
+    while not sim.done and sim.now < 200:
+        st = sim.step(None)
+        if drained_at is None and sim.timeline.draining_units == 0:
+            drained_at = sim.now
+    assert drained_at is not None and st.gpus_in_use == 4
