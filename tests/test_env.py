@@ -113,3 +113,21 @@ def test_scenario_overrides_reach_the_env():
     assert (env.slo.ttft_s, env.slo.tbt_s) == (1.5, 0.3)
     with pytest.raises(Exception, match="unknown scenario fields"):
         make_env(not_a_field=1)
+
+
+def test_fast_encoder_and_decoder_twins_equal_the_codec():
+    from runtime.codec import ActionDecoder, ObservationEncoder
+
+    env = make_env(seed=4, episode_intervals=40)
+    env.reset(seed=4)
+    enc = ObservationEncoder(env.scenario.codec_config)
+    dec = ActionDecoder(env.scenario.codec_config)
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        prev = env.sim.timeline.target_plan
+        a = rng.integers(0, env.action_space.nvec)
+        assert env._fast_decoder.decode(a, prev) == dec.decode(a, prev)
+        assert env._fast_decoder.decode(a, prev) == dec.decode(a, prev)  # cached answer
+        obs, *_ = env.step(a)
+        np.testing.assert_allclose(env._fast_encoder.encode(env.state), enc.encode(env.state), rtol=1e-6,
+                                   atol=1e-7)
