@@ -95,6 +95,7 @@ class EngineConfig:
         history_len: intervals of request-rate history kept for observations.
         seed: seed of the sampling generators.
         idle_wait_s: how long the driver sleeps when there is nothing to do (seconds).
+        log_iterations: keep :class:`IterationRecord` s in ``Engine.iteration_log`` (calibration).
     """
 
     device: str = "cpu"
@@ -107,6 +108,7 @@ class EngineConfig:
     history_len: int = 8
     seed: int = 0
     idle_wait_s: float = 0.01
+    log_iterations: bool = False
 
 
 #: Events a request's callback receives: ("token", token_id, index), ("done", reason, None),
@@ -155,6 +157,27 @@ class Sequence:
     def kv_tokens(self) -> int:
         """Tokens of KV the sequence can ever need (the last generated token is never fed)."""
         return len(self.prompt) + self.max_tokens - 1
+
+
+@dataclass(frozen=True)
+class IterationRecord:
+    """One completed iteration (for fitting overhead models).
+
+    Attributes:
+        end_s: ``time.perf_counter()`` when it finished (seconds).
+        duration_s: wall time of the iteration (seconds).
+        decode_seqs: sequences decoding one token.
+        decode_context: mean KV length of the decoding sequences (tokens).
+        prefill_tokens: tokens prefilled (whole prompts, or prompt + generated on recovery).
+        prefill_seqs: sequences prefilled.
+    """
+
+    end_s: float
+    duration_s: float
+    decode_seqs: int
+    decode_context: float
+    prefill_tokens: int
+    prefill_seqs: int
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,6 +312,7 @@ class Engine:
         self._gens: dict[int, torch.Generator] = {}
         self.iterations = 0
         self.aborted_iterations = 0
+        self.iteration_log: collections.deque[IterationRecord] = collections.deque(maxlen=1_000_000)
         self.start_s = time.perf_counter()
         self._nvml = _Nvml() if self.config.device == "cuda" else None
 
@@ -583,6 +607,10 @@ class Engine:
                 if not batch:
                     self._wake.wait(self.config.idle_wait_s)
                     continue
+            t_iter = time.perf_counter()
+            if self.config.log_iterations:
+                dec = [s.n_cached for s in batch if s.n_cached > 0]
+                pre = [len(s.tokens) for s in batch if s.n_cached == 0]
             try:
                 tokens = self._iterate(batch)
             except (WorkerDied, _PoolUnavailable) as e:
@@ -596,6 +624,10 @@ class Engine:
                     for s in batch:
                         self._finish(s, "error", message=f"{type(e).__name__}: {e}")
                 continue
+            if self.config.log_iterations:
+                now = time.perf_counter()
+                self.iteration_log.append(IterationRecord(now, now - t_iter, len(dec), float(np.mean(dec)) if dec else 0.0,
+                                                          sum(pre), len(pre)))
             with self._lock:
                 self._commit(batch, tokens)
             self.iterations += 1
