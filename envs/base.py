@@ -120,6 +120,8 @@ class Simulator(ABC):
         self.duration_s = max(dur, self.arrival[-1] if len(self.arrival) else 0.0)
         self.n_intervals = max(int(math.ceil(self.duration_s / self.dt - 1e-9)), 1)
         self.index = TraceIndex(self.arrival, self.prompt, self.output, self.dt, self.n_intervals)
+        #: prompt + output tokens arriving per interval (work every group will see)
+        self._tok_sum = (self.index.prompt_sum + self.index.output_sum).tolist()
         self._steps: dict[tuple, StepModel] = self.cache.setdefault("steps", {})
         self.timeline: ClusterTimeline | None = None
         self.now = 0.0
@@ -226,6 +228,8 @@ class Simulator(ABC):
         serving = tl.serving_plan(self.now)
         layout = self.placer.place(serving)
         ops = {}
+        k = self.k - 1
+        rate = (self._tok_sum[k] / self.dt) if 0 <= k < self.n_intervals else 0.0
         for g in OPERATOR_GROUPS:
             op = serving[g]
             target = tl.target_plan[g]
@@ -233,8 +237,7 @@ class Simulator(ABC):
             ops[g] = OperatorState(
                 replicas=op.replicas, max_batch=target.max_batch, placement=target.placement, tp=target.tp,
                 pending_replicas=tl.pending(g, self.now),
-                arrival_rate=(self.index.prompt_sum[self.k - 1] + self.index.output_sum[self.k - 1]) / self.dt
-                if 0 < self.k <= self.n_intervals else 0.0,
+                arrival_rate=rate,
                 queue_len=m.queue_tokens if g == "attn" else 0.0,
                 utilisation=m.util.get(proc, 0.0),
                 latency_p50_s=m.group_ms.get(g, 0.0) / 1000.0,

@@ -150,11 +150,15 @@ class ClusterTimeline:
     def pending(self, g: str, now: float) -> int:
         """Replicas of ``g`` loading at ``now``."""
         tl = self.groups[g]
+        if not tl.ready or tl.ready[-1] <= now and max(tl.ready) <= now:
+            return 0
         return sum(1 for r in tl.ready if r > now)
 
     def gpus(self, now: float) -> int:
         """GPUs paid for at ``now``: the target layout, plus old replicas of switching groups,
         plus draining attention units."""
+        if self.draining_units == 0 and all(tl.switch_at is None for tl in self.groups.values()):
+            return min(self.target.n_gpus, max(self.placer.sc.max_gpus, self.target.n_gpus))
         n = self.target.n_gpus
         serving = self.placer.place(self.serving_plan(now))
         for g, tl in self.groups.items():

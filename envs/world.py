@@ -97,6 +97,7 @@ class Placer:
         self.pred = pred
         self.cap = pred.gpu.memory_bytes * scenario.gpu_mem_util
         self._cache: dict[tuple, Layout] = {}
+        self._last: tuple = (None, None)  # identity cache: the serving plan object repeats
 
     # -------------------------------------------------------------- memory per GPU of one replica
     def _tokens(self, max_batch: int) -> int:
@@ -123,6 +124,8 @@ class Placer:
     # -------------------------------------------------------------- public
     def place(self, plan: Plan) -> Layout:
         """Place ``plan``; repairs it to fit memory and ``max_gpus`` or raises PlanError."""
+        if plan is self._last[0]:
+            return self._last[1]
         key = _plan_key(plan)
         hit = self._cache.get(key)
         if hit is None:
@@ -130,6 +133,7 @@ class Placer:
             if len(self._cache) > 20_000:
                 self._cache.clear()
             self._cache[key] = hit
+        self._last = (plan, hit)
         return hit
 
     def check(self, plan: Plan) -> list[str]:
