@@ -213,3 +213,19 @@ def test_attention_max_batch_bounds_sequences_in_flight(model):
         assert [s.generated for s in seqs] == refs
     finally:
         eng.stop()
+
+
+def test_cancel_frees_kv_blocks(model):
+    eng = Engine(model, op_plan(1, 4)).start()
+    try:
+        kv = eng.replicas["attn"][0].kv
+        free0 = kv.free_blocks
+        s = eng.submit([1, 2, 3], 400)
+        while not s.generated:
+            time.sleep(0.001)
+        assert kv.free_blocks < free0
+        eng.cancel(s)
+        assert s.finished.wait(10) and s.finish_reason == "cancelled"
+        assert kv.free_blocks == free0 and len(s.generated) < 400
+    finally:
+        eng.stop()

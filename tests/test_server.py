@@ -161,3 +161,22 @@ def test_byte_tokenizer_roundtrip_and_small_vocab():
     assert tok.decode([97, 195, 169, 299]) == "aé"
     with pytest.raises(ValueError, match="at least 256"):
         ByteTokenizer(100)
+
+
+def test_serve_cli_refuses_bad_arguments(tmp_path):
+    from runtime.serve import build_parser, initial_plan, main
+
+    with pytest.raises(SystemExit, match="not a loopback address; add --allow-remote"):
+        main(["--model", "tiny", "--host", "0.0.0.0"])
+    with pytest.raises(SystemExit, match="unknown model 'nope'"):
+        main(["--model", "nope"])
+    with pytest.raises(SystemExit, match="--controller ppo needs --checkpoint"):
+        main(["--model", "tiny", "--controller", "ppo"])
+    args = build_parser().parse_args(["--model", "tiny", "--plan", '{"mlp": {"replicas": 1, "max_batch": 4}}'])
+    with pytest.raises(SystemExit, match=r"--plan: plan lacks operator groups \['attn', 'embed', 'head', 'proj'\]"):
+        initial_plan(args)
+    f = tmp_path / "plan.json"
+    f.write_text(json.dumps(Plan.model_level(2, 16, 1).to_dict()))
+    plan = initial_plan(build_parser().parse_args(["--model", "tiny", "--plan", str(f)]))
+    assert plan == Plan.model_level(2, 16, 1)
+    assert initial_plan(build_parser().parse_args(["--model", "tiny", "--replicas", "3"])) == Plan.model_level(3, 32, 1)
