@@ -74,6 +74,7 @@ class OperatorScalingEnv(gym.Env):
         self._fast_encoder = FastObservationEncoder(codec)
         self._fast_decoder = FastActionDecoder(codec)
         self._tp_cache: dict[int, tuple[Plan, Plan, Plan]] = {}
+        self._plan_dict_cache: tuple = (None, {})
         self.decoder = ActionDecoder(codec)
         self.observation_space = gym.spaces.Box(low=0.0, high=OBS_HIGH, shape=(self.encoder.size,),
                                                 dtype=np.float32)
@@ -162,12 +163,18 @@ class OperatorScalingEnv(gym.Env):
         energy_term = s.energy_j / (sc.max_gpus * self.pred.gpu.peak_w * sc.interval_s)
         return float(sc.w_slo * s.slo_attainment - sc.w_gpu * gpu_term - sc.w_energy * energy_term)
 
+    def _plan_dict(self, plan: Plan) -> dict:
+        """``plan.to_dict()``, cached while the plan object stays the same (a fresh copy each call)."""
+        if self._plan_dict_cache[0] is not plan:
+            self._plan_dict_cache = (plan, plan.to_dict())
+        return {g: dict(v) for g, v in self._plan_dict_cache[1].items()}
+
     def _info(self, s: ClusterState) -> dict[str, Any]:
         m = self.sim.last_metrics
         return {
             "slo_attainment": s.slo_attainment, "gpus": s.gpus_in_use, "energy_j": s.energy_j,
             "ttft_p99_s": s.ttft_p99_s, "tbt_p99_s": s.tbt_p99_s, "ttft_p50_s": s.ttft_p50_s,
-            "tbt_p50_s": s.tbt_p50_s, "plan": s.plan.to_dict(),
+            "tbt_p50_s": s.tbt_p50_s, "plan": self._plan_dict(s.plan),
             "requests_finished": float(m.finished), "requests_queued": float(m.queued),
             "requests_rejected": float(m.rejected), "requests_running": float(m.running),
             "repairs": list(self.sim.last_repairs), "time_s": s.time_s,

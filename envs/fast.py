@@ -93,7 +93,7 @@ class FastSimulator(Simulator):
 
     # ------------------------------------------------------------------ iteration time, memoised
     def _iter(self, layout: Layout, sm: StepModel, n_dec: float, ctx: float, chunk: float, n_pre: float,
-              bg_chunk: float) -> tuple[float, dict]:
+              bg_chunk: float, prompt: float) -> tuple[float, dict]:
         """(seconds, busy shares) of one iteration of a unit with ``n_dec`` decodes and a
         ``chunk``-token prefill, while every unit's iteration carries ``n_dec`` decodes and
         ``bg_chunk`` prefill tokens on average (the load the shared remote pools see)."""
@@ -101,7 +101,7 @@ class FastSimulator(Simulator):
         ukey = tuple(round(v, 1) for v in self.util.values()) if peers else ()
         remote = sm.remote
         key = (id(sm), int(round(n_dec)), quantise(ctx), quantise(chunk), int(math.ceil(n_pre)),
-               quantise(self.r_prompt), quantise(bg_chunk) if remote else 0, ukey)
+               quantise(prompt), quantise(bg_chunk) if remote else 0, ukey)
         hit = self._it.get(key)
         if hit is None:
             u = layout.units
@@ -135,7 +135,7 @@ class FastSimulator(Simulator):
         C = float(sc.prefill_chunk_tokens)
         slo_ttft, slo_tbt = self.slo.ttft_s, self.slo.tbt_s
         util_acc: dict[str, float] = {}
-        fin = met = 0.0
+        fin = 0.0
         kv_frac = 0.0
         ttft_w = ttft50_acc = 0.0
         ttft99 = 0.0
@@ -147,6 +147,10 @@ class FastSimulator(Simulator):
         tpot_acc = 0.0
         layout = None
         next_ready = self.timeline.next_ready(t0)
+        # the fluid state lives in locals during the interval (attribute access is slow)
+        q, q_prompt, q_output = self.q, self.q_prompt, self.q_output
+        n_dec, n_pre, backlog, kv = self.n_dec, self.n_pre, self.backlog, self.kv
+        r_prompt, r_output, bg_chunk = self.r_prompt, self.r_output, self._bg_chunk
         for s in range(S):
             t = t0 + s * h
             if self.drain_until and self.drain_until[0][0] <= t:
@@ -168,57 +172,56 @@ class FastSimulator(Simulator):
             a = s_count[j] if in_trace else 0.0
             if a:
                 pa = s_psum[j] / a
-                oa = s_osum[j] / a
-                self.q += a
-                self.q_prompt += s_psum[j]
-                self.q_output += s_osum[j]
+                q += a
+                q_prompt += s_psum[j]
+                q_output += s_osum[j]
             else:
-                pa, oa = self.r_prompt, self.r_output
+                pa = r_prompt
             # admission: free batch slots and KV room, FIFO
-            running = self.n_dec + self.n_pre
-            if running > U * B + 1e-9 or self.kv > kv_cap + 1e-9:
+            running = n_dec + n_pre
+            if running > U * B + 1e-9 or kv > kv_cap + 1e-9:
                 # capacity shrank: preempt back to the queue (recompute)
-                over = max(running - U * B, (self.kv - kv_cap) / max(self.r_prompt + 0.5 * self.r_output, 1.0), 0.0)
-                over = min(over, self.n_dec)
-                self.n_dec -= over
-                self.q += over
-                self.q_prompt += over * (self.r_prompt + 0.5 * self.r_output)
-                self.q_output += over * 0.5 * self.r_output
-                self.kv = max(self.kv - over * (self.r_prompt + 0.5 * self.r_output), 0.0)
-                running = self.n_dec + self.n_pre
-            q_before = self.q
+                over = max(running - U * B, (kv - kv_cap) / max(r_prompt + 0.5 * r_output, 1.0), 0.0)
+                over = min(over, n_dec)
+                n_dec -= over
+                q += over
+                q_prompt += over * (r_prompt + 0.5 * r_output)
+                q_output += over * 0.5 * r_output
+                kv = max(kv - over * (r_prompt + 0.5 * r_output), 0.0)
+                running = n_dec + n_pre
+            q_before = q
             admit = 0.0
-            if self.q > 0:
-                qp = self.q_prompt / self.q
-                qo = self.q_output / self.q
-                room = min(U * B - running, (kv_cap - self.kv) / max(qp + 1.0, 1.0))
-                admit = min(self.q, max(room, 0.0))
+            if q > 0:
+                qp = q_prompt / q
+                qo = q_output / q
+                room = min(U * B - running, (kv_cap - kv) / max(qp + 1.0, 1.0))
+                admit = min(q, max(room, 0.0))
                 if admit > 0:
                     w = running
                     tot = w + admit
-                    self.r_prompt = (self.r_prompt * w + qp * admit) / tot
-                    self.r_output = (self.r_output * w + qo * admit) / tot
-                    self.n_pre += admit
-                    self.backlog += admit * qp
-                    self.kv += admit * qp
-                    self.q -= admit
-                    self.q_prompt -= admit * qp
-                    self.q_output -= admit * qo
+                    r_prompt = (r_prompt * w + qp * admit) / tot
+                    r_output = (r_output * w + qo * admit) / tot
+                    n_pre += admit
+                    backlog += admit * qp
+                    kv += admit * qp
+                    q -= admit
+                    q_prompt -= admit * qp
+                    q_output -= admit * qo
             # iteration times at the per-unit operating point
-            nd_u = self.n_dec / U
-            back_u = self.backlog / U
+            nd_u = n_dec / U
+            back_u = backlog / U
             chunk = min(C, back_u)
-            npre_u = min(self.n_pre / U, max(chunk / max(self.r_prompt, 1.0), 1.0)) if chunk > 0 else 0.0
-            ctx = self.r_prompt + 0.5 * self.r_output
-            bg = self._bg_chunk
+            npre_u = min(n_pre / U, max(chunk / max(r_prompt, 1.0), 1.0)) if chunk > 0 else 0.0
+            ctx = r_prompt + 0.5 * r_output
+            bg = bg_chunk
             # iteration times change slowly within an interval: re-time only when the
             # operating point moved by more than 10% (or the layout changed)
             op_pt = (sm, nd_u, bg)
             ref = self._op_ref
             if ref is None or ref[0] is not sm or abs(nd_u - ref[1]) > max(0.1 * ref[1], 2.0) \
                     or abs(bg - ref[2]) > max(0.1 * ref[2], 32.0):
-                T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg)
-                T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg)
+                T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg, r_prompt)
+                T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg, r_prompt)
                 self._op_ref = op_pt
                 self._op_val = (T_dec, busy_d, T_full, busy_m)
             else:
@@ -229,7 +232,7 @@ class FastSimulator(Simulator):
                 # (binomial over units, each prefilling a share bg / C of its iterations)
                 fb = min(bg / C, 1.0)
                 bg99 = C * min(1.0, fb + _Z99 * math.sqrt(max(fb * (1 - fb), 0.0) / U))
-                T_full99 = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg99)[0]
+                T_full99 = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg99, r_prompt)[0]
                 self._op_full99 = T_full99
             elif sm.remote:
                 T_full99 = self._op_full99
@@ -246,28 +249,28 @@ class FastSimulator(Simulator):
                 dec_it = 0.0
             iters = mix + dec_it
             # progress
-            pre_done = min(self.backlog, mix * chunk * U)
-            self._bg_chunk = pre_done / U / iters if iters > 0 else 0.0
-            seq_pre_done = min(self.n_pre, pre_done / max(self.r_prompt, 1.0)) if self.backlog > 0 else self.n_pre
-            if self.backlog - pre_done < 1e-6:
-                seq_pre_done = self.n_pre
-            self.backlog -= pre_done
-            tokens = self.n_dec * iters
-            done = min(self.n_dec, tokens / max(self.r_output - 1.0, 1.0))
-            self.n_dec += seq_pre_done - done
-            self.n_pre -= seq_pre_done
-            self.kv = max(self.kv + tokens - done * (self.r_prompt + self.r_output), 0.0)
+            pre_done = min(backlog, mix * chunk * U)
+            bg_chunk = pre_done / U / iters if iters > 0 else 0.0
+            seq_pre_done = min(n_pre, pre_done / max(r_prompt, 1.0)) if backlog > 0 else n_pre
+            if backlog - pre_done < 1e-6:
+                seq_pre_done = n_pre
+            backlog -= pre_done
+            tokens = n_dec * iters
+            done = min(n_dec, tokens / max(r_output - 1.0, 1.0))
+            n_dec += seq_pre_done - done
+            n_pre -= seq_pre_done
+            kv = max(kv + tokens - done * (r_prompt + r_output), 0.0)
             fin += done
             # queue wait (Little) and rejections
-            serve = done / h if done > 0 else U * B / max(self.r_output * T_dec, 1e-9)
-            wait = self.q / serve if self.q > 1e-9 else 0.0
+            serve = done / h if done > 0 else U * B / max(r_output * T_dec, 1e-9)
+            wait = q / serve if q > 1e-9 else 0.0
             if wait > sc.max_queue_wait_s:
                 keep = serve * sc.max_queue_wait_s
-                rej = max(self.q - keep, 0.0)
-                frac = rej / self.q
-                self.q -= rej
-                self.q_prompt *= 1 - frac
-                self.q_output *= 1 - frac
+                rej = max(q - keep, 0.0)
+                frac = rej / q
+                q -= rej
+                q_prompt *= 1 - frac
+                q_output *= 1 - frac
                 m.rejected += rej
                 wait = sc.max_queue_wait_s
             # TTFT of this sub-step's arrivals: queue wait, the residual of the iteration in
@@ -291,8 +294,8 @@ class FastSimulator(Simulator):
                 ok_ttft += a * _lognorm_cdf(slo_ttft, lo, hi)
                 ttft99 = max(ttft99, hi)
             # TBT gaps
-            g_mix = mix * self.n_dec
-            g_dec = dec_it * self.n_dec
+            g_mix = mix * n_dec
+            g_dec = dec_it * n_dec
             gaps_mix += g_mix
             gaps_dec += g_dec
             t_dec_acc += T_dec * g_dec
@@ -302,13 +305,15 @@ class FastSimulator(Simulator):
                 t_mix_max = max(t_mix_max, T_mix)
                 t_full_acc += T_full99 * g_mix
             tpot_acc += (h / iters if iters > 0 else T_dec) * done
-            kv_frac = max(kv_frac, self.kv / max(kv_cap, 1.0))
-            active = min(1.0, iters * (T_dec if dec_it else T_mix) / h + mix * T_mix / h) if iters else 0.0
+            kv_frac = max(kv_frac, kv / max(kv_cap, 1.0))
             for proc, b in busy_d.items():
                 util_acc[proc] = util_acc.get(proc, 0.0) + b * (dec_it * T_dec / h) / S
             for proc, b in busy_m.items():
                 util_acc[proc] = util_acc.get(proc, 0.0) + b * (mix * T_mix / h) / S
             self._last_T = T_dec
+        self.q, self.q_prompt, self.q_output = q, q_prompt, q_output
+        self.n_dec, self.n_pre, self.backlog, self.kv = n_dec, n_pre, backlog, kv
+        self.r_prompt, self.r_output, self._bg_chunk = r_prompt, r_output, bg_chunk
         # interval percentiles
         gaps = gaps_mix + gaps_dec
         f_mix = gaps_mix / gaps if gaps > 0 else 0.0
@@ -326,9 +331,9 @@ class FastSimulator(Simulator):
         m.met = fin * p_ttft * p_tbt
         m.ttft_p50_s, m.ttft_p99_s = ttft50, max(ttft99, ttft50)
         m.tbt_p50_s, m.tbt_p99_s = (tbt50, tbt99) if gaps > 0 else (0.0, 0.0)
-        m.queued, m.running = self.q, self.n_dec + self.n_pre
+        m.queued, m.running = q, n_dec + n_pre
         m.kv_used_frac = kv_frac
-        m.queue_tokens = self.q_prompt + self.q_output
+        m.queue_tokens = q_prompt + q_output
         m.util = util_acc
         self.util = util_acc
         self.tot_arrived += a_int
