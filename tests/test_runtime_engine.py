@@ -229,3 +229,19 @@ def test_cancel_frees_kv_blocks(model):
         assert kv.free_blocks == free0 and len(s.generated) < 400
     finally:
         eng.stop()
+
+
+@pytest.mark.gpu
+def test_cuda_replicas_match_greedy_reference():
+    cuda_model = build_model(TINY, dtype=torch.float64, seed=5)
+    ps = prompts(6, base=4)
+    refs = [generate_split(cuda_model, p, 6) for p in ps]
+    eng = Engine(cuda_model, op_plan(2, 4, "dedicated"), EngineConfig(device="cuda")).start()
+    try:
+        assert all(r.device.type == "cuda" for reps in eng.replicas.values() for r in reps)
+        seqs = [eng.submit(p, 6) for p in ps]
+        wait_all(seqs)
+        assert [s.generated for s in seqs] == refs
+        assert eng.observe().gpus_in_use == min(torch.cuda.device_count(), 10)
+    finally:
+        eng.stop()
