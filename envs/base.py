@@ -196,7 +196,8 @@ class Simulator(ABC):
             raise RuntimeError("call reset(plan) before step()")
         w0 = time.perf_counter()
         self.last_repairs = []
-        if plan is not None and plan != self.timeline.target_plan:
+        target = self.timeline.target_plan
+        if plan is not None and plan is not target and plan != target:
             try:
                 self.account(self.now)
                 draining = self.timeline.draining_units

@@ -142,7 +142,7 @@ class FastSimulator(Simulator):
         ok_ttft = 0.0
         gaps_mix = gaps_dec = 0.0
         t_dec_acc = t_mix_acc = 0.0
-        t_mix_max = t_dec_max = 0.0
+        t_dec_max = 0.0
         t_full_acc = 0.0
         tpot_acc = 0.0
         layout = None
@@ -218,15 +218,15 @@ class FastSimulator(Simulator):
             # operating point moved by more than 10% (or the layout changed)
             op_pt = (sm, nd_u, bg)
             ref = self._op_ref
-            if ref is None or ref[0] is not sm or abs(nd_u - ref[1]) > max(0.1 * ref[1], 2.0) \
-                    or abs(bg - ref[2]) > max(0.1 * ref[2], 32.0):
+            if ref is None or ref[0] is not sm or abs(nd_u - ref[1]) > (0.1 * ref[1] if ref[1] > 20.0 else 2.0) \
+                    or abs(bg - ref[2]) > (0.1 * ref[2] if ref[2] > 320.0 else 32.0):
                 T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg, r_prompt)
                 T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg, r_prompt)
                 self._op_ref = op_pt
                 self._op_val = (T_dec, busy_d, T_full, busy_m)
             else:
                 T_dec, busy_d, T_full, busy_m = self._op_val
-            slope = max(T_full - T_dec, 0.0) / C      # seconds per prefilled token in an iteration
+            slope = (T_full - T_dec) / C if T_full > T_dec else 0.0  # seconds per prefilled token
             if sm.remote and self._op_ref is op_pt:
                 # shared remote pools: at the p99, more units prefill at once than on average
                 # (binomial over units, each prefilling a share bg / C of its iterations)
@@ -238,15 +238,14 @@ class FastSimulator(Simulator):
                 T_full99 = self._op_full99
             else:
                 T_full99 = T_full
-            slope99 = max(T_full99 - T_dec, 0.0) / C
+            slope99 = (T_full99 - T_dec) / C if T_full99 > T_dec else 0.0
             T_mix = T_dec + slope * chunk
             # time split between mixed (prefill) and decode-only iterations
             adm_u = admit / U
             need_mix = back_u / max(chunk, 1.0) + 0.5 * adm_u if chunk > 0 else 0.0
             mix = min(need_mix, h / T_mix)
-            dec_it = max(h - mix * T_mix, 0.0) / T_dec if nd_u > 0 or mix > 0 else 0.0
-            if nd_u <= 0:
-                dec_it = 0.0
+            left = h - mix * T_mix
+            dec_it = left / T_dec if nd_u > 0 and left > 0 else 0.0
             iters = mix + dec_it
             # progress
             pre_done = min(backlog, mix * chunk * U)
@@ -300,16 +299,20 @@ class FastSimulator(Simulator):
             gaps_dec += g_dec
             t_dec_acc += T_dec * g_dec
             t_mix_acc += T_mix * g_mix
-            t_dec_max = max(t_dec_max, T_dec)
+            if T_dec > t_dec_max:
+                t_dec_max = T_dec
             if mix > 0:
-                t_mix_max = max(t_mix_max, T_mix)
                 t_full_acc += T_full99 * g_mix
             tpot_acc += (h / iters if iters > 0 else T_dec) * done
-            kv_frac = max(kv_frac, kv / max(kv_cap, 1.0))
+            if kv > kv_frac * kv_cap:
+                kv_frac = kv / kv_cap if kv_cap > 1.0 else kv
+            wd = dec_it * T_dec / (h * S)
+            wm = mix * T_mix / (h * S)
             for proc, b in busy_d.items():
-                util_acc[proc] = util_acc.get(proc, 0.0) + b * (dec_it * T_dec / h) / S
-            for proc, b in busy_m.items():
-                util_acc[proc] = util_acc.get(proc, 0.0) + b * (mix * T_mix / h) / S
+                util_acc[proc] = util_acc.get(proc, 0.0) + b * wd
+            if wm > 0:
+                for proc, b in busy_m.items():
+                    util_acc[proc] = util_acc.get(proc, 0.0) + b * wm
             self._last_T = T_dec
         self.q, self.q_prompt, self.q_output = q, q_prompt, q_output
         self.n_dec, self.n_pre, self.backlog, self.kv = n_dec, n_pre, backlog, kv

@@ -131,3 +131,13 @@ def test_fast_encoder_and_decoder_twins_equal_the_codec():
         obs, *_ = env.step(a)
         np.testing.assert_allclose(env._fast_encoder.encode(env.state), enc.encode(env.state), rtol=1e-6,
                                    atol=1e-7)
+
+
+def test_reference_fidelity_env_passes_check_env_and_reports_the_same_keys():
+    from gymnasium.utils.env_checker import check_env
+
+    env = gymnasium.make(ENV_ID, fidelity="reference", episode_intervals=6, trace="azure-conv").unwrapped
+    check_env(env, skip_render_check=True)
+    env.reset(seed=0)
+    _, _, _, _, info = env.step(env.action_space.sample())
+    assert INFO_KEYS <= set(info) and env.sim.fidelity == "reference"
