@@ -100,8 +100,8 @@ class FastSimulator(Simulator):
         peers = any(layout.peers.values())
         ukey = tuple(round(v, 1) for v in self.util.values()) if peers else ()
         remote = sm.remote
-        key = (id(sm), int(round(n_dec)), quantise(ctx), quantise(chunk), int(math.ceil(n_pre)),
-               quantise(prompt), quantise(bg_chunk) if remote else 0, ukey)
+        key = (sm.signature, int(round(n_dec)), quantise(ctx), quantise(chunk), int(math.ceil(n_pre)),
+               quantise(prompt), quantise(bg_chunk) if remote else 0, ukey, layout.units if remote else 0)
         hit = self._it.get(key)
         if hit is None:
             u = layout.units

@@ -260,7 +260,7 @@ class ReferenceSimulator(Simulator):
     def _time(self, n_dec: int, ctx_dec: float, p_tok: int, ctx_pre: float, n_pre: int) -> tuple[float, dict]:
         sm = self.sm
         remote = sm.remote
-        key = (id(sm), n_dec, quantise(ctx_dec), p_tok, quantise(ctx_pre), n_pre,
+        key = (sm.signature, n_dec, quantise(ctx_dec), p_tok, quantise(ctx_pre), n_pre,
                quantise(self._tot_tokens) if remote else 0, quantise(self._tot_seqs) if remote else 0,
                tuple(round(v, 1) for v in self.util.values()) if any(self.layout.peers.values()) else ())
         hit = self._memo.get(key)

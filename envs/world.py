@@ -98,6 +98,7 @@ class Placer:
         self.cap = pred.gpu.memory_bytes * scenario.gpu_mem_util
         self._cache: dict[tuple, Layout] = {}
         self._last: tuple = (None, None)  # identity cache: the serving plan object repeats
+        self._need: dict[tuple, float] = {}
 
     # -------------------------------------------------------------- memory per GPU of one replica
     def _tokens(self, max_batch: int) -> int:
@@ -105,6 +106,13 @@ class Placer:
 
     def replica_need(self, group: str, op: OperatorPlan) -> float:
         """Bytes per GPU of one ``group`` replica at ``op.tp`` (weights, activations, KV reserve)."""
+        key = (group, op.max_batch, op.tp)
+        hit = self._need.get(key)
+        if hit is None:
+            hit = self._need[key] = self._replica_need(group, op)
+        return hit
+
+    def _replica_need(self, group: str, op: OperatorPlan) -> float:
         p = self.pred
         need = p.weight_bytes_per_gpu(group, op.tp) + p.activation_bytes_per_gpu(group, self._tokens(op.max_batch),
                                                                                   op.tp)
@@ -257,7 +265,9 @@ class Placer:
                     left -= k
                 if left:
                     classes.append(GPUClass(left, "pack", need, {g: 1}))
-                classes = _merge(classes)
+                if len(classes) > 8:
+                    classes = _merge(classes)
+            classes = _merge(classes)
         # KV capacity of an attention unit: what its GPUs have left
         kvb = p.kv_bytes_per_token
         if "attn" in mono:
@@ -393,6 +403,13 @@ class StepModel:
         self.m = scenario.micro_batches if self.hops else 1
         self.replicas = {g: max(plan[g].replicas, 1) for g in OPERATOR_GROUPS}
         self.max_batch = {g: plan[g].max_batch for g in OPERATOR_GROUPS}
+        #: everything the iteration time depends on besides the load (for memo keys shared
+        #: across plans): sites, tp, remote pools' replicas and batch limits, peers
+        self.signature = (
+            tuple(self.site[g] for g in OPERATOR_GROUPS), tuple(self.tp[g] for g in OPERATOR_GROUPS),
+            tuple((self.replicas[g], self.max_batch[g]) for g in OPERATOR_GROUPS if self.site[g] != "local"),
+            self.m, self.local_proc,
+            tuple(sorted((k, tuple(sorted(v.items()))) for k, v in layout.peers.items() if v)))
 
     def contention(self, proc: str, util: Mapping[str, float]) -> float:
         """Slowdown factor of ``proc`` given the busy share of the processes it shares GPUs with."""
