@@ -75,10 +75,13 @@ class ClusterTimeline:
             if new.placement != tl.op.placement or new.tp != tl.op.tp:
                 if tl.switch_at is not None and tl.old is not None and \
                         (tl.old.placement, tl.old.tp) == (new.placement, new.tp):
-                    # switching back to what still serves: cancel the switch
+                    # switching back to what still serves: cancel the switch; the old replicas
+                    # keep serving, any extra ones load
+                    old = tl.old
                     tl.op, tl.old, tl.switch_at = new, None, None
-                    tl.ready = [0.0] * min(new.replicas, tl.old.replicas if tl.old else new.replicas)
+                    tl.ready = [0.0] * min(new.replicas, old.replicas)
                     tl.ready += [now + load] * (new.replicas - len(tl.ready))
+                    self._cache = None
                     continue
                 serving = self.serving_op(g, now)
                 tl.old = serving

@@ -86,7 +86,6 @@ class FastSimulator(Simulator):
         self.tot_rejected = 0.0
         self.ttft_rec: list[tuple[float, float, float]] = []
         self.tbt_rec: list[tuple[float, float, float]] = []
-        self.f_mix_log: list[float] = []
 
     def _idle(self) -> bool:
         return self.q < 0.5 and self.n_dec + self.n_pre < 0.5
@@ -343,7 +342,6 @@ class FastSimulator(Simulator):
         self.tot_finished += fin
         self.tot_met += m.met
         self.tot_rejected += m.rejected
-        self.f_mix_log.append(f_mix)
         if ttft_w > 0 and a_int:
             self.ttft_rec.append((a_int, ttft50, max(ttft99, ttft50)))
         if gaps > 0:

@@ -155,3 +155,23 @@ def test_new_replicas_serve_only_after_their_weights_load_and_removed_units_drai
         if drained_at is None and sim.timeline.draining_units == 0:
             drained_at = sim.now
     assert drained_at is not None and st.gpus_in_use == 4
+
+
+def test_switching_placement_is_blue_green_and_switching_back_cancels():
+    sc = Scenario()
+    from envs.cluster import ClusterTimeline
+
+    placer = Placer(sc, predictor_for(sc.model, sc.gpu))
+    base = Plan.model_level(2, 64, 4)
+    tl = ClusterTimeline(placer, base)
+    moved = base.with_op("mlp", placement="dedicated", tp=2)
+    tl.apply(moved, now=0.0)
+    load = placer.place(moved).load_s["mlp"]
+    # until the dedicated MLP replicas are loaded the old placement serves, both are paid for
+    assert tl.serving_plan(1.0)["mlp"].placement == "model"
+    assert tl.gpus(1.0) > placer.place(moved).n_gpus
+    assert tl.serving_plan(load + 0.1)["mlp"].placement == "dedicated"
+    tl2 = ClusterTimeline(placer, base)
+    tl2.apply(moved, now=0.0)
+    tl2.apply(base, now=1.0)  # back to what still serves: no reload
+    assert tl2.serving_plan(1.5) == tl2.target_plan and tl2.pending("mlp", 1.5) == 0
