@@ -31,13 +31,26 @@ class ProfileSource(Protocol):
     def gpu(self, gpu: str) -> Any: ...
 
 
-def quantise(x: float) -> int:
-    """Round a token count to a grid: exact up to 64, then 16 steps per power of two."""
+def _quantise(x: float) -> int:
     if x <= 64:
         return max(int(round(x)), 0)
     e = math.floor(math.log2(x)) - 4
     step = 1 << e
     return int(round(x / step)) * step
+
+
+_Q: dict[int, int] = {}
+
+
+def quantise(x: float) -> int:
+    """Round a token count to a grid: exact up to 64, then 16 steps per power of two."""
+    if x <= 64:
+        return int(x + 0.5) if x > 0 else 0
+    n = int(x + 0.5)
+    hit = _Q.get(n)
+    if hit is None:
+        hit = _Q[n] = _quantise(n) if len(_Q) < 1_000_000 else _quantise(x)
+    return hit
 
 
 @dataclass(frozen=True)
