@@ -6,6 +6,7 @@ Both only ever return :meth:`Plan.model_level` plans: ``replicas`` monolithic in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -48,6 +49,35 @@ class StaticController(Controller):
         n = replicas_for_rate(peak_rate(arrival_s, window_s), cap, target_utilisation, cap=max_replicas)
         return cls(Plan.model_level(n, cap.max_batch, ctx.tp))
 
+    @classmethod
+    def search(cls, attains: Callable[[Plan], float], tp: int, max_batch: int, target: float,
+               max_instances: int) -> "StaticController":
+        """The fewest whole-model instances whose fixed plan reaches ``target`` attainment.
+
+        ``attains(plan)`` runs the plan over the trace to be served (a simulator run) and
+        returns its SLO attainment; attainment is taken to grow with instances, so the
+        count is found by bisection. When even ``max_instances`` falls short, that is used.
+        """
+        lo, hi = 1, max(1, max_instances)
+        cache: dict[int, float] = {}
+
+        def ok(n: int) -> bool:
+            if n not in cache:
+                cache[n] = attains(Plan.model_level(n, max_batch, tp))
+            return cache[n] >= target
+
+        if not ok(hi):
+            return cls(Plan.model_level(hi, max_batch, tp))
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ok(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        ctl = cls(Plan.model_level(lo, max_batch, tp))
+        ctl.searched = dict(sorted(cache.items()))
+        return ctl
+
     def decide(self, state: ClusterState) -> Plan:
         return self.plan
 
@@ -64,6 +94,10 @@ class ModelLevelConfig:
         target_ongoing: ongoing requests per replica to aim for (``ongoing`` mode); 0 means
             ``target_utilisation x`` the profiled batch limit.
         target_utilisation: load per instance to aim for (0..1).
+        capacity_rps: requests per second one instance sustains at the SLO (``slo`` mode);
+            0 means the profile estimate of :func:`agents.sizing.instance_capacity`.
+        queue_drain_s: queued requests are planned to drain within this time (``slo``
+            mode adds ``queued / queue_drain_s`` to the rate), seconds.
         upscale_delay_s: a larger desired count must persist this long before scaling up (s).
         downscale_delay_s: a smaller desired count must persist this long before scaling down (s).
         min_replicas, max_replicas: bounds on whole-model instances.
@@ -72,6 +106,8 @@ class ModelLevelConfig:
     mode: str = "slo"
     target_ongoing: float = 0.0
     target_utilisation: float = 0.8
+    capacity_rps: float = 0.0
+    queue_drain_s: float = 10.0
     upscale_delay_s: float = 20.0
     downscale_delay_s: float = 20.0
     min_replicas: int = 1
@@ -114,7 +150,10 @@ class ModelLevelController(Controller):
             target = c.target_ongoing or c.target_utilisation * self.capacity.max_batch
             want = int(np.ceil((state.running_requests + state.queued_requests) / max(target, 1e-9)))
         else:
-            want = replicas_for_rate(load.rate, self.capacity, c.target_utilisation)
+            cap = self.capacity if c.capacity_rps <= 0 else InstanceCapacity(
+                self.capacity.max_batch, c.capacity_rps, self.capacity.decode_step_s, self.capacity.prefill_s)
+            rate = load.rate + state.queued_requests / max(c.queue_drain_s, 1e-9)
+            want = replicas_for_rate(rate, cap, c.target_utilisation)
             missed = (state.ttft_p99_s > self.ctx.slo.ttft_s or state.tbt_p99_s > self.ctx.slo.tbt_s
                       or state.slo_attainment < self.ctx.slo.attainment_target)
             if missed:

@@ -10,6 +10,7 @@ Units: seconds for latencies returned here, bytes for memory, tokens for lengths
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Mapping, Protocol
@@ -70,17 +71,28 @@ class LinearLatency:
         return ms / 1000.0
 
 
+def _grid(x: float) -> int:
+    """Round a token count to a grid (exact up to 64, then 16 steps per power of two) so
+    memoised profile answers are reused; at least 1."""
+    x = max(float(x), 1.0)
+    if x <= 64:
+        return int(round(x))
+    step = 1 << (int(math.floor(math.log2(x))) - 4)
+    return int(round(x / step)) * step
+
+
 class ProfileLatency:
     """Adapter from ``profiles.ProfileDB.group_latency`` (ms) to :class:`LatencyModel` (s).
 
-    Answers are memoised on (group, tokens, context rounded to 64, batch, tp, phase) since
-    controllers ask the same questions every interval.
+    Answers are memoised on a grid of (tokens, context, batch) (16 steps per power of two)
+    since controllers ask the same questions every interval.
     """
 
     def __init__(self, db: Any, gpu: str, model: str, cache_size: int = 65536) -> None:
         self.db, self.gpu, self.model = db, gpu, model
         self._cached = lru_cache(maxsize=cache_size)(self._query)
         self._send = lru_cache(maxsize=4096)(self._send_query)
+        self._overhead = lru_cache(maxsize=65536)(self._overhead_query)
         from runtime.models import get_model
 
         cfg = get_model(model)
@@ -91,20 +103,22 @@ class ProfileLatency:
 
     def send_s(self, tokens: int) -> float:
         """ProfileDB.send_recv_ms of ``tokens`` hidden states (seconds)."""
-        return self._send(max(1, int(tokens)))
+        return self._send(_grid(tokens))
 
     def _query(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
         return float(self.db.group_latency(group, self.gpu, self.model, tokens, context=context,
                                            batch=batch, tp=tp, phase=phase)) / 1000.0
 
     def group_s(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
-        ctx = int(max(0, round(context / 64.0) * 64))
-        return self._cached(group, max(1, int(tokens)), ctx, max(1, int(batch)), int(tp), phase)
+        return self._cached(group, _grid(tokens), _grid(context), _grid(batch), int(tp), phase)
 
     def iteration_overhead_s(self, batch: int, tokens: int, tp: int, phase: str, kernel_s: float) -> float:
         """The calibrated per-iteration overhead of ``ProfileDB.iteration_overhead_ms`` (s)."""
-        return float(self.db.iteration_overhead_ms(self.gpu, self.model, tp, max(1, int(batch)), max(1, int(tokens)),
-                                                   phase, kernel_ms=kernel_s * 1000.0)) / 1000.0
+        return self._overhead(_grid(batch), _grid(tokens), int(tp), phase, round(kernel_s * 1e4))
+
+    def _overhead_query(self, batch: int, tokens: int, tp: int, phase: str, kernel_tenth_ms: int) -> float:
+        return float(self.db.iteration_overhead_ms(self.gpu, self.model, tp, batch, tokens, phase,
+                                                   kernel_ms=kernel_tenth_ms / 10.0)) / 1000.0
 
 
 @dataclass
@@ -126,6 +140,7 @@ class ControllerContext:
             request has been seen (tokens).
         kv_reserve_tokens: KV tokens an operator-level attention replica reserves per batch
             slot (0: it shares its free memory among its sequences by their context).
+        prefill_chunk_tokens: most prompt tokens one iteration prefills (0: whole prompts).
     """
 
     model: ModelConfig
@@ -140,6 +155,7 @@ class ControllerContext:
     default_prompt_tokens: float = 1000.0
     default_output_tokens: float = 200.0
     kv_reserve_tokens: int = 0
+    prefill_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name, t in [("tp", self.tp)] + [(f"group_tp[{g!r}]", t) for g, t in self.group_tp.items()]:

@@ -39,7 +39,7 @@ class PPOHyperparams:
     """One env's training block (see agents/configs/ppo.yaml for the meaning of each key)."""
 
     algo: str = "MaskablePPO"
-    n_timesteps: int = 150_000
+    n_timesteps: int = 200_000
     n_envs: int = 2
     vec_env: str = "dummy"
     policy: str = "MlpPolicy"
@@ -56,6 +56,8 @@ class PPOHyperparams:
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     normalize: dict[str, Any] = field(default_factory=lambda: {"norm_obs": True, "norm_reward": True})
     bc: BCConfig = field(default_factory=BCConfig)
+    initial_plan: dict[str, Any] = field(default_factory=dict)
+    freeze_layout: bool = False
     eval_freq: int = 20_000
     eval_episodes: int = 2
     checkpoint_freq: int = 50_000

@@ -67,6 +67,7 @@ def teacher_action(decoder: ActionDecoder, plan: Plan, prev: Plan) -> np.ndarray
 
 def collect_demonstrations(env: Any, teacher: Controller, decoder: ActionDecoder, episodes: int,
                            state_of: Callable[[Any], ClusterState], seed: int = 0,
+                           prev_plan_of: Callable[[Any], Plan] | None = None,
                            max_steps: int = 1_000_000) -> Demonstrations:
     """Run ``teacher`` for ``episodes`` episodes of ``env`` and record what it did.
 
@@ -76,6 +77,7 @@ def collect_demonstrations(env: Any, teacher: Controller, decoder: ActionDecoder
         decoder: the env's action decoder (to turn plans into actions).
         episodes: episodes to record.
         state_of: returns the env's current ClusterState (the one the observation encodes).
+        prev_plan_of: the plan the env decodes actions against (default ``state.plan``).
         seed: seed of the first reset; later episodes continue the env's RNG.
     """
     obs_l, act_l, mask_l, rew_l, returns = [], [], [], [], []
@@ -86,10 +88,11 @@ def collect_demonstrations(env: Any, teacher: Controller, decoder: ActionDecoder
         total, steps, done = 0.0, 0, False
         while not done and steps < max_steps:
             plan = teacher.decide(state)
-            action = teacher_action(decoder, plan, state.plan)
+            prev = prev_plan_of(env) if prev_plan_of is not None else state.plan
+            action = teacher_action(decoder, plan, prev)
             obs_l.append(np.asarray(obs, dtype=np.float32))
             act_l.append(action)
-            mask_l.append(decoder.action_mask(state.plan))
+            mask_l.append(decoder.action_mask(prev))
             obs, reward, terminated, truncated, _ = env.step(action)
             rew_l.append(float(reward))
             total += float(reward)

@@ -54,8 +54,8 @@ class OperatorQueueingConfig:
     downscale_delay_s: float = 5.0
     margin_up: float = 1.15
     margin_down: float = 0.98
-    margin_max: float = 3.0
-    max_iterations: int = 400
+    margin_max: float = 2.0
+    max_iterations: int = 100
     batch_levels: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -109,6 +109,8 @@ class OperatorQueueingController(Controller):
         self.replica_gpus = {g: max(ctx.model.group_weight_bytes(g) / usable, 1e-3) for g in OPERATOR_GROUPS}
         self.last: QueueingPlan | None = None
         self._prompt = max(1, int(round(ctx.default_prompt_tokens)))
+        self._rate = 0.0
+        self._output = float(ctx.default_output_tokens)
         self.reset()
 
     # ----------------------------------------------------------------- planning model
@@ -152,29 +154,64 @@ class OperatorQueueingController(Controller):
 
     def min_replicas_for(self, load: GroupLoad, group: str, in_flight: float, context: float) -> int:
         """Fewest replicas that keep utilisation within bounds and, for attention, hold
-        every sequence in flight."""
+        every sequence in flight (may exceed the codec's max_replicas: then the level is
+        not feasible)."""
         c = self.ctx.codec
         n = max(c.min_replicas, math.ceil(load.offered / self.config.max_utilisation - 1e-9))
         if group == "attn" and in_flight > 0:
             n = max(n, math.ceil(in_flight / max(self.attn_slots(load.batch, context), 1e-9) - 1e-9))
-        return int(min(n, c.max_replicas))
+        return int(n)
 
     def estimate(self, loads: dict[str, GroupLoad], replicas: dict[str, int]) -> tuple[float, float]:
-        """(TBT, TTFT) estimates in seconds: sums over groups of wait + service, plus the
-        serving stack's per-iteration overhead once per decode step and once per prefill."""
-        tbt = ttft = 0.0
-        kern_dec = kern_pre = 0.0
+        """(TBT p99, TTFT) estimates in seconds.
+
+        A decode iteration passes every group: sum of wait (Erlang C) + decode service, plus
+        the per-iteration serving overhead and the pool-to-pool transfers. The tail gap
+        (TBT p99) is an iteration that also carries prefill chunks (:meth:`chunk_s`). A
+        prompt needs ``ceil(prompt / chunk)`` such iterations after it is admitted; it
+        waits for admission in an M/M/c queue whose servers are the attention batch slots
+        and whose service time is a request's whole stay (prefill + output x TBT).
+        """
+        step = 0.0
+        kern_dec = 0.0
         for g in OPERATOR_GROUPS:
             w = self.wait_s(loads[g], replicas[g])
-            tbt += w + loads[g].decode_s
-            ttft += w + loads[g].prefill_s
+            step += w + loads[g].decode_s
             kern_dec += loads[g].decode_s
-            kern_pre += loads[g].prefill_s
         b = loads["attn"].batch
         lat, tp = self.ctx.latency, max(self.ctx.tp_of(g) for g in OPERATOR_GROUPS)
-        tbt += lat.iteration_overhead_s(b, b, tp, "decode", kern_dec) + self.hop_s(b)
-        ttft += lat.iteration_overhead_s(1, self._prompt, tp, "prefill", kern_pre) + self.hop_s(self._prompt)
-        return tbt, ttft
+        step += lat.iteration_overhead_s(b, b, tp, "decode", kern_dec) + self.hop_s(b)
+        tail = step + self.chunk_s(step, replicas)
+        p = self._prompt
+        chunk = min(p, self.ctx.prefill_chunk_tokens) if self.ctx.prefill_chunk_tokens > 0 else p
+        prefill = math.ceil(p / chunk) * tail
+        stay = prefill + self._output * step
+        slots = max(1, int(replicas["attn"] * self.attn_slots(b, p + self._output / 2)))
+        if not math.isfinite(stay):
+            return math.inf, math.inf
+        admit = mmc_wait(self._rate, 1.0 / max(stay, 1e-9), slots) if self._rate > 0 else 0.0
+        return tail, admit + prefill
+
+    def chunk_s(self, step_s: float, replicas: dict[str, int]) -> float:
+        """Extra time of a decode iteration that also carries prefill chunks (seconds).
+
+        With chunked prefill a token's gap at the tail (p99) is an iteration that carries a
+        chunk of ``min(prompt, prefill_chunk_tokens)`` tokens on its attention replica,
+        while the shared pools also serve the chunks of the other replicas prefilling in
+        the same iteration (``rate x chunks per prompt x step`` of them, at least one).
+        """
+        ctx = self.ctx
+        p = self._prompt
+        chunk = min(p, ctx.prefill_chunk_tokens) if ctx.prefill_chunk_tokens > 0 else p
+        chunks_per_prompt = math.ceil(p / chunk)
+        concurrent = min(max(1.0, self._rate * chunks_per_prompt * step_s), float(replicas["attn"]))
+        out = ctx.latency.group_s("attn", chunk, p, 1, ctx.tp_of("attn"), "prefill")
+        for g in OPERATOR_GROUPS:
+            if g == "attn":
+                continue
+            tokens = int(math.ceil(chunk * max(1.0, concurrent / max(replicas[g], 1))))
+            out += ctx.latency.group_s(g, tokens, 0, 1, ctx.tp_of(g), "prefill")
+        return out
 
     def hop_s(self, tokens: int) -> float:
         """Transfers of one step between pools on different GPUs: per layer QKV -> attention
@@ -190,6 +227,8 @@ class OperatorQueueingController(Controller):
         """
         ctx = self.ctx
         self._prompt = max(1, int(round(prompt)))
+        self._output = max(1.0, float(output))
+        self._rate = rate
         tbt, ttft = self.config.headroom * ctx.slo.tbt_s, self.config.headroom * ctx.slo.ttft_s
         qp = self._greedy(rate, prompt, output, rate * (ttft + output * tbt))
         if qp.feasible:
@@ -207,16 +246,23 @@ class OperatorQueueingController(Controller):
         floor = {g: {b: self.min_replicas_for(table[g][b], g, in_flight, context) for b in levels[g]}
                  for g in OPERATOR_GROUPS}
 
+        usable = ctx.gpu_memory_bytes * ctx.memory_util
+        per_seq = ctx.kv_reserve_tokens if ctx.kv_reserve_tokens > 0 else context
+        kv_gpus = {b: b * per_seq * ctx.model.kv_bytes_per_token / usable for b in self.levels}
+
         def cost(g: str, b: int, n: int) -> float:
-            # GPUs: memory of the replicas' weights (all shards) plus the busy share of the
-            # group's work (a busy replica occupies its tp GPUs).
-            return n * self.replica_gpus[g] + ctx.tp_of(g) * table[g][b].offered
+            # GPUs: memory of the replicas' weights (all shards; attention adds the KV of its
+            # batch slots) plus the busy share of the group's work (a busy replica occupies
+            # its tp GPUs).
+            mem = self.replica_gpus[g] + (kv_gpus[b] if g == "attn" else 0.0)
+            return n * mem + ctx.tp_of(g) * table[g][b].offered
 
         batch: dict[str, int] = {}
         reps: dict[str, int] = {}
+        cap = ctx.codec.max_replicas
         for g in OPERATOR_GROUPS:
-            b = min(levels[g], key=lambda lv: (cost(g, lv, floor[g][lv]), table[g][lv].decode_s))
-            batch[g], reps[g] = b, floor[g][b]
+            b = min(levels[g], key=lambda lv: (floor[g][lv] > cap, cost(g, lv, floor[g][lv]), table[g][lv].decode_s))
+            batch[g], reps[g] = b, min(floor[g][b], cap)
 
         def violation(rp: dict[str, int], bt: dict[str, int]) -> float:
             tbt, ttft = self.estimate({g: table[g][bt[g]] for g in OPERATOR_GROUPS}, rp)
@@ -233,8 +279,8 @@ class OperatorQueueingController(Controller):
                 if reps[g] < ctx.codec.max_replicas:
                     moves.append((batch[g], reps[g] + 1))
                 for b in levels[g]:
-                    if b != batch[g]:
-                        moves.append((b, max(floor[g][b], min(reps[g], ctx.codec.max_replicas))))
+                    if b != batch[g] and floor[g][b] <= cap:
+                        moves.append((b, max(floor[g][b], reps[g])))
                 for b, n in moves:
                     nb, nr = dict(batch), dict(reps)
                     nb[g], nr[g] = b, n
@@ -263,6 +309,8 @@ class OperatorQueueingController(Controller):
     def decide(self, state: ClusterState) -> Plan:
         ctx, cfg = self.ctx, self.config
         ctx.slo = slo = state.slo  # the targets in force
+        if len(state.request_rate_history) == 0:
+            return state.plan  # nothing observed yet: keep the plan in force
         missed = (state.ttft_p99_s > slo.ttft_s or state.tbt_p99_s > slo.tbt_s
                   or state.slo_attainment < slo.attainment_target)
         self.margin = min(cfg.margin_max, self.margin * cfg.margin_up) if missed else max(1.0, self.margin * cfg.margin_down)

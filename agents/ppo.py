@@ -3,19 +3,23 @@
 It sees only the :class:`ClusterState`, encodes it with the shared
 :class:`runtime.codec.ObservationEncoder`, normalises it with the statistics saved at
 training time (frozen), picks the deterministic action (masked when the policy was trained
-with masks) and decodes it into a Plan with :class:`runtime.codec.ActionDecoder`. The same
-object drives the simulator and the live runtime.
+with masks) and decodes it into a Plan with :class:`runtime.codec.ActionDecoder`. The decoder keeps each group's
+tensor parallelism; when a group's placement changes, the controller sets it as the
+training env did (the checkpoint scenario's ``model_tp`` for ``model``, its per-group
+``tp`` otherwise). The same object drives the simulator and the live runtime.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from agents.checkpoint import Checkpoint, load_checkpoint
+from agents.wrappers import frozen_mask
 from runtime.codec import ActionDecoder, CodecConfig, ObservationEncoder
-from runtime.control import ClusterState, Controller, Plan
+from runtime.control import ClusterState, Controller, OperatorPlan, Plan
 
 
 class PPOController(Controller):
@@ -37,6 +41,14 @@ class PPOController(Controller):
         self.encoder = ObservationEncoder(self.checkpoint.codec)
         self.decoder = ActionDecoder(self.checkpoint.codec)
         self.deterministic = deterministic
+        meta = self.checkpoint.metadata
+        #: the plan the policy was trained to start from (None: the scenario's initial plan)
+        self.initial_plan: Plan | None = Plan.from_dict(meta["initial_plan"]) if meta.get("initial_plan") else None
+        #: batch levels and placements frozen during training (replica counts only)
+        self.freeze_layout = bool(meta.get("freeze_layout", False))
+        sc = dict(meta.get("scenario") or {})
+        self.model_tp: int | None = int(sc["model_tp"]) if sc.get("model_tp") else None
+        self.group_tp: dict[str, int] = {g: int(t) for g, t in dict(sc.get("tp") or {}).items()}
         space = self.checkpoint.model.observation_space
         if space.shape != (self.encoder.size,):
             raise ValueError(f"{self.checkpoint.folder}: policy expects observations of shape {space.shape}, "
@@ -53,9 +65,18 @@ class PPOController(Controller):
         obs = self.observe(state)
         kwargs: dict[str, Any] = {"deterministic": self.deterministic}
         if self.checkpoint.maskable:
-            kwargs["action_masks"] = self.decoder.action_mask(state.plan)
+            kwargs["action_masks"] = frozen_mask(self.decoder, state.plan) if self.freeze_layout else \
+                self.decoder.action_mask(state.plan)
         action, _ = self.checkpoint.model.predict(obs, **kwargs)
         return np.asarray(action)
 
     def decide(self, state: ClusterState) -> Plan:
-        return self.decoder.decode(self.act(state), state.plan)
+        plan = self.decoder.decode(self.act(state), state.plan)
+        if self.model_tp is None or not self.group_tp:
+            return plan
+        ops: dict[str, OperatorPlan] = dict(plan.ops)
+        for g, op in plan.ops.items():
+            if op.placement != state.plan[g].placement:
+                tp = self.model_tp if op.placement == "model" else self.group_tp.get(g, op.tp)
+                ops[g] = replace(op, tp=tp)
+        return Plan(ops)

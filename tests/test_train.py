@@ -1,0 +1,107 @@
+"""A 2k-step training run: TensorBoard scalars, a checkpoint that loads and acts, evaluation JSON."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("envs")
+from agents.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from agents.envtools import load_scenario, load_split, make_sim  # noqa: E402
+from agents.ppo import PPOController  # noqa: E402
+from agents.training import TrainArgs, train  # noqa: E402
+from runtime.codec import SPEC_VERSION  # noqa: E402
+from runtime.models import OPERATOR_GROUPS  # noqa: E402
+
+CUSTOM = ("episode/slo_attainment", "episode/avg_gpus", "episode/energy_kwh", "episode/ttft_p99_s",
+          "episode/tbt_p99_s")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    out = train(TrainArgs(timesteps=2000, n_envs=2, save=str(root / "ckpt"), logdir=str(root / "tb"),
+                          bc_episodes=1, eval_freq=1000, progress_bar=False), log=lambda s: None)
+    return root, out
+
+
+def _scalar_tags(logdir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for ev in logdir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(ev))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def test_training_writes_custom_scalars(trained):
+    root, out = trained
+    assert out["timesteps"] >= 2000
+    tags = _scalar_tags(root / "tb")
+    missing = [t for t in CUSTOM if t not in tags]
+    assert not missing, f"TensorBoard lacks {missing}; has {sorted(tags)}"
+    assert "rollout/ep_rew_mean" in tags and "train/value_loss" in tags
+    # hyperparameters are recorded (the HPARAMS plugin writes its own event)
+    assert any(b"hparams" in ev.read_bytes() for ev in (root / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_checkpoint_loads_and_acts_in_the_simulator(trained):
+    root, out = trained
+    folder = Path(out["checkpoint"])
+    for f in ("policy.zip", "vecnormalize.pkl", "metadata.json"):
+        assert (folder / f).is_file(), f
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["spec_version"] == SPEC_VERSION and meta["scenario"]["model"] == "llama-2-70b"
+    scenario = load_scenario()
+    ctl = PPOController(folder, codec=scenario.codec_config)
+    sim = make_sim(scenario, load_split(scenario, "test", 120.0), "fast", 0)
+    state = sim.reset(scenario.initial_plan())
+    for _ in range(5):
+        plan = ctl.decide(state)
+        assert set(plan.ops) == set(OPERATOR_GROUPS)
+        assert all(1 <= plan[g].replicas <= scenario.codec_config.max_replicas for g in OPERATOR_GROUPS)
+        state = sim.step(plan)
+
+
+def test_checkpoint_for_another_spec_is_refused(trained, tmp_path):
+    _, out = trained
+    src = Path(out["checkpoint"])
+    for f in ("policy.zip", "vecnormalize.pkl"):
+        (tmp_path / f).write_bytes((src / f).read_bytes())
+    meta = json.loads((src / "metadata.json").read_text())
+    meta["codec"]["history_len"] = 4
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    scenario = load_scenario()
+    with pytest.raises(CheckpointError, match="history_len: checkpoint 4 vs expected"):
+        load_checkpoint(tmp_path, codec=scenario.codec_config)
+    meta["spec_version"] = "opscale-codec-0"
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="spec 'opscale-codec-0'"):
+        load_checkpoint(tmp_path)
+
+
+def test_evaluation_json_has_every_field(trained, tmp_path):
+    from agents.evaluate import main
+
+    _, out = trained
+    js = tmp_path / "eval.json"
+    rc = main(["--controllers", "static,model-level,operator-queueing,ppo", "--checkpoint", out["checkpoint"],
+               "--window-s", "600", "--fidelity", "fast", "--json", str(js), "--plots", str(tmp_path / "plots")])
+    assert rc == 0
+    data = json.loads(js.read_text())
+    fields = ("slo_attainment", "ttft_p50_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s", "avg_gpus", "peak_gpus",
+              "gpu_hours", "energy_kwh", "gpu_hours_vs_static", "energy_vs_static", "gpu_hours_vs_model_level",
+              "energy_vs_model_level")
+    for name in ("static", "model-level", "operator-queueing", "ppo"):
+        r = data["controllers"][name]
+        assert all(k in r for k in fields), (name, sorted(r))
+        assert 0.0 <= r["slo_attainment"] <= 1.0 and r["peak_gpus"] >= r["avg_gpus"] > 0
+    assert data["controllers"]["static"]["gpu_hours_vs_static"] == pytest.approx(1.0)
+    assert data["controllers"]["model-level"]["energy_vs_model_level"] == pytest.approx(1.0)
+    for png in ("gpus.png", "attainment.png", "replicas.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 1000
+    tl = data["timelines"]["operator-queueing"]
+    assert len(tl["time_s"]) == len(tl["gpus"]) == len(tl["replicas"]["mlp"]) > 0
+    assert np.all(np.diff(tl["time_s"]) > 0)
