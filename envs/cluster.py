@@ -158,21 +158,18 @@ class ClusterTimeline:
         return sum(1 for r in tl.ready if r > now)
 
     def gpus(self, now: float) -> int:
-        """GPUs paid for at ``now``: the target layout, plus old replicas of switching groups,
-        plus draining attention units."""
-        if self.draining_units == 0 and all(tl.switch_at is None for tl in self.groups.values()):
-            return min(self.target.n_gpus, max(self.placer.sc.max_gpus, self.target.n_gpus))
+        """GPUs paid for at ``now``.
+
+        The target layout, plus, while a placement / tp switch loads, the GPUs the serving
+        (old) layout holds beyond what the target needs per process (a group leaving an
+        instance frees nothing; a whole instance replaced by pools is paid twice), plus the
+        GPUs of draining attention units. Capped at the GPUs the cluster owns.
+        """
         n = self.target.n_gpus
-        serving = self.placer.place(self.serving_plan(now))
-        for g, tl in self.groups.items():
-            if tl.switch_at is not None and now < tl.switch_at:
-                n += serving.proc_gpus.get(serving.proc_of(g), 0) if serving.proc_of(g) == g else 0
-        if any(tl.switch_at is not None and now < tl.switch_at for g, tl in self.groups.items()
-               if serving.proc_of(g) != g):
-            n += serving.proc_gpus.get("model", 0)
+        if any(tl.switch_at is not None and now < tl.switch_at for tl in self.groups.values()):
+            serving = self.placer.place(self.serving_plan(now))
+            tgt = self.target.proc_gpus
+            n += sum(max(cnt - tgt.get(proc, 0), 0) for proc, cnt in serving.proc_gpus.items())
         if self.draining_units:
-            per_unit = self.target.unit_tp if self.target.units else 1
-            n += self.draining_units * per_unit
-        # The cluster owns max_gpus GPUs: old replicas that serve during a switch or drain use
-        # GPUs the new plan has not claimed yet, never more than exist.
+            n += self.draining_units * max(self.target.unit_tp, 1)
         return min(n, max(self.placer.sc.max_gpus, self.target.n_gpus))

@@ -350,8 +350,11 @@ class FastSimulator(Simulator):
 
     # ------------------------------------------------------------------ drains
     def _on_drain(self, units: int) -> None:
-        """Removed attention units finish their sequences after about half a mean output of iterations."""
-        t = self.now + 0.5 * self.r_output * getattr(self, "_last_T", 0.05)
+        """Removed attention units keep their GPUs until their longest sequence finishes: about
+        the p99 output length of recent requests in decode iterations."""
+        k = min(max(self.k - 1, 0), self.n_intervals - 1)
+        longest = max(self.index.output_p99[k], self.r_output)
+        t = self.now + longest * getattr(self, "_last_T", 0.05)
         self.drain_until.append((t, units))
         self.drain_until.sort()
 

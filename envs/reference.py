@@ -123,7 +123,9 @@ class ReferenceSimulator(Simulator):
         layout = self.serving_layout(t)
         self.layout = layout
         self.sm = self.step_model(layout)
-        sig = (tuple(sorted(layout.mono)), layout.unit_tp, layout.plan["attn"].placement)
+        # the KV holders change identity only when attention's placement or tp changes; other
+        # groups joining or leaving an instance change its timing, not its sequences
+        sig = (layout.plan["attn"].placement, layout.unit_tp)
         live = [u for u in self.units if not u.draining and not u.gone]
         if self._unit_sig is not None and sig != self._unit_sig:
             # placement / tp switch of the KV holders: old units drain, new ones take over

@@ -185,7 +185,8 @@ class Placer:
         gb = 1e9
         if mono:
             tp = ops["attn"].tp if "attn" in mono else max(ops[g].tp for g in mono)
-            n = max(ops[g].replicas for g in mono)
+            # an instance is where attention (the KV) lives: its count follows attention
+            n = ops["attn"].replicas if "attn" in mono else max(ops[g].replicas for g in mono)
             mb = ops["attn"].max_batch if "attn" in mono else max(ops[g].max_batch for g in mono)
             if any(ops[g].tp != tp or ops[g].replicas != n for g in mono):
                 repairs.append(f"groups placed 'model' form one instance: set {sorted(mono)} to "

@@ -167,10 +167,17 @@ def test_switching_placement_is_blue_green_and_switching_back_cancels():
     moved = base.with_op("mlp", placement="dedicated", tp=2)
     tl.apply(moved, now=0.0)
     load = placer.place(moved).load_s["mlp"]
-    # until the dedicated MLP replicas are loaded the old placement serves, both are paid for
+    # until the dedicated MLP replicas are loaded the MLP inside the instances serves; the new
+    # MLP GPUs are paid from the start, leaving the instances frees nothing
     assert tl.serving_plan(1.0)["mlp"].placement == "model"
-    assert tl.gpus(1.0) > placer.place(moved).n_gpus
+    assert tl.gpus(1.0) == placer.place(moved).n_gpus == 8 + 2 * 2
     assert tl.serving_plan(load + 0.1)["mlp"].placement == "dedicated"
+    # replacing the instances by pools: the old instances serve and are paid until the pools load
+    pools = sc.disaggregated_plan({"embed": 1, "attn": 2, "proj": 1, "mlp": 2, "head": 1})
+    tl3 = ClusterTimeline(placer, base)
+    tl3.apply(pools, now=0.0)
+    assert tl3.serving_plan(0.5)["attn"].placement == "model"
+    assert tl3.gpus(0.5) == placer.place(pools).n_gpus + 8
     tl2 = ClusterTimeline(placer, base)
     tl2.apply(moved, now=0.0)
     tl2.apply(base, now=1.0)  # back to what still serves: no reload
