@@ -47,3 +47,15 @@ def test_fast_vs_reference_error_table():
     for c in cells:  # overloaded cells: same order of magnitude, same side of the SLO mostly
         for m in METRICS:
             assert 0.2 <= c.fast[m] / c.reference[m] <= 5.0, (c.plan, c.rate, m)
+
+
+def test_plan_changes_cost_the_same_in_both_fidelities():
+    from envs.validate import run_dynamic
+
+    c = run_dynamic(duration_s=600.0)
+    # loads, drains and switches: GPU-time and energy agree; latency percentiles stay close
+    assert c.fast["mean_gpus"] == pytest.approx(c.reference["mean_gpus"], rel=0.05)
+    assert c.fast["energy_j"] / c.fast["sim_time_s"] == pytest.approx(
+        c.reference["energy_j"] / c.reference["sim_time_s"], rel=0.10)
+    assert abs(c.error("ttft_p50_s")) <= 0.10 and abs(c.error("tbt_p50_s")) <= 0.10
+    assert c.fast["slo_attainment"] == pytest.approx(c.reference["slo_attainment"], abs=0.05)
