@@ -217,7 +217,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--controllers", default="static,model-level,operator-queueing,ppo",
                    help=f"comma-separated, from {', '.join(CONTROLLER_NAMES)}")
-    p.add_argument("--checkpoint", default="checkpoints", help="checkpoint folder of the ppo controller")
+    p.add_argument("--checkpoint", default="checkpoints/ppo-default", help="checkpoint folder of the ppo controller")
     p.add_argument("--fidelity", default="reference", choices=["reference", "fast"])
     p.add_argument("--window-s", type=float, default=None, help="evaluate only the first WINDOW_S seconds")
     p.add_argument("--seed", type=int, default=0)

@@ -177,7 +177,7 @@ def test_operator_queueing_decide_scales_up_at_once_and_down_after_delay():
 
 def test_operator_queueing_margin_grows_on_slo_miss():
     ctx = realistic_ctx()
-    ctl = OperatorQueueingController(ctx)
+    ctl = OperatorQueueingController(ctx, OperatorQueueingConfig(margin_up=1.15))
     plan = Plan.model_level(1, 64, 1)
     base = ctl.decide(state(1.0, 30.0, plan, ctx.slo))
     for t in range(2, 6):

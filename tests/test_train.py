@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # ~80 s on 2 shared cores (a 2k-step training run and four evaluations)
 pytest.importorskip("envs")
 from agents.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from agents.envtools import load_scenario, load_split, make_sim  # noqa: E402
