@@ -149,8 +149,10 @@ def sustained_rate(name: str, scenario: Any, budget_gpus: int, split: str, fidel
         sc = capped.replace(rate_scale=scenario.rate_scale * k)
         trace = load_split(sc, split, window_s)
         sim = make_sim(sc, trace, fidelity, seed)
-        ctl, plan0 = make_controller(name, sc, slo=sim.slo, trace=trace, checkpoint=checkpoint,
-                                     budget_gpus=budget_gpus, fidelity=fidelity, seed=seed)
+        # Controllers see the uncapped scenario (the PPO codec normalises by its max_gpus);
+        # the simulator enforces the budget by repairing plans that need more GPUs.
+        ctl, plan0 = make_controller(name, scenario.replace(rate_scale=sc.rate_scale), slo=sim.slo, trace=trace,
+                                     checkpoint=checkpoint, budget_gpus=budget_gpus, fidelity=fidelity, seed=seed)
         summary, tl = run_timeline(sim, ctl, plan0)
         att = float(summary["slo_attainment"])
         tried.append({"k": k, "attainment": att, "rate_rps": len(trace) / max(trace.duration_s, 1e-9),
@@ -225,6 +227,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--plots", default=None, help="write gpus.png, attainment.png, replicas.png here")
     p.add_argument("--budget-gpus", type=int, default=None, help="also run the fixed-budget view with N GPUs")
     p.add_argument("--budget-window-s", type=float, default=1800.0, help="trace seconds per fixed-budget run")
+    p.add_argument("--budget-range", default="0.5,3.0", help="lowest,highest rate multiplier to search")
     p.add_argument("--budget-fidelity", default="reference", choices=["reference", "fast"])
     return p.parse_args(argv)
 
@@ -250,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                "fidelity": args.budget_fidelity,
                                "controllers": fixed_budget(names, scenario, args.budget_gpus, args.split,
                                                            args.budget_fidelity, args.budget_window_s,
-                                                           args.checkpoint)}
+                                                           args.checkpoint, *map(float, args.budget_range.split(",")))}
     if args.plots:
         from agents.plots import plot_timelines
 
