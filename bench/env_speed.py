@@ -1,71 +1,106 @@
 """Fast-model env steps per second against a PPO MlpPolicy's action-prediction rate.
 
-Usage: ``python bench/env_speed.py [--steps 3000] [--json]``
+Usage: ``python bench/env_speed.py [--steps 3000] [--rounds 3] [--baseline DIR] [--json]``
 
-Measures, in one process on the same machine:
-* env steps/s of ``opscale/OperatorScaling-v0`` (fast fidelity) under a policy that keeps
-  the plan (zero-delta actions: what a converged policy mostly does) and under uniformly
-  random actions (every step a new plan: the worst case, early training);
+Measures, on the same machine in one run:
+* env steps/s of ``opscale/OperatorScaling-v0`` (fast fidelity) under four action streams:
+  ``keep`` (zero-delta actions: what a converged policy mostly does), ``random``
+  (uniformly random actions: a new plan every step, the worst case), ``ppo`` (actions
+  sampled from a freshly initialised ``PPO("MlpPolicy")``: what early training sends) and
+  ``oq`` (the operator-queueing controller's plans encoded as actions: a realistic
+  autoscaler that changes the plan now and then). Only ``env.step`` is timed;
 * ``PPO("MlpPolicy").predict`` calls/s on one observation (torch with one thread);
-* their ratio (the env must not be the bottleneck of training: ratio >= 5);
+* their ratios (the env must not be the bottleneck of training: ratio >= 5);
 * how much faster than real time the reference simulator replays azure-conv.
+
+Each round runs every stream in a fresh process (so no run inherits another's caches),
+one after the other; with ``--baseline DIR`` (another checkout, e.g. ``git archive HEAD``
+unpacked) each round also runs the same streams against DIR's ``envs``, interleaved with
+the current tree's, so load from other jobs hits both alike. Medians over rounds.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-
-def env_rate(steps: int, random_actions: bool, seed: int = 0) -> float:
-    from envs import make_env
-
-    env = make_env(seed=seed)
-    env.reset(seed=seed)
-    rng = np.random.default_rng(seed)
-    keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
-    nvec = env.action_space.nvec
-    n = 0
-    t0 = time.perf_counter()
-    while n < steps:
-        a = rng.integers(0, nvec) if random_actions else keep
-        _, _, term, trunc, _ = env.step(a)
-        n += 1
-        if term or trunc:
-            env.reset()
-    return n / (time.perf_counter() - t0)
+ROOT = Path(__file__).resolve().parents[1]
+STREAMS = ("keep", "random", "ppo", "oq")
 
 
-_MODEL = None
+# ---------------------------------------------------------------------------------------------
+# worker side: runs with the tree under test first on sys.path
+# ---------------------------------------------------------------------------------------------
 
-
-def ppo_rate(calls: int) -> float:
-    global _MODEL
+def _policy(env):  # noqa: ANN001, ANN202
     import torch
     from stable_baselines3 import PPO
 
+    torch.set_num_threads(1)
+    return PPO("MlpPolicy", env, device="cpu", n_steps=64, seed=0)
+
+
+def env_rate(stream: str, steps: int, seed: int = 0) -> float:
+    """Env steps per second of ``env.step`` alone under an action stream (see module doc)."""
     from envs import make_env
 
-    torch.set_num_threads(1)
+    env = make_env(seed=seed)
+    obs, _ = env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    nvec = env.action_space.nvec
+    model = _policy(env) if stream == "ppo" else None
+    ctl = None
+    if stream == "oq":
+        from agents.registry import make_controller
+
+        ctl, _ = make_controller("operator-queueing", env.scenario, slo=env.slo)
+        ctl.reset(env.state)
+    keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
+    n = 0
+    spent = 0.0
+    while n < steps:
+        if stream == "keep":
+            a = keep
+        elif stream == "random":
+            a = rng.integers(0, nvec)
+        elif stream == "ppo":
+            a, _ = model.predict(obs, deterministic=False)
+        else:
+            tgt = env.sim.timeline.target_plan
+            a = env.decoder.encode(ctl.decide(env.state), tgt)
+        t0 = time.perf_counter()
+        obs, _, term, trunc, _ = env.step(a)
+        spent += time.perf_counter() - t0
+        n += 1
+        if term or trunc:
+            obs, _ = env.reset()
+            if ctl is not None:
+                ctl.reset(env.state)
+    return n / spent
+
+
+def ppo_rate(calls: int) -> float:
+    """``PPO("MlpPolicy").predict`` calls per second on one observation."""
+    from envs import make_env
+
     env = make_env()
-    if _MODEL is None:
-        _MODEL = PPO("MlpPolicy", env, device="cpu", n_steps=64, seed=0)
+    model = _policy(env)
     obs, _ = env.reset(seed=0)
     for _ in range(100):
-        _MODEL.predict(obs, deterministic=True)
+        model.predict(obs, deterministic=True)
     t0 = time.perf_counter()
     for _ in range(calls):
-        _MODEL.predict(obs, deterministic=True)
+        model.predict(obs, deterministic=True)
     return calls / (time.perf_counter() - t0)
 
 
 def reference_speedup() -> dict:
+    """Wall time of the reference simulator replaying azure-conv with 4 TP4 instances."""
     from envs import make_simulator, run_controller
     from envs.scenario import Scenario
     from envs.simulate import FixedPlan
@@ -82,32 +117,80 @@ def reference_speedup() -> dict:
             "requests": out["requests"]}
 
 
+def _worker(what: str, steps: int) -> None:
+    out = ppo_rate(steps) if what == "predict" else env_rate(what, steps)
+    print(json.dumps({what: out}))
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+
+def _run(root: Path, what: str, steps: int) -> float:
+    """One measurement in a fresh process with ``root`` first on sys.path."""
+    code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
+            f"import env_speed; env_speed._worker({what!r}, {steps})")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} in {root} failed:\n{res.stderr[-2000:]}")
+    return float(json.loads(res.stdout.strip().splitlines()[-1])[what])
+
+
+def _steps_for(stream: str, steps: int) -> int:
+    # plan-changing streams are slower; fewer steps keep a round short
+    return steps if stream in ("keep", "oq") else max(steps // 3, 200)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=3000, help="env steps per measurement (kept plan, oq)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    p.add_argument("--streams", default=",".join(STREAMS), help=f"comma-separated subset of {STREAMS}")
+    p.add_argument("--baseline", type=Path, default=None, help="another checkout to measure interleaved")
+    p.add_argument("--no-reference", action="store_true", help="skip the reference-simulator replay")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    # interleave the measurements so that load from other jobs hits both alike
-    keeps, rands, preds, ratios = [], [], [], []
+    streams = [s for s in a.streams.split(",") if s]
+    bad = [s for s in streams if s not in STREAMS]
+    if bad:
+        p.error(f"unknown stream(s) {bad}; choose from {STREAMS}")
+    trees = {"current": ROOT}
+    if a.baseline is not None:
+        if not (a.baseline / "envs" / "fast.py").is_file():
+            p.error(f"--baseline {a.baseline}: no envs/fast.py there")
+        trees["baseline"] = a.baseline.resolve()
+    rates: dict[str, dict[str, list[float]]] = {t: {s: [] for s in streams} for t in trees}
+    preds: list[float] = []
     for _ in range(a.rounds):
-        keeps.append(env_rate(a.steps, random_actions=False))
-        preds.append(ppo_rate(a.steps))
-        rands.append(env_rate(max(a.steps // 4, 200), random_actions=True))
-        ratios.append(keeps[-1] / preds[-1])
-    keep, rand, pred = (float(np.median(x)) for x in (keeps, rands, preds))
-    ref = reference_speedup()
-    out = {"env_steps_per_s_keep_plan": keep, "env_steps_per_s_random_actions": rand,
-           "ppo_predict_per_s": pred, "ratio_keep_plan": float(np.median(ratios)),
-           "ratio_random_actions": rand / pred, "rounds": a.rounds, "reference_azure_conv": ref}
+        preds.append(_run(ROOT, "predict", a.steps))
+        for s in streams:
+            for t, root in trees.items():
+                rates[t][s].append(_run(root, s, _steps_for(s, a.steps)))
+    pred = float(np.median(preds))
+    out: dict = {"ppo_predict_per_s": pred, "rounds": a.rounds, "steps": a.steps}
+    for t in trees:
+        out[t] = {s: {"steps_per_s": float(np.median(v)), "ratio_to_predict": float(np.median(v)) / pred,
+                      "rounds": [round(x, 1) for x in v]} for s, v in rates[t].items()}
+    if a.baseline is not None:
+        out["speedup"] = {s: out["current"][s]["steps_per_s"] / out["baseline"][s]["steps_per_s"] for s in streams}
+    if not a.no_reference:
+        out["reference_azure_conv"] = reference_speedup()
     if a.json:
         print(json.dumps(out, indent=2))
-    else:
-        print(f"fast env, plan kept:      {keep:8.0f} steps/s  (ratio to PPO predict {out['ratio_keep_plan']:.1f}, "
-              f"median of {a.rounds} interleaved rounds)")
-        print(f"fast env, random actions: {rand:8.0f} steps/s  (ratio to PPO predict {rand / pred:.1f})")
-        print(f"PPO MlpPolicy predict:    {pred:8.0f} calls/s")
-        print(f"reference, azure-conv:    {ref['trace_s']:.0f} s of trace in {ref['wall_s']:.1f} s "
+        return 0
+    names = {"keep": "plan kept", "random": "uniformly random", "ppo": "fresh PPO policy",
+             "oq": "operator-queueing plans"}
+    print(f"PPO MlpPolicy predict: {pred:8.0f} calls/s (median of {a.rounds} rounds)")
+    for s in streams:
+        cur = out["current"][s]
+        line = f"fast env, {names[s]:24s} {cur['steps_per_s']:8.0f} steps/s  ratio {cur['ratio_to_predict']:5.2f}"
+        if a.baseline is not None:
+            base = out["baseline"][s]
+            line += f"   baseline {base['steps_per_s']:8.0f} steps/s  speed-up {out['speedup'][s]:.2f}x"
+        print(line)
+    if not a.no_reference:
+        ref = out["reference_azure_conv"]
+        print(f"reference, azure-conv: {ref['trace_s']:.0f} s of trace in {ref['wall_s']:.1f} s "
               f"= {ref['speedup']:.0f}x real time")
     return 0
 

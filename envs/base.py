@@ -21,6 +21,7 @@ from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
 from envs.cluster import ClusterTimeline
+from envs.memo import put
 from envs.predictor import ExecutionPredictor
 from envs.scenario import Scenario
 from envs.world import MODEL, Layout, Placer, StepModel
@@ -123,6 +124,7 @@ class Simulator(ABC):
         #: prompt + output tokens arriving per interval (work every group will see)
         self._tok_sum = (self.index.prompt_sum + self.index.output_sum).tolist()
         self._steps: dict[tuple, StepModel] = self.cache.setdefault("steps", {})
+        self._sm_last: tuple = (None, None)  # identity cache: (layout, its step model)
         self.timeline: ClusterTimeline | None = None
         self.now = 0.0
         self.k = 0
@@ -138,12 +140,14 @@ class Simulator(ABC):
     # ------------------------------------------------------------------ helpers for subclasses
     def step_model(self, layout: Layout) -> StepModel:
         """The (cached) step model of a layout."""
+        last = self._sm_last
+        if last[0] is layout:
+            return last[1]
         key = tuple((g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in layout.plan.ops.items())
         sm = self._steps.get(key)
         if sm is None:
-            if len(self._steps) > 5000:
-                self._steps.clear()
-            sm = self._steps[key] = StepModel(layout, self.pred, self.sc)
+            sm = put(self._steps, key, StepModel(layout, self.pred, self.sc), 256)
+        self._sm_last = (layout, sm)
         return sm
 
     def serving_layout(self, t: float) -> Layout:

@@ -50,7 +50,7 @@ class ClusterTimeline:
     target: Layout = field(init=False)
     draining_units: int = 0
     repairs: list[str] = field(default_factory=list)
-    _cache: tuple | None = field(default=None, repr=False)  # (from, until, serving plan)
+    _cache: list | None = field(default=None, repr=False)  # [(from, until, serving plan)], newest last
 
     def __post_init__(self) -> None:
         self.target = self.placer.place(self.plan)
@@ -126,11 +126,17 @@ class ClusterTimeline:
     def serving_plan(self, now: float) -> Plan:
         """Per group the replicas serving at ``now`` (cached until the next load completes)."""
         cache = self._cache
-        if cache is not None and cache[0] <= now < cache[1]:
-            return cache[2]
+        if cache is not None:
+            for lo, hi, plan in cache:
+                if lo <= now < hi:
+                    return plan
+        else:
+            cache = self._cache = []
         plan = Plan({g: self.serving_op(g, now) for g in OPERATOR_GROUPS})
         nxt = self.next_ready(now)
-        self._cache = (now, nxt if nxt is not None else float("inf"), plan)
+        if len(cache) >= 4:
+            del cache[0]
+        cache.append((now, nxt if nxt is not None else float("inf"), plan))
         return plan
 
     def serving_fraction(self, g: str, t0: float, t1: float) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 from runtime.codec import ActionDecoder, ObservationEncoder
 from runtime.control import ClusterState, Plan
 
+from envs.memo import put
 from envs.obs import FastActionDecoder, FastObservationEncoder
 from envs.scenario import Scenario
 
@@ -124,9 +125,7 @@ class OperatorScalingEnv(gym.Env):
             plan = hit[2]
         else:
             plan = self._tp_follows_placement(decoded)
-            if len(self._tp_cache) > 50_000:
-                self._tp_cache.clear()
-            self._tp_cache[id(decoded)] = (decoded, prev, plan)
+            put(self._tp_cache, id(decoded), (decoded, prev, plan), 256)
         self.state = self.sim.step(plan)
         self.t += 1
         reward = self._reward(self.state)

@@ -15,6 +15,8 @@ from runtime.codec import CodecConfig, ObservationEncoder
 from runtime.control import PLACEMENTS, ClusterState
 from runtime.models import OPERATOR_GROUPS
 
+from envs.memo import put
+
 _LOG9 = math.log(9.0)
 
 
@@ -87,6 +89,9 @@ class FastActionDecoder:
         self.slow = ActionDecoder(config)
         self.nvec = tuple(int(x) for x in self.slow.nvec)
         self._cache: dict[tuple, tuple[object, object]] = {}
+        self._hi = tuple(n - 1 for n in self.nvec)
+        self._deltas = tuple(int(d) for d in config.replica_deltas)
+        self._levels = tuple(int(b) for b in config.batch_levels)
 
     def decode(self, action, prev):  # noqa: ANN001 - same signature as the codec
         a = np.asarray(action).reshape(-1)
@@ -96,8 +101,24 @@ class FastActionDecoder:
         hit = self._cache.get(key)
         if hit is not None and hit[0] is prev:
             return hit[1]
-        plan = self.slow.decode(a, prev)
-        if len(self._cache) > 50_000:
-            self._cache.clear()
-        self._cache[key] = (prev, plan)
+        plan = self._decode(a.astype(np.int64).tolist(), prev)
+        put(self._cache, key, (prev, plan), 256)
         return plan
+
+    def _decode(self, a: list[int], prev):  # noqa: ANN001, ANN202
+        """The codec's decode on a list of ints (same clipping, same OperatorPlan fields)."""
+        from runtime.control import OperatorPlan, Plan
+
+        c = self.config
+        lo, hi_r = c.min_replicas, c.max_replicas
+        hi = self._hi
+        ops = {}
+        for k, g in enumerate(OPERATOR_GROUPS):
+            i = 3 * k
+            d_idx = min(max(a[i], 0), hi[i])
+            b_idx = min(max(a[i + 1], 0), hi[i + 1])
+            p_idx = min(max(a[i + 2], 0), hi[i + 2])
+            old = prev[g]
+            replicas = min(max(old.replicas + self._deltas[d_idx], lo), hi_r)
+            ops[g] = OperatorPlan(replicas, self._levels[b_idx], PLACEMENTS[p_idx], old.tp)
+        return Plan(ops)

@@ -83,6 +83,9 @@ class ExecutionPredictor:
         self._ovp = self._overhead_params()
         self._send = lru_cache(maxsize=20_000)(self._send_uncached)
         self._power = lru_cache(maxsize=2_048)(self._power_uncached)
+        self._wb: dict[tuple, float] = {}  # weight bytes per GPU by (group, tp)
+        self._ab: dict[tuple, float] = {}  # activation bytes per GPU by (group, tokens, tp)
+        self._kvb = int(self.cfg.kv_bytes_per_token)
 
     # ------------------------------------------------------------------ latency
     def _group_uncached(self, group: str, tokens: int, context: int, batch: int, tp: int, phase: str) -> float:
@@ -194,8 +197,12 @@ class ExecutionPredictor:
         return self._power(int(round(u * 100)))
 
     def weight_bytes_per_gpu(self, group: str, tp: int) -> float:
-        """Weight bytes one GPU of a ``tp`` replica of ``group`` holds."""
-        return self.cfg.group_weight_bytes(group) / tp
+        """Weight bytes one GPU of a ``tp`` replica of ``group`` holds (memoised)."""
+        key = (group, tp)
+        hit = self._wb.get(key)
+        if hit is None:
+            hit = self._wb[key] = self.cfg.group_weight_bytes(group) / tp
+        return hit
 
     def activation_bytes_per_gpu(self, group: str, tokens: int, tp: int) -> float:
         """Activation workspace of one GPU of a replica running ``tokens``-token iterations.
@@ -203,11 +210,18 @@ class ExecutionPredictor:
         The widest intermediate of the group (d_ff/tp for mlp, qkv width/tp for proj,
         vocabulary/tp logits for head, d_model otherwise) times tokens, double-buffered.
         """
-        c = self.cfg
-        width = {"mlp": 2 * c.d_ff / tp, "proj": c.qkv_out / tp, "head": c.vocab_size / tp}.get(group, c.d_model)
-        return 2.0 * tokens * max(width, c.d_model) * c.dtype_bytes
+        key = (group, tokens, tp)
+        hit = self._ab.get(key)
+        if hit is None:
+            c = self.cfg
+            width = {"mlp": 2 * c.d_ff / tp, "proj": c.qkv_out / tp, "head": c.vocab_size / tp}.get(group, c.d_model)
+            hit = 2.0 * tokens * max(width, c.d_model) * c.dtype_bytes
+            if len(self._ab) > 100_000:
+                self._ab.clear()
+            self._ab[key] = hit
+        return hit
 
     @property
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes per cached token over all layers (unsharded)."""
-        return self.cfg.kv_bytes_per_token
+        return self._kvb

@@ -18,7 +18,8 @@ from typing import Mapping
 from runtime.control import OperatorPlan, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
-from envs.predictor import ExecutionPredictor
+from envs.memo import put
+from envs.predictor import ExecutionPredictor, quantise
 from envs.scenario import Scenario
 
 TP_LEVELS = (1, 2, 4, 8)
@@ -97,8 +98,10 @@ class Placer:
         self.pred = pred
         self.cap = pred.gpu.memory_bytes * scenario.gpu_mem_util
         self._cache: dict[tuple, Layout] = {}
-        self._last: tuple = (None, None)  # identity cache: the serving plan object repeats
+        self._last: dict[int, tuple] = {}  # identity cache: plan objects repeat (target, serving)
         self._need: dict[tuple, float] = {}
+        self._inst: dict[tuple, float] = {}
+        self._per_rep: dict[tuple, tuple[float, float]] = {}
 
     # -------------------------------------------------------------- memory per GPU of one replica
     def _tokens(self, max_batch: int) -> int:
@@ -112,6 +115,13 @@ class Placer:
             hit = self._need[key] = self._replica_need(group, op)
         return hit
 
+    def _need_at(self, group: str, max_batch: int, tp: int, placement: str) -> float:
+        """``replica_need`` without building an OperatorPlan on a cache hit."""
+        hit = self._need.get((group, max_batch, tp))
+        if hit is None:
+            hit = self.replica_need(group, OperatorPlan(1, max_batch, placement, tp))
+        return hit
+
     def _replica_need(self, group: str, op: OperatorPlan) -> float:
         p = self.pred
         need = p.weight_bytes_per_gpu(group, op.tp) + p.activation_bytes_per_gpu(group, self._tokens(op.max_batch),
@@ -122,6 +132,13 @@ class Placer:
 
     def instance_need(self, groups: frozenset[str], tp: int, max_batch: int) -> float:
         """Bytes per GPU of a whole-model instance without its KV (plus one full sequence of KV)."""
+        key = (groups, tp, max_batch)
+        hit = self._inst.get(key)
+        if hit is None:
+            hit = self._inst[key] = self._instance_need(groups, tp, max_batch)
+        return hit
+
+    def _instance_need(self, groups: frozenset[str], tp: int, max_batch: int) -> float:
         p = self.pred
         need = sum(p.weight_bytes_per_gpu(g, tp) + p.activation_bytes_per_gpu(g, self._tokens(max_batch), tp)
                    for g in groups)
@@ -132,16 +149,14 @@ class Placer:
     # -------------------------------------------------------------- public
     def place(self, plan: Plan) -> Layout:
         """Place ``plan``; repairs it to fit memory and ``max_gpus`` or raises PlanError."""
-        if plan is self._last[0]:
-            return self._last[1]
+        last = self._last.get(id(plan))
+        if last is not None and last[0] is plan:
+            return last[1]
         key = _plan_key(plan)
         hit = self._cache.get(key)
         if hit is None:
-            hit = self._place(plan)
-            if len(self._cache) > 20_000:
-                self._cache.clear()
-            self._cache[key] = hit
-        self._last = (plan, hit)
+            hit = put(self._cache, key, self._place(plan), 512)
+        put(self._last, id(plan), (plan, hit), 256)  # holds the plan, so its id stays unique
         return hit
 
     def check(self, plan: Plan) -> list[str]:
@@ -210,7 +225,7 @@ class Placer:
                 continue
             tp = op.tp
             mb = op.max_batch
-            while self.replica_need(g, OperatorPlan(1, mb, op.placement, tp)) > self.cap:
+            while self._need_at(g, mb, tp, op.placement) > self.cap:
                 bigger = [t for t in TP_LEVELS if t > tp]
                 if bigger:
                     tp = bigger[0]
@@ -252,8 +267,9 @@ class Placer:
             for _ in range(op.replicas):
                 left = op.tp
                 # best fit: least free memory first; ties prefer GPUs already hosting this group
-                cands = sorted((c for c in classes if c.kind != "dedicated" and cap - c.used_bytes >= need),
-                               key=lambda c: (cap - c.used_bytes, -c.procs.get(g, 0)))
+                cands = [c for c in classes if c.kind != "dedicated" and cap - c.used_bytes >= need]
+                if len(cands) > 1:
+                    cands.sort(key=lambda c: (cap - c.used_bytes, -c.procs.get(g, 0)))
                 for c in cands:
                     if left == 0:
                         break
@@ -303,14 +319,21 @@ class Placer:
             peers[proc] = share
         load_s = {}
         memory = {}
-        mono_w = sum(p.weight_bytes_per_gpu(h, inst_tp) for h in mono)
+        mono_w = sum(p.weight_bytes_per_gpu(h, inst_tp) for h in mono) if mono else 0
+        per_rep = self._per_rep
         for g in OPERATOR_GROUPS:
             op = plan[g]
             tp = inst_tp if g in mono else op.tp
-            per_gpu = mono_w if g in mono else p.weight_bytes_per_gpu(g, tp)
-            load_s[g] = sc.replica_start_s + per_gpu / sc.load_bw_bytes_per_s
-            memory[g] = (p.weight_bytes_per_gpu(g, tp) + p.activation_bytes_per_gpu(g, self._tokens(op.max_batch), tp)) \
-                * tp * op.replicas
+            key = (g, tp, op.max_batch)
+            hit = per_rep.get(key)
+            if hit is None:
+                # (load seconds of a dedicated replica, bytes of one replica over its tp GPUs)
+                hit = per_rep[key] = (
+                    sc.replica_start_s + p.weight_bytes_per_gpu(g, tp) / sc.load_bw_bytes_per_s,
+                    (p.weight_bytes_per_gpu(g, tp) + p.activation_bytes_per_gpu(g, self._tokens(op.max_batch), tp))
+                    * tp)
+            load_s[g] = sc.replica_start_s + mono_w / sc.load_bw_bytes_per_s if g in mono else hit[0]
+            memory[g] = hit[1] * op.replicas
         memory["attn"] += units * unit_kv * kvb
         return Layout(plan=plan, repairs=list(repairs), gpus=classes, mono=mono, instances=instances, units=units,
                       unit_tp=unit_tp, unit_kv_tokens=unit_kv, proc_gpus=proc_gpus, peers=peers, load_s=load_s,
@@ -411,6 +434,16 @@ class StepModel:
             tuple((self.replicas[g], self.max_batch[g]) for g in OPERATOR_GROUPS if self.site[g] != "local"),
             self.m, self.local_proc,
             tuple(sorted((k, tuple(sorted(v.items()))) for k, v in layout.peers.items() if v)))
+        # precomputed per-call tables for iteration() (speed; same arithmetic as written there)
+        self._peers = {proc: tuple(v.items()) for proc, v in layout.peers.items() if v}
+        spec = []
+        for site, ops in self.stages:
+            proc = self.local_proc if site == "local" else site
+            spec.append((proc, site == "local", tuple((g, frac, self.tp[g], self.replicas[g], self.max_batch[g])
+                                                      for g, frac in ops)))
+        self._stage_spec = tuple(spec)
+        self._ends = tuple((g, self.site[g] == "local", self.local_proc if self.site[g] == "local" else layout.proc_of(g),
+                            self.tp[g], self.replicas[g]) for g in ("embed", "head"))
 
     def contention(self, proc: str, util: Mapping[str, float]) -> float:
         """Slowdown factor of ``proc`` given the busy share of the processes it shares GPUs with."""
@@ -444,46 +477,67 @@ class StepModel:
         tot_seqs = max(tot_seqs, n_dec + n_pre)
         L = self.layers
         busy_ms: dict[str, float] = {}
+        group = p._group  # memoised (group, tokens, context, batch, tp, phase) -> ms, as in group_ms
+        peers_of = self._peers
+        cont = self.sc.contention
+        memo: dict[str, float] = {}
+        tok_m = tokens / m
+        q_tok_m = quantise(tok_m) if tok_m > 0 else 0
 
-        def group_time(g: str, site: str) -> float:
-            """ms of group g (all layers) for one micro-batch as this unit sees it."""
-            if g == "attn":
-                t = 0.0
-                if n_dec > 0:
-                    t += p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, self.tp["attn"], "decode")
-                if p_tok > 0:
-                    t += p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), self.tp["attn"], "prefill")
-                return t
-            if site == "local":
-                return p.group_ms(g, tokens / m, tp=self.tp[g])
-            r = self.replicas[g]
-            seqs = tot_seqs / r
-            calls = max(1.0, seqs / self.max_batch[g])
-            per_call = tot_tokens / r / calls / m
-            return p.group_ms(g, per_call, tp=self.tp[g]) * calls
+        slow_memo: dict[str, float] = {}
+
+        def slowdown(proc: str) -> float:
+            """contention(proc, util), once per process and call."""
+            f = slow_memo.get(proc)
+            if f is None:
+                peers = peers_of.get(proc)
+                if not peers:
+                    f = 1.0
+                else:
+                    f = 1.0 + cont * sum(share * min(max(util.get(o, 0.0), 0.0), 1.0) for o, share in peers)
+                slow_memo[proc] = f
+            return f
 
         stage_ms = []
-        for site, ops in self.stages:
-            proc = self.local_proc if site == "local" else site
-            slow = self.contention(proc, util)
-            t = sum(frac * group_time(g, site) / L for g, frac in ops) * slow
+        for proc, local, ops in self._stage_spec:
+            slow = slowdown(proc)
+            t = 0
+            for g, frac, tp, r, mb in ops:
+                gt = memo.get(g)
+                if gt is None:
+                    # ms of group g (all layers) for one micro-batch as this unit sees it
+                    if g == "attn":
+                        gt = 0.0
+                        if n_dec > 0:
+                            gt += p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, tp, "decode")
+                        if p_tok > 0:
+                            gt += p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), tp, "prefill")
+                    elif local:
+                        gt = group(g, q_tok_m, 0, 1, tp, "decode") if tok_m > 0 else 0.0
+                    else:
+                        seqs = tot_seqs / r
+                        calls = max(1.0, seqs / mb)
+                        per_call = tot_tokens / r / calls / m
+                        gt = (group(g, quantise(per_call), 0, 1, tp, "decode") if per_call > 0 else 0.0) * calls
+                    memo[g] = gt
+                t += frac * gt / L
+            t *= slow
             stage_ms.append(t)
             busy_ms[proc] = busy_ms.get(proc, 0.0) + t * m * L
-        hop_ms = p.send_ms(tokens / m) if self.hops else 0.0
-        ring = stage_ms + [hop_ms] * self.hops
-        layer_ms = max(m * max(ring), sum(ring)) if self.hops else sum(ring)
+        if self.hops:
+            hop_ms = p.send_ms(tok_m)
+            ring = stage_ms + [hop_ms] * self.hops
+            layer_ms = max(m * max(ring), sum(ring))
+        else:
+            layer_ms = sum(stage_ms)
         total = L * layer_ms
         # embed and head, once per step: local or one hop away
-        for g, tok in (("embed", tokens), ("head", n_dec + n_pre)):
-            site = self.site[g]
-            if site == "local":
-                proc = self.local_proc
-                t = p.group_ms(g, tok, tp=self.tp[g]) * self.contention(proc, util)
+        for g, local, proc, tp, r in self._ends:
+            tok = tokens if g == "embed" else n_dec + n_pre
+            if local:
+                t = p.group_ms(g, tok, tp=tp) * slowdown(proc)
             else:
-                r = self.replicas[g]
-                proc = self.L.proc_of(g)
-                t = p.group_ms(g, tot_tokens / r if g == "embed" else tot_seqs / r, tp=self.tp[g]) * \
-                    self.contention(proc, util)
+                t = p.group_ms(g, tot_tokens / r if g == "embed" else tot_seqs / r, tp=tp) * slowdown(proc)
                 t += p.send_ms(tok)
             total += t
             busy_ms[proc] = busy_ms.get(proc, 0.0) + t

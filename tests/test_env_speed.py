@@ -1,0 +1,118 @@
+"""The env's speed work must not change what it computes: caches, twins and the bench."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from envs import make_env
+from envs.memo import put
+from envs.obs import FastActionDecoder
+from envs.world import Placer, StepModel
+from runtime.codec import ActionDecoder
+
+
+def _trajectory(env, actions):  # noqa: ANN001, ANN202
+    obs, _ = env.reset(seed=3, options={"start_s": 100.0})
+    out = [obs]
+    rewards = []
+    for a in actions:
+        o, r, term, trunc, info = env.step(a)
+        out.append(o)
+        rewards.append(r)
+        assert not term
+    return np.stack(out), np.array(rewards)
+
+
+def test_put_evicts_oldest_half_when_full():
+    t: dict = {}
+    for i in range(4):
+        put(t, i, i * 10, limit=4)
+    assert list(t) == [0, 1, 2, 3]
+    assert put(t, 4, 40, limit=4) == 40
+    assert list(t) == [2, 3, 4]  # 0 and 1 (the oldest half of 4) went first
+    put(t, 2, 21, limit=4)  # overwriting an entry of a table below the limit evicts nothing
+    assert t == {2: 21, 3: 30, 4: 40}
+
+
+def test_fast_decoder_equals_codec_on_any_action():
+    env = make_env(seed=0)
+    env.reset(seed=0)
+    dec = ActionDecoder(env.scenario.codec_config)
+    fast = FastActionDecoder(env.scenario.codec_config)
+    prev = env.sim.timeline.target_plan
+    rng = np.random.default_rng(1)
+    nvec = np.asarray(dec.nvec)
+    for _ in range(300):
+        a = rng.integers(-2, nvec + 2)  # out-of-range entries are clipped like the codec does
+        plan = fast.decode(a, prev)
+        assert plan == dec.decode(a, prev)
+        prev = plan
+    assert fast.decode(np.full(len(nvec), 1.7), prev) == dec.decode(np.full(len(nvec), 1.7), prev)
+    with pytest.raises(ValueError, match="expected 15"):
+        fast.decode([0, 1], prev)
+
+
+def test_warm_caches_give_the_same_trajectory_as_a_fresh_env():
+    """Plan-changing actions: a second pass (every cache warm, identity caches hit) and a
+    fresh env (cold caches) see bit-identical observations and rewards."""
+    rng = np.random.default_rng(7)
+    env = make_env(seed=0)
+    actions = [rng.integers(0, env.action_space.nvec) for _ in range(40)]
+    first = _trajectory(env, actions)
+    second = _trajectory(env, actions)
+    fresh = _trajectory(make_env(seed=0), actions)
+    for a, b in ((first, second), (first, fresh)):
+        assert np.array_equal(a[0], b[0])
+        assert np.array_equal(a[1], b[1])
+
+
+def test_placer_caches_are_bounded_and_keep_answers():
+    env = make_env(seed=0)
+    env.reset(seed=0)
+    placer: Placer = env.sim.placer
+    rng = np.random.default_rng(2)
+    fresh = Placer(placer.sc, placer.pred)
+    prev = env.sim.timeline.target_plan
+    for _ in range(700):
+        plan = env._fast_decoder.decode(rng.integers(0, env.action_space.nvec), prev)
+        try:
+            a = placer.place(plan)
+        except Exception as e:  # noqa: BLE001 - refusals must match too
+            with pytest.raises(type(e)):
+                fresh.place(plan)
+            continue
+        b = fresh.place(plan)
+        assert (a.plan, a.n_gpus, a.units, a.unit_kv_tokens, a.proc_gpus, a.peers, a.memory_bytes) == \
+            (b.plan, b.n_gpus, b.units, b.unit_kv_tokens, b.proc_gpus, b.peers, b.memory_bytes)
+        prev = plan
+    assert len(placer._cache) <= 512 and len(placer._last) <= 256
+
+
+def test_step_model_hand_checked_mono_iteration():
+    """A whole-model layout's iteration is the predictor's calibrated whole-model step."""
+    env = make_env(seed=0)
+    env.reset(seed=0)
+    sim = env.sim
+    layout = sim.placer.place(env.scenario.initial_plan())
+    assert "attn" in layout.mono and len(layout.mono) == 5
+    sm = StepModel(layout, sim.pred, sim.sc)
+    r = sm.iteration(16, 1000, 0, 0, 0, 16, 16)
+    tp = layout.unit_tp
+    assert r.ms == pytest.approx(sim.pred.mono_iteration_ms(tp, 16, 1000), rel=1e-9)
+    assert set(r.busy) == {"model"} and 0 < r.busy["model"] <= 1
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_env_rate_runs_every_stream_but_ppo(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import env_speed
+
+    for stream in ("keep", "random", "oq"):
+        assert env_speed.env_rate(stream, 25) > 0
+    monkeypatch.setattr(sys, "argv", ["env_speed.py", "--streams", "keep,bogus"])
+    with pytest.raises(SystemExit):
+        env_speed.main()
+    assert "unknown stream(s) ['bogus']" in capsys.readouterr().err
