@@ -56,6 +56,7 @@ class PPOHyperparams:
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     normalize: dict[str, Any] = field(default_factory=lambda: {"norm_obs": True, "norm_reward": True})
     bc: BCConfig = field(default_factory=BCConfig)
+    fidelity: str = "fast"
     initial_plan: dict[str, Any] = field(default_factory=dict)
     freeze_layout: bool = False
     eval_freq: int = 20_000
@@ -65,6 +66,8 @@ class PPOHyperparams:
     def __post_init__(self) -> None:
         if self.algo not in ("PPO", "MaskablePPO"):
             raise ValueError(f"algo must be PPO or MaskablePPO, got {self.algo!r}")
+        if self.fidelity not in ("fast", "reference"):
+            raise ValueError(f"fidelity must be fast or reference, got {self.fidelity!r}")
         if self.vec_env not in ("dummy", "subproc"):
             raise ValueError(f"vec_env must be dummy or subproc, got {self.vec_env!r}")
         if isinstance(self.bc, dict):

@@ -65,7 +65,7 @@ def _env_factory(scenario: Any, split: str, seed: int, threads: int | None,
     def make() -> gym.Env:
         if threads is not None:
             th.set_num_threads(threads)
-        env = make_env(scenario, split=split, seed=seed)
+        env = make_env(scenario, split=split, seed=seed, fidelity=(restrict or {}).get("fidelity", "fast"))
         if restrict:
             env = PlanRestriction(env, restrict.get("initial_plan") or None, bool(restrict.get("freeze_layout")))
         return Monitor(env)
@@ -137,7 +137,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
     Algo = _algo_class(hp.algo)
     t0 = time.time()
 
-    restrict = {"initial_plan": hp.initial_plan, "freeze_layout": hp.freeze_layout}
+    restrict = {"initial_plan": hp.initial_plan, "freeze_layout": hp.freeze_layout, "fidelity": hp.fidelity}
     venv_raw = make_vec_env(scenario, "train", hp.n_envs, args.seed, hp.vec_env, restrict)
     norm = dict(hp.normalize)
     if args.resume:
