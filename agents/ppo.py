@@ -10,7 +10,6 @@ training env did (the checkpoint scenario's ``model_tp`` for ``model``, its per-
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,8 +17,8 @@ import numpy as np
 
 from agents.checkpoint import Checkpoint, load_checkpoint
 from agents.wrappers import frozen_mask
-from runtime.codec import ActionDecoder, CodecConfig, ObservationEncoder
-from runtime.control import ClusterState, Controller, OperatorPlan, Plan
+from runtime.codec import ActionDecoder, CodecConfig, ObservationEncoder, tp_follows_placement
+from runtime.control import ClusterState, Controller, Plan
 
 
 class PPOController(Controller):
@@ -74,9 +73,4 @@ class PPOController(Controller):
         plan = self.decoder.decode(self.act(state), state.plan)
         if self.model_tp is None or not self.group_tp:
             return plan
-        ops: dict[str, OperatorPlan] = dict(plan.ops)
-        for g, op in plan.ops.items():
-            if op.placement != state.plan[g].placement:
-                tp = self.model_tp if op.placement == "model" else self.group_tp.get(g, op.tp)
-                ops[g] = replace(op, tp=tp)
-        return Plan(ops)
+        return tp_follows_placement(plan, state.plan, self.model_tp, self.group_tp)

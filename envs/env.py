@@ -13,14 +13,13 @@ split of the scenario's trace (``train`` for training, ``test`` = held-out for e
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import gymnasium as gym
 import numpy as np
 
-from runtime.codec import ActionDecoder, ObservationEncoder
+from runtime.codec import ActionDecoder, ObservationEncoder, tp_follows_placement
 from runtime.control import ClusterState, Plan
 
 from envs.memo import put
@@ -134,15 +133,8 @@ class OperatorScalingEnv(gym.Env):
         return self._obs(), reward, terminated, truncated, self._info(self.state)
 
     def _tp_follows_placement(self, plan: Plan) -> Plan:
-        """The codec keeps tp; the env sets it from the placement: ``model_tp`` for groups in a
-        whole-model instance, the scenario's per-group tp otherwise (memory repairs may raise it)."""
-        prev = self.sim.timeline.target_plan
-        ops = dict(plan.ops)
-        for g, op in plan.ops.items():
-            if op.placement != prev[g].placement:
-                tp = self.scenario.model_tp if op.placement == "model" else int(self.scenario.tp[g])
-                ops[g] = replace(op, tp=tp)
-        return Plan(ops)
+        """The codec keeps tp; a moved group takes its new placement's tp (runtime.codec)."""
+        return tp_follows_placement(plan, self.sim.timeline.target_plan, self.scenario.model_tp, self.scenario.tp)
 
     def action_masks(self) -> np.ndarray:
         """Flat boolean mask of allowed sub-actions (sb3-contrib MaskablePPO layout)."""

@@ -8,7 +8,8 @@ with :class:`ActionDecoder`. Checkpoints record :data:`SPEC_VERSION` and the cod
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from typing import Mapping
 
 import numpy as np
 
@@ -191,3 +192,23 @@ class ActionDecoder:
             parts.append(np.ones(len(c.batch_levels), dtype=bool))
             parts.append(np.ones(len(PLACEMENTS), dtype=bool))
         return np.concatenate(parts)
+
+
+def tp_follows_placement(plan: Plan, prev: Plan, model_tp: int, group_tp: Mapping[str, int]) -> Plan:
+    """Set tp for groups whose placement changed between ``prev`` and ``plan``.
+
+    The decoder keeps each group's tensor parallelism (a property of the scenario); a group
+    that moves takes the tp its new placement runs at: ``model_tp`` inside a whole-model
+    instance, ``group_tp[group]`` in its own pool (a group missing there keeps its tp). The
+    env and the PPO controller both call this, so a policy's plan means the same in the
+    simulator and the live runtime.
+    """
+    ops = dict(plan.ops)
+    changed = False
+    for g, op in plan.ops.items():
+        if op.placement != prev[g].placement:
+            tp = int(model_tp) if op.placement == "model" else int(group_tp.get(g, op.tp))
+            if tp != op.tp:
+                ops[g] = replace(op, tp=tp)
+                changed = True
+    return Plan(ops) if changed else plan

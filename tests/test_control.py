@@ -103,3 +103,16 @@ def test_action_mask_forbids_leaving_bounds():
     assert mask.shape == (int(dec.nvec.sum()),)
     # deltas (-4, -1, 0, +1, +4) from 1 replica: only 0, +1, +4 allowed
     assert list(mask[:5]) == [False, False, True, True, True]
+
+
+def test_tp_follows_placement_only_for_moved_groups():
+    from runtime.codec import tp_follows_placement
+
+    prev = Plan({g: OperatorPlan(2, 32, "model", 4) for g in OPERATOR_GROUPS})
+    moved = prev.with_op("mlp", placement="dedicated").with_op("attn", replicas=3)
+    out = tp_follows_placement(moved, prev, model_tp=4, group_tp={"mlp": 2, "attn": 1})
+    assert out["mlp"].tp == 2                      # left the instance: its own pool's tp
+    assert out["attn"].tp == 4                     # replicas changed, placement did not
+    back = tp_follows_placement(prev, out, model_tp=4, group_tp={"mlp": 2})
+    assert back["mlp"].tp == 4                     # back inside a whole-model instance
+    assert tp_follows_placement(prev, prev, 4, {"mlp": 2}) is prev
