@@ -105,10 +105,18 @@ class ReferenceSimulator(Simulator):
         self.gap_log: list[tuple[float, float]] = []          # (time, gap) of resumed sequences
         self.reject_t = np.full(n, np.nan)
         self._busy_acc: dict[str, float] = {}
+        self._retired = 0
         self._tot_tokens = 0.0
         self._tot_seqs = 0.0
         self._unit_sig: tuple | None = None
         self._rng = np.random.default_rng(self.seed)
+
+    def reset(self, plan):
+        """Start the run with ``plan`` loaded: its attention units exist from t=0 (so a first
+        step that removes some drains real, empty units instead of units never created)."""
+        state = super().reset(plan)
+        self._reconcile(0.0)
+        return state
 
     def _idle(self) -> bool:
         return not self.queue and all(u.seqs == 0 for u in self.units) and self.next_arrival >= len(self.arrival)
@@ -156,6 +164,11 @@ class ReferenceSimulator(Simulator):
 
     def _retire(self, u: Unit, t: float) -> None:
         u.gone = True
+        self._retired += 1
+        # its last iteration no longer loads the shared pools
+        self._tot_tokens -= u.last_tokens
+        self._tot_seqs -= u.last_seqs
+        u.last_tokens = u.last_seqs = 0.0
         self.account(t)
         self.timeline.drained(1)
 
@@ -367,6 +380,7 @@ class ReferenceSimulator(Simulator):
         if i < n and self.arrival[i] < t1 and not any(e[1] == _ARRIVE for e in self.events):
             self._push(self.arrival[i], _ARRIVE, i)
         self._busy_acc = {}
+        self._retired = 0   # units retired during this interval (their iterations count in util)
         ev = self.events
         while ev and ev[0][0] < t1:
             t, kind, _, payload = heapq.heappop(ev)
@@ -416,7 +430,9 @@ class ReferenceSimulator(Simulator):
         m.kv_used_frac = sum(u.kv for u in live) / cap if cap else 0.0
         m.queue_tokens = float(sum(self.prompt[r] + self.output[r] for r in self.queue)) if len(self.queue) < 5000 \
             else float(len(self.queue) * (self.prompt.mean() + self.output.mean()))
-        n_units = max(len([u for u in live if not u.draining]), 1)
+        # busy is summed over every unit that iterated (serving, draining, retired meanwhile):
+        # average over the same units
+        n_units = max(len(live) + self._retired, 1)
         m.util = {k: min(v / (dt * n_units), 1.0) for k, v in self._busy_acc.items()}
         self.util = m.util
         return m
