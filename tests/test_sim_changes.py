@@ -62,3 +62,37 @@ def test_utilisation_averages_over_every_unit_that_iterated():
     assert 0.0 < utils["kept"] < 0.5
     # the same work is done in the interval (the drained sequences finish on their units)
     assert utils["scale-down"] == pytest.approx(utils["kept"], rel=0.3)
+
+
+def test_random_walk_is_seeded_bounded_and_changes_at_the_given_rate():
+    from envs.validate import WALK_BOUNDS, changes_per_interval, random_walk_plans
+
+    sc = Scenario.from_yaml()
+    a = random_walk_plans(sc, 400, seed=3)
+    assert a == random_walk_plans(sc, 400, seed=3)
+    assert a != random_walk_plans(sc, 400, seed=4)
+    assert a[0] == packed(sc, 8)
+    for p in a:
+        for g, (lo, hi) in WALK_BOUNDS.items():
+            assert lo <= p[g].replicas <= hi
+            assert p[g].placement == "pack" and p[g].tp == sc.tp[g] and p[g].max_batch == 64
+    # a move at a bound can be clipped to no change: slightly under p_change
+    assert 0.35 <= changes_per_interval(a) <= 0.5
+    assert changes_per_interval([a[0], a[0], packed(sc, 4), packed(sc, 4)]) == pytest.approx(1 / 3)
+
+
+def test_run_sequence_drives_both_fidelities_with_the_same_plans():
+    from envs.validate import markdown_changing, run_sequence
+
+    sc = Scenario.from_yaml()
+    plans = [packed(sc, 8), packed(sc, 4), packed(sc, 4), packed(sc, 6)]
+    c = run_sequence(sc, steady_trace(80, 0.5), plans, "four plans")
+    for out in (c.reference, c.fast):
+        assert out["requests"] == 80
+        assert 0.0 <= out["slo_attainment"] <= 1.0
+        assert out["gpu_seconds"] > 0
+    c.reference["changes"] = 2 / 3
+    row = markdown_changing([c]).splitlines()[-1]
+    assert row.startswith("| four plans | 0.67 | ")
+    diff = c.fast["slo_attainment"] - c.reference["slo_attainment"]
+    assert f"({diff:+.3f})" in row
