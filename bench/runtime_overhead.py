@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.control import Plan  # noqa: E402
 from runtime.engine import Engine, EngineConfig  # noqa: E402
+from runtime.kvcache import KVLayout  # noqa: E402
 from runtime.model import LlamaModel, build_model  # noqa: E402
 from runtime.models import OPERATOR_GROUPS, get_model  # noqa: E402
-from runtime.pools import READY  # noqa: E402
+from runtime.pools import READY, clone_to  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -83,9 +84,24 @@ def monolithic(model: LlamaModel, prompts: list[list[int]], tokens: int, device:
             "tbt_p99_s": sorted(gaps)[min(len(gaps) - 1, int(0.99 * len(gaps)))]}
 
 
+def engine_config(model: LlamaModel, device: str, sequences: int, tokens_per_seq: int) -> EngineConfig:
+    """An engine config whose attention replica holds ``sequences`` x ``tokens_per_seq`` KV tokens.
+
+    The engine's default KV budget (64 MiB) is sized for CPU test models; a 7B shape holds
+    0.5 MiB of KV per token, so the benchmark sizes the cache for its own workload (plus one
+    block per sequence for rounding) instead of measuring admission waits.
+    """
+    cfg = model.cfg
+    dtype = model.embed.weight.dtype
+    layout = KVLayout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, dtype=dtype)
+    kv_bytes = sequences * (layout.blocks_for(tokens_per_seq) + 1) * layout.bytes_per_block
+    return EngineConfig(device=device, kv_bytes_per_replica=max(kv_bytes, EngineConfig.kv_bytes_per_replica))
+
+
 def split(model: LlamaModel, prompts: list[list[int]], tokens: int, device: str, batch: int) -> dict[str, float]:
     """The same work through the engine (one replica per group, max_batch = batch)."""
-    eng = Engine(model, Plan.model_level(1, batch, 1), EngineConfig(device=device)).start()
+    conf = engine_config(model, device, len(prompts) + 1, len(prompts[0]) + tokens)
+    eng = Engine(model, Plan.model_level(1, batch, 1), conf).start()
     try:
         eng.generate(prompts[0], 2)  # warm-up
         seqs = [eng.submit(p, tokens) for p in prompts]
@@ -105,8 +121,9 @@ def scale_up(model: LlamaModel, device: str, batch: int, prompt: int, tokens: in
     """Per group: seconds from apply() to the new replica being ready and to its first batch."""
     out: dict[str, dict[str, float]] = {}
     base = Plan.model_level(1, batch, 1)
+    conf = engine_config(model, device, 2 * batch, prompt + tokens)
     for g in OPERATOR_GROUPS:
-        eng = Engine(model, base, EngineConfig(device=device)).start()
+        eng = Engine(model, base, conf).start()
         try:
             # keep load on so the new replica gets work as soon as it joins
             seqs = [eng.submit([(7 * i + j) % model.cfg.vocab_size for j in range(prompt)], tokens)
@@ -148,14 +165,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
     p.add_argument("--tokens", type=int, default=32, help="generated tokens per sequence")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-scale-up", action="store_true", help="skip part 2 (scale-up time per group)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
     dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "float32")]
     cfg = get_model(args.model)
-    model = build_model(cfg, device="cpu", dtype=dtype, seed=0)
+    # Random weights are drawn on the device (seconds for a 7B shape on a GPU, a minute on a
+    # CPU); the engine's master copy lives in host memory, as a server's weight cache would,
+    # so a new replica pays the host-to-device copy.
     mono_model = build_model(cfg, device=args.device if args.device == "cpu" else "cuda:0", dtype=dtype, seed=0)
+    model = clone_to(mono_model, torch.device("cpu")) if args.device == "cuda" else build_model(cfg, dtype=dtype, seed=0)
     prompts = [[(11 * b + 3 * j) % cfg.vocab_size for j in range(args.prompt)] for b in range(args.batch)]
     mono, spl = [], []
     for _ in range(args.repeats):
@@ -172,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["split_over_monolithic_tokens_per_s"] = result["split"]["tokens_per_s"] / result["monolithic"]["tokens_per_s"]
     result["split_over_monolithic_tbt_p50"] = result["split"]["tbt_p50_s"] / result["monolithic"]["tbt_p50_s"]
-    result["scale_up"] = scale_up(model, args.device, args.batch, args.prompt, args.tokens)
+    if not args.no_scale_up:
+        result["scale_up"] = scale_up(model, args.device, args.batch, args.prompt, args.tokens)
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

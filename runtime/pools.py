@@ -223,8 +223,19 @@ def slot_devices(slots: dict[str, list[str]], device: str) -> dict[str, str]:
 
 
 def clone_to(modules: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
-    """A deep copy of ``modules`` on ``device`` (this is what "loading weights" costs)."""
-    out = copy.deepcopy(modules)
-    if isinstance(out, torch.nn.Module):
-        return out.to(device=device) if dtype is None else out.to(device=device, dtype=dtype)
-    return out
+    """A copy of ``modules`` on ``device`` (this is what "loading weights" costs).
+
+    Each parameter and buffer is copied once, straight from where it lives to ``device``
+    (host-to-device for a CPU master); the module structure is deep-copied around the new
+    tensors, so the host never holds a second copy of the weights. Parameters shared
+    between modules stay shared in the copy.
+    """
+    if not isinstance(modules, torch.nn.Module):
+        return copy.deepcopy(modules)
+    memo: dict[int, Any] = {}
+    for t in list(modules.parameters()) + list(modules.buffers()):
+        if id(t) in memo:
+            continue
+        data = t.detach().to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+        memo[id(t)] = torch.nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+    return copy.deepcopy(modules, memo)

@@ -245,3 +245,20 @@ def test_cuda_replicas_match_greedy_reference():
         assert eng.observe().gpus_in_use == min(torch.cuda.device_count(), 10)
     finally:
         eng.stop()
+
+
+def test_clone_to_copies_weights_once_and_keeps_ties():
+    from torch import nn
+
+    from runtime.pools import clone_to
+
+    lin = nn.Linear(4, 4)
+    tied = nn.ModuleDict({"a": lin, "b": lin, "norm": nn.LayerNorm(4)})
+    tied.register_buffer("scale", torch.ones(3))
+    out = clone_to(tied, torch.device("cpu"), dtype=torch.float64)
+    assert out["a"] is out["b"] and out["a"].weight.dtype == torch.float64
+    assert torch.equal(out["a"].weight, lin.weight.double()) and out.scale.dtype == torch.float64
+    with torch.no_grad():
+        out["a"].weight.zero_()
+    assert lin.weight.abs().sum() > 0  # the original is untouched
+    assert isinstance(out["a"].weight, nn.Parameter)

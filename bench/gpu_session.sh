@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one call (a lent GPU is short-lived: one script, one run).
+#
+#   OUT=/tmp/gpu bash bench/gpu_session.sh      # on a machine with one NVIDIA GPU and torch
+#
+# 1. the CUDA-only tests (pytest -m gpu);
+# 2. split-vs-monolithic decode and per-group scale-up time of the runtime, Llama-2-7B shape
+#    (random weights, float16), batch 16 and 64 (bench/runtime_overhead.py);
+# 3. opscale-profiler rows for Llama-2-7B (full default grid) and one Llama-2-70B layer
+#    (python -m runtime.profile), to compare with the shipped H100 rows
+#    (bench/profile_compare.py, run afterwards on any machine).
+# Each step has its own time limit so that a slow step leaves the others' results.
+# Results land in $OUT (default bench/results/gpu); docs/BENCHMARKS.md and docs/PROFILES.md
+# say what they showed.
+set -u
+OUT=${OUT:-bench/results/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+log() { echo "=== $(date -u +%H:%M:%S) $*"; }
+{
+  log env
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,power.draw,power.limit --format=csv
+  $PY -c "import torch, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+  nproc
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+log "1. pytest -m gpu"
+timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_profile.py tests/test_runtime_engine.py 2>&1 | tail -15
+log "2a. runtime overhead, llama-2-7b, batch 16"
+timeout 150 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 16 --prompt 128 --tokens 64 \
+  --repeats 3 --json "$OUT/overhead_llama-2-7b_b16.json" > /dev/null
+$PY -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r[k] for k in ('device_name','monolithic','split','split_over_monolithic_tokens_per_s')}); print({g: round(v['first_batch_s'],3) for g,v in r['scale_up'].items()})" "$OUT/overhead_llama-2-7b_b16.json"
+log "3a. profile llama-2-7b"
+timeout 150 $PY -m runtime.profile --model llama-2-7b --device cuda --power-window 0.2 -q \
+  --out "$OUT/profile_llama-2-7b.csv"
+log "2b. runtime overhead, llama-2-7b, batch 64"
+timeout 120 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 64 --prompt 128 --tokens 64 \
+  --repeats 2 --no-scale-up --json "$OUT/overhead_llama-2-7b_b64.json" > /dev/null
+$PY -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r[k] for k in ('monolithic','split','split_over_monolithic_tokens_per_s')})" "$OUT/overhead_llama-2-7b_b64.json"
+log "3b. profile one llama-2-70b layer"
+timeout 120 $PY -m runtime.profile --model llama-2-70b --device cuda --power-window 0.1 -q \
+  --out "$OUT/profile_llama-2-70b.csv"
+log done
