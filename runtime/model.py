@@ -122,7 +122,7 @@ class Rotary(nn.Module):
     """Rotary position embedding (Hugging Face ``rotate_half`` convention).
 
     Frequencies ``theta^(-2i/hd)`` for ``i < hd/2``; cos/sin are cached for
-    ``max_positions`` positions (the cache grows on demand). Computed in float32.
+    ``max_positions`` positions (on CPU the cache grows on demand; on CUDA call :meth:`reserve`). Computed in float32.
     ``forward(q[T,H,hd], k[T,KV,hd], positions[T]) -> (q, k)`` rotated, same dtypes.
     """
 
@@ -141,6 +141,16 @@ class Rotary(nn.Module):
         ang = torch.cat([ang, ang], dim=-1)  # [n, hd]
         self.register_buffer("cos_cached", ang.cos(), persistent=False)
         self.register_buffer("sin_cached", ang.sin(), persistent=False)
+
+    def reserve(self, n: int) -> None:
+        """Make the cos/sin cache hold positions ``0 .. n-1``.
+
+        CPU calls grow the cache on demand; CUDA calls do not (checking the largest
+        position would synchronise the device on every call), so callers that go past
+        ``max_positions`` on a GPU reserve first.
+        """
+        if n > self.cos_cached.shape[0]:
+            self._build_cache(n)
 
     @staticmethod
     def _rotate_half(x: torch.Tensor) -> torch.Tensor:

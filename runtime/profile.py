@@ -327,6 +327,7 @@ class _Bench:
         if op == "attn_rope":
             q, k = self.randn(T, H, hd), self.randn(T, KV, hd)
             pos = torch.arange(T, device=self.device)
+            L.rope.reserve(T)  # the grid may go past max_seq_len (tiny: 512); CUDA does not grow on demand
             return _Point(op, T, None, None, lambda: L.rope(q, k, pos), [L.rope.cos_cached, L.rope.sin_cached], [q, k, pos])
         if op == "attn_post_proj":
             a = self.randn(T, H * hd)

@@ -345,3 +345,17 @@ def test_matches_transformers_llama_when_installed(tmp_path):
         ref = hf(ids).logits[0]
     torch.testing.assert_close(ours.forward_monolithic(ids)[0], ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(split_prefill_logits(ours, PROMPT), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_rotary_reserve_matches_on_demand_growth():
+    from runtime.model import Rotary
+
+    grown, reserved = Rotary(8, max_positions=4), Rotary(8, max_positions=4)
+    reserved.reserve(20)
+    assert reserved.cos_cached.shape[0] == 20
+    q, k = torch.randn(3, 2, 8), torch.randn(3, 1, 8)
+    pos = torch.tensor([0, 7, 19])
+    for a, b in zip(grown(q, k, pos), reserved(q, k, pos)):  # grown: CPU path grows on demand
+        assert torch.allclose(a, b)
+    reserved.reserve(5)  # never shrinks
+    assert reserved.cos_cached.shape[0] == 20
