@@ -1,27 +1,47 @@
-"""The published operator-level method: per-operator M/M/c queues, greedy (batch, replicas).
+"""The published operator-level method: per-operator M/M/c queues on profiled service times,
+greedy (replicas, batch) per group, interference-aware best-fit (``pack``) placement.
 
-Each operator group is an M/M/c queue whose customers are decode batches (``max_batch``
-sequences' token-steps) and prefills (one mean prompt). Service times come from the
-latency model (profiles); waiting from Erlang C. A decode step passes through every
-group, so the TBT estimate is the sum over groups of wait + decode service; a prompt
-passes through every group once, so the TTFT estimate is the sum of wait + prefill
-service. Both add the per-iteration serving overhead and the pool-to-pool transfers. A greedy planner starts every group at its cheapest stable (batch, replicas) and
-repeatedly takes the change that removes the most SLO violation per GPU it costs, until
-both estimates are within ``headroom`` x SLO. Replicas are placed ``pack`` (interference-
-aware best fit on GPUs in use, done by the simulator or runtime).
+The planning model (:class:`PlanModel`) is calibrated to the iteration model the simulator
+uses (docs/SIMULATOR.md, "Step model"), computed from the same latency model (profiles):
+
+* **Service times.** One iteration of an attention replica (a *unit*: it holds its
+  sequences' KV) passes, per layer, QKV projection -> attention -> O projection -> MLP.
+  With every group on its own pool that is a ring of 4 stages and 4 hops; with ``m``
+  micro-batches a layer takes ``max(m x slowest stage, sum of stages and hops)``, stage
+  times at the micro-batch size. A stateless pool of ``c`` replicas serves the concurrent
+  micro-batches of all units merged: per replica ``total tokens / c`` tokens in calls of
+  at most ``max_batch`` sequences. Embedding and LM head run once per step, one hop away.
+  The latency model's per-iteration overhead is added once.
+* **Waits.** The attention pool is an M/M/c queue with ``c`` = attention replicas whose
+  customers are prompts (service = their chunked prefill, ``ceil(prompt / chunk)`` mixed
+  iterations); its Erlang-C waiting-time quantile plus the tail prompt's prefill is the
+  TTFT estimate. Requests also wait for a batch slot: an M/M/c queue whose servers are the
+  attention batch slots and whose service is a request's whole stay. For the stateless
+  pools the wait is either the merged-batch stretch the simulator models (``pool_wait:
+  merged``, default) or an Erlang-C wait per pool with ``c`` = its replicas (``erlang``).
+* **TBT.** The p99 gap is a full-chunk mixed iteration at the binomial p99 of units
+  prefilling at once when more than 1 % of iterations carry a chunk; a request's mean TPOT
+  tail mixes decode-only and mixed iterations by its output length.
+* **Placement.** Plans are costed by the GPUs an interference-aware best fit needs (the
+  simulator's ``pack`` rule: largest replicas first, least free memory first, ties to GPUs
+  already hosting the group); co-located groups slow each other by
+  ``1 + contention x peer busy share`` (the same contention assumption).
+* **Greedy.** From the cheapest stable plan (every pool within ``max_utilisation``, KV for
+  the sequences in flight) it adds the replica, or changes the attention batch, with the
+  largest SLO-violation reduction per GPU of memory it costs, until the TTFT and TBT
+  estimates are within ``headroom`` x SLO.
 
 Scale-up takes effect at once; the replicas set are the largest target of the last
-``downscale_delay_s`` seconds, so scale-down waits out that window. A multiplicative margin on the planned rate grows
-while the observed SLO is missed and decays back to 1 while it is met.
+``downscale_delay_s`` seconds. A multiplicative margin on the planned rate grows while
+the observed SLO is missed and decays back to 1 while it is met; requests queued for
+admission add ``queued / queue_drain_s`` to the planned rate.
 
-Units: seconds, requests per second, token-steps per second, bytes.
+Units: seconds, requests per second, tokens, bytes.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from agents.context import ControllerContext
 from agents.queueing import mmc_wait, mmc_wait_quantile
@@ -29,8 +49,15 @@ from agents.sizing import LoadEstimator
 from runtime.control import ClusterState, Controller, OperatorPlan, Plan
 from runtime.models import OPERATOR_GROUPS
 
-#: Pool-to-pool transfers per layer when every group has its own replicas.
+#: Pool-to-pool transfers per layer when every group has its own replicas
+#: (QKV -> attention -> O projection -> MLP -> next layer's QKV).
 HOPS_PER_LAYER = 4
+#: Stateless pools (everything but attention).
+POOLS = tuple(g for g in OPERATOR_GROUPS if g != "attn")
+#: Least GPU cost charged for a greedy move (a tiny replica is not free: it may open a GPU).
+MIN_MOVE_GPUS = 0.05
+#: z-score of the 99th percentile of a normal (binomial tails).
+Z99 = 2.326
 
 
 @dataclass
@@ -38,36 +65,75 @@ class OperatorQueueingConfig:
     """Knobs of the operator-queueing controller.
 
     Attributes:
-        headroom: plan so that estimated TBT and TTFT stay within this share of the SLO.
-        max_utilisation: busiest a group's replicas may be planned (0..1).
-        wait_quantile: plan on this quantile of the Erlang-C wait (None: the mean wait).
+        headroom: plan so that the TTFT and TBT estimates stay within this share of the SLO.
+        tbt_headroom: share of the TBT SLO the TBT estimate may use (None: ``headroom``).
+        max_utilisation: busiest a pool's replicas may be planned (0..1).
+        wait_quantile: quantile of the Erlang-C prefill wait added to the tail prompt's
+            prefill in the TTFT estimate (None: the mean wait).
+        tail_prompt_tokens: prompt length whose TTFT is planned (tokens; None: the
+            model's context length, the longest prompt it serves).
+        pool_wait: ``merged`` (stateless pools batch concurrent work, as the simulator
+            does) or ``erlang`` (add an M/M/c wait per pool, c = replicas).
+        micro_batches: micro-batches ping-ponging between pools (the scenario's).
+        contention: slowdown per unit of co-located busy share (the scenario's).
         downscale_delay_s: a lower target must persist this long before replicas shrink (s).
         margin_up, margin_down, margin_max: growth per interval with an SLO miss, decay per
             interval without, and cap of the rate margin.
+        queue_drain_s: requests waiting for admission are planned to drain in this time
+            (s); 0 ignores the queue.
+        peak_window_s: plan for the highest arrival rate of the last ``peak_window_s``
+            seconds (bursts end before a new MLP replica has loaded its weights); 0 plans
+            for the current estimate only.
+        peak_smooth_s: the rates compared over that window are means over this many
+            seconds (s).
+        pool_batch: ``max_batch`` of the stateless pools (sequences per call).
         max_iterations: bound on greedy steps per decision.
-        batch_levels: batch limits considered; empty means the codec's levels.
+        batch_levels: attention batch limits considered; empty means the codec's levels.
     """
 
     headroom: float = 0.8
+    tbt_headroom: float | None = None
     max_utilisation: float = 0.85
-    wait_quantile: float | None = None
+    wait_quantile: float | None = 0.99
+    tail_prompt_tokens: int | None = None
+    pool_wait: str = "merged"
+    micro_batches: int = 2
+    contention: float = 0.5
     downscale_delay_s: float = 5.0
     margin_up: float = 1.15
     margin_down: float = 0.98
     margin_max: float = 2.0
-    max_iterations: int = 100
+    queue_drain_s: float = 0.0
+    peak_window_s: float = 0.0
+    peak_smooth_s: float = 10.0
+    pool_batch: int = 256
+    max_iterations: int = 200
     batch_levels: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.headroom <= 1.0:
             raise ValueError(f"headroom must be in (0, 1], got {self.headroom}")
+        if self.tbt_headroom is not None and not 0.0 < self.tbt_headroom <= 1.0:
+            raise ValueError(f"tbt_headroom must be in (0, 1], got {self.tbt_headroom}")
         if not 0.0 < self.max_utilisation < 1.0:
             raise ValueError(f"max_utilisation must be in (0, 1), got {self.max_utilisation}")
+        if self.wait_quantile is not None and not 0.0 < self.wait_quantile < 1.0:
+            raise ValueError(f"wait_quantile must be in (0, 1) or None, got {self.wait_quantile}")
+        if self.pool_wait not in ("merged", "erlang"):
+            raise ValueError(f"pool_wait must be 'merged' or 'erlang', got {self.pool_wait!r}")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.contention < 0:
+            raise ValueError(f"contention must be >= 0, got {self.contention}")
+        if self.pool_batch < 1:
+            raise ValueError(f"pool_batch must be >= 1, got {self.pool_batch}")
+        self.batch_levels = tuple(int(b) for b in self.batch_levels)
 
 
 @dataclass(frozen=True)
 class GroupLoad:
-    """One group at one batch level: service times (s) and offered load (Erlangs)."""
+    """One group at one batch level without co-location: service times (s) and offered
+    load (Erlangs) of its work when it runs unmerged (the utilisation floor)."""
 
     batch: int
     decode_s: float
@@ -81,6 +147,50 @@ class GroupLoad:
         return self.arrivals / self.offered if self.offered > 0 else 1.0 / max(self.decode_s, 1e-12)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Best-fit placement of a plan's replicas: GPUs used and, per group, the share of its
+    GPUs it shares with each other group."""
+
+    gpus: int
+    peers: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What :class:`PlanModel` predicts for one plan at one load (seconds unless noted).
+
+    Attributes:
+        decode_s, mixed_s: decode-only iteration and mean chunk-carrying iteration of a unit.
+        mixed_tail_s: a full-chunk iteration with the p99 number of units prefilling at once.
+        decoding: sequences decoding per unit; chunk_share: share of a unit's iterations
+            that carry a prefill chunk (its prefill server's utilisation).
+        prefill_s: mean prompt's chunked prefill; wait_s: Erlang-C prefill wait (quantile).
+        admit_s: mean wait for a batch slot.
+        ttft_s, tbt_s, tpot_s: TTFT estimate (tail prompt), p99 gap, tail of a request's mean TPOT.
+        util: busy share per group (0..1); gpus: GPUs of the packed plan.
+        stable: every queue has spare capacity and the KV in flight fits.
+        rho: the highest load factor (prefill server utilisation, decoding sequences over
+            batch slots, pool Erlangs over replicas); >= 1 means unstable.
+    """
+
+    decode_s: float
+    mixed_s: float
+    mixed_tail_s: float
+    decoding: float
+    chunk_share: float
+    prefill_s: float
+    wait_s: float
+    admit_s: float
+    ttft_s: float
+    tbt_s: float
+    tpot_s: float
+    util: dict[str, float]
+    gpus: int
+    stable: bool
+    rho: float = 0.0
+
+
 @dataclass
 class QueueingPlan:
     """The greedy's answer and its latency estimates (seconds)."""
@@ -91,6 +201,239 @@ class QueueingPlan:
     ttft_s: float
     gpus: float
     feasible: bool
+    prediction: Prediction | None = None
+
+
+class PlanModel:
+    """Latency of an all-``pack`` operator-level plan at a given load (see module docstring).
+
+    Args:
+        ctx: the deployment (model shape, latency model, memory, tp per group, chunk size).
+        config: micro-batches, contention, pool wait model, quantiles.
+    """
+
+    def __init__(self, ctx: ControllerContext, config: OperatorQueueingConfig) -> None:
+        self.ctx, self.cfg = ctx, config
+        m = ctx.model
+        self.layers = m.n_layers
+        q = m.qkv_out * m.d_model
+        o = m.n_heads * m.head_dim * m.d_model
+        self.qkv_frac = q / (q + o)
+        self.cap_bytes = ctx.gpu_memory_bytes * ctx.memory_util
+        self.chunk = int(ctx.prefill_chunk_tokens)
+        self.tp = {g: ctx.tp_of(g) for g in OPERATOR_GROUPS}
+        self._pack_memo: dict[tuple, Packing] = {}
+
+    # ------------------------------------------------------------------ memory and placement
+    def replica_bytes_per_gpu(self, group: str, batch: int, context: float = 0.0) -> float:
+        """Bytes one GPU of a ``group`` replica holds: weights / tp, double-buffered
+        activations of ``batch + chunk`` tokens, and for attention its KV reservation
+        (``kv_reserve_tokens`` per batch slot, or ``context`` per slot when 0)."""
+        m, tp = self.ctx.model, self.tp[group]
+        width = {"mlp": 2 * m.d_ff / tp, "proj": m.qkv_out / tp, "head": m.vocab_size / tp}.get(group, m.d_model)
+        need = m.group_weight_bytes(group) / tp + 2.0 * (batch + self.chunk) * max(width, m.d_model) * m.dtype_bytes
+        if group == "attn":
+            per_seq = self.ctx.kv_reserve_tokens if self.ctx.kv_reserve_tokens > 0 else context
+            need += batch * per_seq * m.kv_bytes_per_token / tp
+        return need
+
+    def pack(self, replicas: dict[str, int], batch: dict[str, int], context: float = 0.0) -> Packing:
+        """Interference-aware best fit: replicas in decreasing size, each shard onto the GPU
+        with the least free memory that holds it (ties: GPUs already hosting the group), a
+        new GPU only when none has room."""
+        key = (tuple(replicas[g] for g in OPERATOR_GROUPS), tuple(batch[g] for g in OPERATOR_GROUPS),
+               round(context, -1) if self.ctx.kv_reserve_tokens <= 0 else 0)
+        hit = self._pack_memo.get(key)
+        if hit is not None:
+            return hit
+        cap = self.cap_bytes
+        need = {g: self.replica_bytes_per_gpu(g, batch[g], context) for g in OPERATOR_GROUPS}
+        gpus: list[list] = []  # [used bytes, {group: shards}]
+        for g in sorted(OPERATOR_GROUPS, key=lambda h: -need[h]):
+            for _ in range(replicas[g]):
+                left = self.tp[g]
+                cands = sorted((x for x in gpus if cap - x[0] >= need[g]), key=lambda x: (cap - x[0], -x[1].get(g, 0)))
+                for x in cands[:left]:
+                    x[0] += need[g]
+                    x[1][g] = x[1].get(g, 0) + 1
+                    left -= 1
+                for _ in range(left):
+                    gpus.append([need[g], {g: 1}])
+        peers: dict[str, dict[str, float]] = {}
+        for g in OPERATOR_GROUPS:
+            mine = [x for x in gpus if g in x[1]]
+            share: dict[str, float] = {}
+            for x in mine:
+                for o in x[1]:
+                    if o != g:
+                        share[o] = share.get(o, 0.0) + 1.0 / len(mine)
+            peers[g] = share
+        out = Packing(len(gpus), peers)
+        if len(self._pack_memo) > 20000:
+            self._pack_memo.clear()
+        self._pack_memo[key] = out
+        return out
+
+    # ------------------------------------------------------------------ one iteration
+    def iteration(self, replicas: dict[str, int], batch: dict[str, int], n_dec: float, ctx_dec: float,
+                  p_tok: float, ctx_pre: float, n_pre: float, tot_tokens: float, tot_seqs: float,
+                  slow: dict[str, float]) -> tuple[float, dict[str, float]]:
+        """Seconds of one iteration of a unit and each group's busy share of it.
+
+        Args:
+            n_dec, ctx_dec: decoding sequences of the unit and their mean KV length (tokens).
+            p_tok, ctx_pre, n_pre: prompt tokens prefilled this iteration, the prompt length
+                of the sequences being prefilled, their number.
+            tot_tokens, tot_seqs: tokens and sequences of this iteration summed over the units
+                whose micro-batches the stateless pools merge.
+            slow: contention slowdown per group (1 = none).
+        """
+        lat, m, L = self.ctx.latency, self.cfg.micro_batches, self.layers
+        tokens = n_dec + p_tok
+        if tokens <= 0:
+            return 0.0, {}
+        tot_tokens, tot_seqs = max(tot_tokens, tokens), max(tot_seqs, n_dec + n_pre)
+
+        def pool_s(g: str) -> float:
+            r = max(replicas[g], 1)
+            calls = max(1.0, tot_seqs / r / batch[g])
+            per_call = tot_tokens / r / calls / m
+            return lat.group_s(g, max(1, int(round(per_call))), 0, 1, self.tp[g], "decode") * calls
+
+        attn = 0.0
+        if n_dec > 0:
+            b = max(1, int(round(n_dec / m)))
+            attn += lat.group_s("attn", b, int(ctx_dec), b, self.tp["attn"], "decode")
+        if p_tok > 0:
+            attn += lat.group_s("attn", max(1, int(round(p_tok / m))), int(ctx_pre), max(1, int(round(n_pre / m))),
+                                self.tp["attn"], "prefill")
+        proj, mlp = pool_s("proj"), pool_s("mlp")
+        stages = [self.qkv_frac * proj / L * slow["proj"], attn / L * slow["attn"],
+                  (1 - self.qkv_frac) * proj / L * slow["proj"], mlp / L * slow["mlp"]]
+        hop = lat.send_s(max(1, int(round(tokens / m))))
+        ring = stages + [hop] * HOPS_PER_LAYER
+        total = L * max(m * max(ring), sum(ring))
+        busy = {"attn": stages[1] * m * L, "proj": (stages[0] + stages[2]) * m * L, "mlp": stages[3] * m * L}
+        r_e, r_h = max(replicas["embed"], 1), max(replicas["head"], 1)
+        emb = lat.group_s("embed", max(1, int(round(tot_tokens / r_e))), 0, 1, self.tp["embed"], "decode") * slow["embed"]
+        head = lat.group_s("head", max(1, int(round(tot_seqs / r_h))), 0, 1, self.tp["head"], "decode") * slow["head"]
+        total += emb + head + lat.send_s(max(1, int(round(tokens)))) + lat.send_s(max(1, int(round(n_dec + n_pre))))
+        busy["embed"], busy["head"] = emb, head
+        kernel = total
+        tp = max(self.tp.values())
+        if n_dec > 0:
+            n = max(1, int(round(n_dec)))
+            step = kernel + lat.iteration_overhead_s(n, n, tp, "decode", kernel)
+            step += self._prefill_extra(kernel * p_tok / tokens, tp)
+        else:
+            step = kernel + lat.iteration_overhead_s(1, max(1, int(round(p_tok))), tp, "prefill", kernel)
+        return step, {g: min(b / step, 1.0) for g, b in busy.items()}
+
+    def _prefill_extra(self, prefill_kernel_s: float, tp: int) -> float:
+        """What the prefill share of a mixed iteration adds beyond the decode overhead (s):
+        the latency model's prefill overhead less its floor gap (max(floor - kernel, 0))."""
+        if prefill_kernel_s <= 0:
+            return 0.0
+        lat = self.ctx.latency
+        floor_gap0 = lat.iteration_overhead_s(1, 1, tp, "prefill", 0.0)  # floor + prefill base
+        ov = lat.iteration_overhead_s(1, 1, tp, "prefill", prefill_kernel_s)
+        return max(ov - max(floor_gap0 - prefill_kernel_s, 0.0), 0.0)
+
+    def slowdown(self, packing: Packing, util: dict[str, float]) -> dict[str, float]:
+        """Contention factor per group from the busy share of its co-residents."""
+        c = self.cfg.contention
+        return {g: 1.0 + c * sum(s * min(max(util.get(o, 0.0), 0.0), 1.0) for o, s in packing.peers[g].items())
+                for g in OPERATOR_GROUPS}
+
+    # ------------------------------------------------------------------ steady state of a plan
+    def predict(self, replicas: dict[str, int], batch: dict[str, int], rate: float, prompt: float,
+                output: float, tail_prompt: float | None = None) -> Prediction:
+        """Steady state of a plan at ``rate`` req/s of mean ``prompt`` / ``output`` tokens.
+
+        Per unit (``rate / units`` req/s): decoding sequences follow Little's law
+        (``rate x output x mean iteration``), a share ``rate x chunks x iteration`` of the
+        iterations carries a chunk, and the pools merge all units' micro-batches. Solved by
+        fixed-point iteration (8 rounds, contention from the previous round's busy shares).
+        """
+        cfg = self.cfg
+        a = max(replicas["attn"], 1)
+        B = batch["attn"]
+        P, O = max(float(prompt), 1.0), max(float(output), 1.0)
+        tail = float(tail_prompt if tail_prompt is not None else P)
+        C = self.chunk if self.chunk > 0 else int(P)
+        k_mean = max(1, math.ceil(P / C))
+        c_mean = P / k_mean
+        ctx_dec = P + O / 2
+        lam_u = rate / a
+        packing = self.pack(replicas, batch, ctx_dec)
+        util: dict[str, float] = {}
+        slow = {g: 1.0 for g in OPERATOR_GROUPS}
+        t_d = t_m = t_bar = 0.0
+        n_dec = f = 0.0
+        t_bar = 0.05
+        for _ in range(8):
+            n_dec = min(float(B), lam_u * O * t_bar)
+            f = min(1.0, lam_u * k_mean * max(t_m, t_bar))
+            conc = 1.0 + (a - 1) * f  # units carrying a chunk in the same iteration (mean)
+            t_d, ud = self.iteration(replicas, batch, max(n_dec, 1.0), ctx_dec, 0, 0, 0, a * max(n_dec, 1.0),
+                                     a * max(n_dec, 1.0), slow)
+            t_m, um = self.iteration(replicas, batch, n_dec, ctx_dec, c_mean, P, 1, a * n_dec + conc * c_mean,
+                                     a * n_dec + conc, slow)
+            t_bar = (1 - f) * t_d + f * t_m
+            util = {g: (1 - f) * ud.get(g, 0.0) + f * um.get(g, 0.0) for g in OPERATOR_GROUPS}
+            slow = self.slowdown(packing, util)
+        # tail: a full chunk while the p99 number of units prefill at once
+        conc99 = min(float(a), 1.0 + (a - 1) * f + Z99 * math.sqrt(max((a - 1) * f * (1 - f), 0.0)))
+        full = min(C, tail)
+        t_tail, _ = self.iteration(replicas, batch, n_dec, ctx_dec, full, tail, 1, a * n_dec + conc99 * full,
+                                   a * n_dec + conc99, slow)
+        # pools as M/M/c queues (optional): customers = micro-batch calls of all units
+        pool_wait = 0.0
+        rho = max(lam_u * k_mean * max(t_m, t_bar), lam_u * O * t_bar / B)
+        stable = rho < 1.0
+        if cfg.pool_wait == "erlang":
+            for g in POOLS:
+                u = util.get(g, 0.0)
+                if u <= 0:
+                    continue
+                c = max(replicas[g], 1)
+                offered = u * a  # Erlangs: each unit keeps the group busy for u of its time
+                rho = max(rho, offered / c)
+                if offered >= c:
+                    stable = False
+                    continue
+                calls = (1.0 / max(t_bar, 1e-9)) * a * cfg.micro_batches * (self.layers if g in ("proj", "mlp") else 1)
+                pool_wait += mmc_wait(calls, calls / offered, c) * (self.layers if g in ("proj", "mlp") else 1)
+            t_d, t_m, t_tail, t_bar = t_d + pool_wait, t_m + pool_wait, t_tail + pool_wait, t_bar + pool_wait
+        # attention pool: prompts are the customers of an M/M/c queue with c = units
+        k_tail = max(1, math.ceil(tail / C))
+        service = k_mean * t_m
+        rho = max(rho, rate * service / a)
+        if rate * service >= a:
+            stable = False
+            wait = math.inf
+        elif rate <= 0:
+            wait = 0.0
+        elif cfg.wait_quantile is None:
+            wait = mmc_wait(rate, 1.0 / service, a)
+        else:
+            wait = mmc_wait_quantile(rate, 1.0 / service, a, cfg.wait_quantile)
+        # admission: a request holds a batch slot for its whole stay
+        per_seq = self.ctx.kv_reserve_tokens if self.ctx.kv_reserve_tokens > 0 else P + O
+        slots = a * B
+        if self.ctx.kv_reserve_tokens <= 0:
+            kv_free = self.cap_bytes * self.tp["attn"] - self.ctx.model.group_weight_bytes("attn")
+            slots = a * min(B, int(kv_free / max(self.ctx.model.kv_bytes_per_token * per_seq, 1)))
+        stay = service + O * t_bar
+        admit = mmc_wait(rate, 1.0 / stay, slots) if rate > 0 and slots >= 1 and math.isfinite(stay) else 0.0
+        if not math.isfinite(admit):
+            stable = False
+        ttft = wait + admit + k_tail * t_tail
+        gap99 = t_tail if f > 0.01 else t_d
+        mixed_share = min(1.0, f + Z99 * math.sqrt(max(f * (1 - f), 0.0) / max(O / 2, 1.0)))
+        tpot = t_d + (t_tail - t_d) * mixed_share
+        return Prediction(t_d, t_m, t_tail, n_dec, f, service, wait, admit, ttft, gap99, tpot, util,
+                          packing.gpus, stable, rho)
 
 
 class OperatorQueueingController(Controller):
@@ -102,20 +445,17 @@ class OperatorQueueingController(Controller):
         self.ctx = ctx
         self.config = config or OperatorQueueingConfig()
         self.levels = tuple(sorted(self.config.batch_levels or ctx.codec.batch_levels))
+        self.model = PlanModel(ctx, self.config)
         self.estimator = LoadEstimator(ctx)
-        usable = ctx.gpu_memory_bytes * ctx.memory_util
-        # GPUs one replica's weights take (memory is what a packed replica adds; its compute
-        # is the group's work, which does not grow with replicas).
-        self.replica_gpus = {g: max(ctx.model.group_weight_bytes(g) / usable, 1e-3) for g in OPERATOR_GROUPS}
         self.last: QueueingPlan | None = None
-        self._prompt = max(1, int(round(ctx.default_prompt_tokens)))
-        self._rate = 0.0
-        self._output = float(ctx.default_output_tokens)
+        self._memo: dict[tuple, QueueingPlan] = {}
         self.reset()
 
     # ----------------------------------------------------------------- planning model
     def group_load(self, group: str, batch: int, rate: float, prompt: float, output: float) -> GroupLoad:
-        """Service times and offered load of ``group`` at ``batch`` for ``rate`` req/s."""
+        """Service times and offered load (Erlangs) of ``group`` at ``batch`` for ``rate``
+        req/s when its work runs unmerged: decode batches of ``batch`` sequences plus one
+        prefill per request. Floors the replicas the greedy starts from."""
         ctx = self.ctx
         p = max(1, int(round(prompt)))
         context = int(p + output / 2)
@@ -125,202 +465,167 @@ class OperatorQueueingController(Controller):
         batches = rate * output / batch
         return GroupLoad(batch, dec, pre, batches + rate, batches * dec + rate * pre)
 
-    def wait_s(self, load: GroupLoad, replicas: int) -> float:
-        """Waiting time of the group's queue with ``replicas`` servers (s)."""
-        if load.arrivals <= 0:
-            return 0.0
-        mu = load.service_rate
-        q = self.config.wait_quantile
-        if q is None:
-            return mmc_wait(load.arrivals, mu, replicas)
-        return mmc_wait_quantile(load.arrivals, mu, replicas, q)
-
-    def attn_slots(self, batch: int, context: float) -> float:
-        """Sequences one attention replica at ``batch`` can hold (KV memory bound)."""
-        ctx = self.ctx
-        if ctx.kv_reserve_tokens > 0:
-            return float(batch)
-        tp = ctx.tp_of("attn")
-        free = tp * ctx.gpu_memory_bytes * ctx.memory_util - ctx.model.group_weight_bytes("attn")
-        return min(float(batch), free / max(ctx.model.kv_bytes_per_token, 1) / max(context, 1.0))
-
     def attn_batch_fits(self, batch: int, context: float) -> bool:
         """Whether one attention replica at ``batch`` fits GPU memory (weights + KV)."""
-        ctx = self.ctx
-        tp = ctx.tp_of("attn")
-        per_seq = ctx.kv_reserve_tokens if ctx.kv_reserve_tokens > 0 else context
-        need = ctx.model.group_weight_bytes("attn") + batch * per_seq * ctx.model.kv_bytes_per_token
-        return need <= tp * ctx.gpu_memory_bytes * ctx.memory_util
+        return self.model.replica_bytes_per_gpu("attn", batch, context) <= self.model.cap_bytes
 
-    def min_replicas_for(self, load: GroupLoad, group: str, in_flight: float, context: float) -> int:
-        """Fewest replicas that keep utilisation within bounds and, for attention, hold
-        every sequence in flight (may exceed the codec's max_replicas: then the level is
-        not feasible)."""
-        c = self.ctx.codec
-        n = max(c.min_replicas, math.ceil(load.offered / self.config.max_utilisation - 1e-9))
-        if group == "attn" and in_flight > 0:
-            n = max(n, math.ceil(in_flight / max(self.attn_slots(load.batch, context), 1e-9) - 1e-9))
-        return int(n)
+    def min_replicas_for(self, load: GroupLoad) -> int:
+        """Fewest replicas that keep the unmerged utilisation within ``max_utilisation``."""
+        return max(self.ctx.codec.min_replicas, math.ceil(load.offered / self.config.max_utilisation - 1e-9))
 
-    def estimate(self, loads: dict[str, GroupLoad], replicas: dict[str, int]) -> tuple[float, float]:
-        """(TBT p99, TTFT) estimates in seconds.
+    def tail_prompt(self, prompt: float) -> float:
+        """Prompt length the TTFT estimate plans for (tokens)."""
+        t = self.config.tail_prompt_tokens
+        if t is None:
+            t = self.ctx.model.max_seq_len
+        return float(max(t, prompt))
 
-        A decode iteration passes every group: sum of wait (Erlang C) + decode service, plus
-        the per-iteration serving overhead and the pool-to-pool transfers. The tail gap
-        (TBT p99) is an iteration that also carries prefill chunks (:meth:`chunk_s`). A
-        prompt needs ``ceil(prompt / chunk)`` such iterations after it is admitted; it
-        waits for admission in an M/M/c queue whose servers are the attention batch slots
-        and whose service time is a request's whole stay (prefill + output x TBT).
-        """
-        step = 0.0
-        kern_dec = 0.0
-        for g in OPERATOR_GROUPS:
-            w = self.wait_s(loads[g], replicas[g])
-            step += w + loads[g].decode_s
-            kern_dec += loads[g].decode_s
-        b = loads["attn"].batch
-        lat, tp = self.ctx.latency, max(self.ctx.tp_of(g) for g in OPERATOR_GROUPS)
-        step += lat.iteration_overhead_s(b, b, tp, "decode", kern_dec) + self.hop_s(b)
-        tail = step + self.chunk_s(step, replicas)
-        p = self._prompt
-        chunk = min(p, self.ctx.prefill_chunk_tokens) if self.ctx.prefill_chunk_tokens > 0 else p
-        prefill = math.ceil(p / chunk) * tail
-        stay = prefill + self._output * step
-        slots = max(1, int(replicas["attn"] * self.attn_slots(b, p + self._output / 2)))
-        if not math.isfinite(stay):
-            return math.inf, math.inf
-        admit = mmc_wait(self._rate, 1.0 / max(stay, 1e-9), slots) if self._rate > 0 else 0.0
-        return tail, admit + prefill
+    def violation(self, pred: Prediction) -> float:
+        """Sum of relative excess of the TTFT and TBT estimates over their targets."""
+        cfg, slo = self.config, self.ctx.slo
+        if not pred.stable:
+            return 100.0 * (1.0 + pred.rho)  # unstable: any move that lowers the load helps
+        tt = cfg.headroom * slo.ttft_s
+        tb = (cfg.tbt_headroom or cfg.headroom) * slo.tbt_s
+        return max(0.0, pred.ttft_s - tt) / tt + max(0.0, max(pred.tbt_s, pred.tpot_s) - tb) / tb
 
-    def chunk_s(self, step_s: float, replicas: dict[str, int]) -> float:
-        """Extra time of a decode iteration that also carries prefill chunks (seconds).
+    def plan_for(self, rate: float, prompt: float, output: float, attn_batch: int | None = None) -> QueueingPlan:
+        """Greedy (batch, replicas) per group for ``rate`` req/s of the given mean shape;
+        ``attn_batch`` pins the attention batch limit (None: the greedy chooses it)."""
+        key = (_q(rate), _q(prompt), _q(output), attn_batch)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = self._greedy(*key)
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
 
-        With chunked prefill a token's gap at the tail (p99) is an iteration that carries a
-        chunk of ``min(prompt, prefill_chunk_tokens)`` tokens on its attention replica,
-        while the shared pools also serve the chunks of the other replicas prefilling in
-        the same iteration (``rate x chunks per prompt x step`` of them, at least one).
-        """
-        ctx = self.ctx
-        p = self._prompt
-        chunk = min(p, ctx.prefill_chunk_tokens) if ctx.prefill_chunk_tokens > 0 else p
-        chunks_per_prompt = math.ceil(p / chunk)
-        concurrent = min(max(1.0, self._rate * chunks_per_prompt * step_s), float(replicas["attn"]))
-        out = ctx.latency.group_s("attn", chunk, p, 1, ctx.tp_of("attn"), "prefill")
-        for g in OPERATOR_GROUPS:
-            if g == "attn":
-                continue
-            tokens = int(math.ceil(chunk * max(1.0, concurrent / max(replicas[g], 1))))
-            out += ctx.latency.group_s(g, tokens, 0, 1, ctx.tp_of(g), "prefill")
-        return out
-
-    def hop_s(self, tokens: int) -> float:
-        """Transfers of one step between pools on different GPUs: per layer QKV -> attention
-        -> O projection -> MLP -> next layer (4 hops), plus embedding and LM head (seconds)."""
-        return (HOPS_PER_LAYER * self.ctx.model.n_layers + 2) * self.ctx.latency.send_s(tokens)
-
-    def plan_for(self, rate: float, prompt: float, output: float) -> QueueingPlan:
-        """Greedy (batch, replicas) per group for ``rate`` req/s of the given shape.
-
-        Sequences in flight follow Little's law, ``rate x (TTFT + output x TBT)``; the
-        first pass assumes TBT and TTFT at their targets, the second uses the first
-        pass's estimates, and the attention pool must hold their KV cache.
-        """
-        ctx = self.ctx
-        self._prompt = max(1, int(round(prompt)))
-        self._output = max(1.0, float(output))
-        self._rate = rate
-        tbt, ttft = self.config.headroom * ctx.slo.tbt_s, self.config.headroom * ctx.slo.ttft_s
-        qp = self._greedy(rate, prompt, output, rate * (ttft + output * tbt))
-        if qp.feasible:
-            qp = self._greedy(rate, prompt, output, rate * (qp.ttft_s + output * qp.tbt_s))
-        return qp
-
-    def _greedy(self, rate: float, prompt: float, output: float, in_flight: float) -> QueueingPlan:
-        ctx, cfg = self.ctx, self.config
-        slo_tbt, slo_ttft = cfg.headroom * ctx.slo.tbt_s, cfg.headroom * ctx.slo.ttft_s
-        context = prompt + output / 2
-        levels = {g: self.levels for g in OPERATOR_GROUPS}
-        # An attention replica must hold the KV of the batch it runs.
-        levels["attn"] = tuple(b for b in self.levels if self.attn_batch_fits(b, context)) or self.levels[:1]
-        table = {g: {b: self.group_load(g, b, rate, prompt, output) for b in levels[g]} for g in OPERATOR_GROUPS}
-        floor = {g: {b: self.min_replicas_for(table[g][b], g, in_flight, context) for b in levels[g]}
-                 for g in OPERATOR_GROUPS}
-
-        usable = ctx.gpu_memory_bytes * ctx.memory_util
-        per_seq = ctx.kv_reserve_tokens if ctx.kv_reserve_tokens > 0 else context
-        kv_gpus = {b: b * per_seq * ctx.model.kv_bytes_per_token / usable for b in self.levels}
-
-        def cost(g: str, b: int, n: int) -> float:
-            # GPUs: memory of the replicas' weights (all shards; attention adds the KV of its
-            # batch slots) plus the busy share of the group's work (a busy replica occupies
-            # its tp GPUs).
-            mem = self.replica_gpus[g] + (kv_gpus[b] if g == "attn" else 0.0)
-            return n * mem + ctx.tp_of(g) * table[g][b].offered
-
-        batch: dict[str, int] = {}
-        reps: dict[str, int] = {}
+    def _greedy(self, rate: float, prompt: float, output: float, attn_batch: int | None = None) -> QueueingPlan:
+        ctx, cfg, model = self.ctx, self.config, self.model
         cap = ctx.codec.max_replicas
-        for g in OPERATOR_GROUPS:
-            b = min(levels[g], key=lambda lv: (floor[g][lv] > cap, cost(g, lv, floor[g][lv]), table[g][lv].decode_s))
-            batch[g], reps[g] = b, min(floor[g][b], cap)
+        tail = self.tail_prompt(prompt)
+        context = prompt + output / 2
+        if attn_batch is not None:
+            levels: tuple[int, ...] = (int(attn_batch),)
+        else:
+            levels = tuple(b for b in self.levels if self.attn_batch_fits(b, context)) or self.levels[:1]
+        pool_batch = cfg.pool_batch
+        batch = {g: pool_batch for g in POOLS}
+        reps = {g: min(cap, self.min_replicas_for(self.group_load(g, pool_batch, rate, prompt, output)))
+                for g in POOLS}
 
-        def violation(rp: dict[str, int], bt: dict[str, int]) -> float:
-            tbt, ttft = self.estimate({g: table[g][bt[g]] for g in OPERATOR_GROUPS}, rp)
-            return max(0.0, tbt - slo_tbt) / slo_tbt + max(0.0, ttft - slo_ttft) / slo_ttft
+        def mem(g: str, b: int) -> float:
+            return model.replica_bytes_per_gpu(g, b, context) * ctx.tp_of(g) / model.cap_bytes
 
-        v = violation(reps, batch)
+        # attention: the smallest batch level whose slots hold the sequences in flight
+        # (Little's law at the SLO targets), with the fewest replicas that are stable
+        in_flight = rate * (cfg.headroom * ctx.slo.ttft_s + output * cfg.headroom * ctx.slo.tbt_s)
+        best_attn = None
+        for b in levels:
+            n = max(ctx.codec.min_replicas, math.ceil(in_flight / b - 1e-9))
+            if n <= cap and (best_attn is None or n * mem("attn", b) < best_attn[2]):
+                best_attn = (b, n, n * mem("attn", b))
+        b_attn, n_attn = (best_attn[0], best_attn[1]) if best_attn else (levels[-1], cap)
+        n_attn = max(n_attn, self.min_replicas_for(self.group_load("attn", b_attn, rate, prompt, output)))
+        batch["attn"], reps["attn"] = b_attn, n_attn
+
+        def pred(rp: dict[str, int], bt: dict[str, int]) -> Prediction:
+            return model.predict(rp, bt, rate, prompt, output, tail)
+
+        cur = pred(reps, batch)
+        v = self.violation(cur)
         for _ in range(cfg.max_iterations):
             if v <= 0.0:
                 break
-            best: tuple[float, dict[str, int], dict[str, int], float] | None = None
+            best: tuple[float, dict[str, int], dict[str, int], float, Prediction] | None = None
             for g in OPERATOR_GROUPS:
-                here = cost(g, batch[g], reps[g])
                 moves = []
-                if reps[g] < ctx.codec.max_replicas:
+                if reps[g] < cap:
                     moves.append((batch[g], reps[g] + 1))
-                for b in levels[g]:
-                    if b != batch[g] and floor[g][b] <= cap:
-                        moves.append((b, max(floor[g][b], reps[g])))
+                if g == "attn":
+                    moves += [(b, reps[g]) for b in levels if b != batch[g]]
                 for b, n in moves:
                     nb, nr = dict(batch), dict(reps)
                     nb[g], nr[g] = b, n
-                    nv = violation(nr, nb)
+                    p = pred(nr, nb)
+                    nv = self.violation(p)
                     gain = v - nv
                     if gain <= 1e-12:
                         continue
-                    score = gain / max(cost(g, b, n) - here, 1e-3)
+                    extra = n * mem(g, b) - reps[g] * mem(g, batch[g])
+                    score = gain / max(extra, MIN_MOVE_GPUS)
                     if best is None or score > best[0]:
-                        best = (score, nb, nr, nv)
+                        best = (score, nb, nr, nv, p)
             if best is None:
                 break
-            _, batch, reps, v = best
-        loads = {g: table[g][batch[g]] for g in OPERATOR_GROUPS}
-        tbt, ttft = self.estimate(loads, reps)
-        gpus = sum(cost(g, batch[g], reps[g]) for g in OPERATOR_GROUPS)
-        return QueueingPlan(batch, reps, tbt, ttft, gpus, v <= 0.0)
+            _, batch, reps, v, cur = best
+        return QueueingPlan(batch, reps, cur.tbt_s, cur.ttft_s, float(cur.gpus), v <= 0.0, cur)
 
     # ----------------------------------------------------------------- control loop
     def reset(self, state: ClusterState | None = None) -> None:
         self.estimator.reset()
         self.margin = 1.0
         self._targets: list[tuple[float, dict[str, int]]] = []
+        self._seen: list[tuple[float, float, float, float]] = []  # (time, rate, prompt, output)
         self.last = None
+
+    def peak_load(self, now: float, interval_s: float) -> tuple[float, float, float]:
+        """(rate, prompt, output) to plan for from the intervals seen in the last
+        ``peak_window_s``: the highest rate averaged over ``peak_smooth_s``, and the mean
+        request shape of the window weighted by arrivals (req/s, tokens)."""
+        cfg = self.config
+        win = [x for x in self._seen if now - x[0] < cfg.peak_window_s - 1e-9]
+        k = max(1, int(round(cfg.peak_smooth_s / max(interval_s, 1e-9))))
+        rates = [x[1] for x in win]
+        peak = max(sum(rates[i:i + k]) / len(rates[i:i + k]) for i in range(max(len(rates) - k + 1, 1)))
+        n = sum(rates)
+        if n <= 0:
+            return peak, self.estimator.prompt, self.estimator.output
+        return (peak, sum(x[1] * x[2] for x in win) / n, sum(x[1] * x[3] for x in win) / n)
 
     def decide(self, state: ClusterState) -> Plan:
         ctx, cfg = self.ctx, self.config
-        ctx.slo = slo = state.slo  # the targets in force
+        if ctx.slo != state.slo:
+            ctx.slo = state.slo  # the targets in force
+            self._memo.clear()
+        slo = state.slo
         if len(state.request_rate_history) == 0:
             return state.plan  # nothing observed yet: keep the plan in force
         missed = (state.ttft_p99_s > slo.ttft_s or state.tbt_p99_s > slo.tbt_s
                   or state.slo_attainment < slo.attainment_target)
         self.margin = min(cfg.margin_max, self.margin * cfg.margin_up) if missed else max(1.0, self.margin * cfg.margin_down)
         load = self.estimator.update(state)
-        qp = self.plan_for(load.rate * self.margin, load.prompt_tokens, load.output_tokens)
-        self.last = qp
+        rate, prompt, output = load.rate, load.prompt_tokens, load.output_tokens
         now = state.time_s
+        if cfg.peak_window_s > 0:
+            latest = float(state.request_rate_history[-1])
+            self._seen.append((now, latest, state.prompt_tokens_mean or prompt, state.output_tokens_mean or output))
+            self._seen = [x for x in self._seen if now - x[0] < cfg.peak_window_s - 1e-9]
+            peak, p_w, o_w = self.peak_load(now, state.interval_s)
+            if peak > rate:
+                rate, prompt, output = peak, max(prompt, p_w), o_w
+        rate *= self.margin
+        if cfg.queue_drain_s > 0:
+            rate += state.queued_requests / cfg.queue_drain_s
+        # A new attention batch limit replaces every attention replica (blue/green, KV
+        # drained): once running operator-level, keep the batch limit in force.
+        pinned = state.plan["attn"].max_batch if state.plan["attn"].placement == "pack" else None
+        if pinned is not None and pinned not in self.levels:
+            pinned = None
+        qp = self.plan_for(rate, prompt, output, pinned)
+        self.last = qp
         self._targets = [(t, r) for t, r in self._targets if now - t < cfg.downscale_delay_s - 1e-9]
         self._targets.append((now, qp.replicas))
         # Up at once; down only to the largest target of the last downscale_delay_s.
         out = {g: max(r[g] for _, r in self._targets) for g in OPERATOR_GROUPS}
-        return Plan({g: OperatorPlan(max(ctx.codec.min_replicas, out[g]), qp.batch[g], "pack", ctx.tp_of(g))
+        return Plan({g: OperatorPlan(max(ctx.codec.min_replicas, min(out[g], ctx.codec.max_replicas)), qp.batch[g],
+                                     "pack", ctx.tp_of(g))
                      for g in OPERATOR_GROUPS})
+
+
+def _q(x: float) -> float:
+    """Round to 2 significant-ish digits on a 1/32-octave grid (memo key; <= 1.1 % change)."""
+    if x <= 0:
+        return 0.0
+    return float(2.0 ** (round(math.log2(x) * 32) / 32))
