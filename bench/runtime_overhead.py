@@ -3,8 +3,11 @@
     python bench/runtime_overhead.py --model tiny --device cpu --batch 16 --json out.json
 
 1. Decode throughput and time between tokens at the same batch: the operator-split engine
-   (one replica per group, every hop a queue hand-off between worker threads) against a
+   (``Plan.model_level(1, batch, 1)``: one replica per group, all in one placement slot, so
+   each step runs as one fused work item per lane of ``batch`` sequences) against a
    monolithic loop over the same modules in one thread with one contiguous KV cache.
+   ``--hops`` also measures the engine with fusion off (every operator call a hand-off to
+   its pool's worker thread: what groups on different GPUs pay), as ``split_hops``.
    Both run ``batch`` sequences of ``prompt`` tokens generating ``tokens`` tokens each;
    tokens/s counts decode tokens only (the prefill step is excluded from both).
 2. Scale-up time-to-serve per operator group: from ``apply(plan with one more replica)``
@@ -98,9 +101,14 @@ def engine_config(model: LlamaModel, device: str, sequences: int, tokens_per_seq
     return EngineConfig(device=device, kv_bytes_per_replica=max(kv_bytes, EngineConfig.kv_bytes_per_replica))
 
 
-def split(model: LlamaModel, prompts: list[list[int]], tokens: int, device: str, batch: int) -> dict[str, float]:
-    """The same work through the engine (one replica per group, max_batch = batch)."""
+def split(model: LlamaModel, prompts: list[list[int]], tokens: int, device: str, batch: int,
+          fuse: bool = True) -> dict[str, float]:
+    """The same work through the engine (one replica per group, max_batch = batch).
+
+    ``fuse=False`` turns off fused lanes (``EngineConfig.fuse_colocated``).
+    """
     conf = engine_config(model, device, len(prompts) + 1, len(prompts[0]) + tokens)
+    conf.fuse_colocated = fuse
     eng = Engine(model, Plan.model_level(1, batch, 1), conf).start()
     try:
         eng.generate(prompts[0], 2)  # warm-up
@@ -166,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="generated tokens per sequence")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-scale-up", action="store_true", help="skip part 2 (scale-up time per group)")
+    p.add_argument("--hops", action="store_true",
+                   help="also measure the engine with fused lanes off (key split_hops)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -178,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     mono_model = build_model(cfg, device=args.device if args.device == "cpu" else "cuda:0", dtype=dtype, seed=0)
     model = clone_to(mono_model, torch.device("cpu")) if args.device == "cuda" else build_model(cfg, dtype=dtype, seed=0)
     prompts = [[(11 * b + 3 * j) % cfg.vocab_size for j in range(args.prompt)] for b in range(args.batch)]
-    mono, spl = [], []
+    mono, spl, hops = [], [], []
     for _ in range(args.repeats):
         mono.append(monolithic(mono_model, prompts, args.tokens, "cpu" if args.device == "cpu" else "cuda:0"))
         spl.append(split(model, prompts, args.tokens, args.device, args.batch))
+        if args.hops:
+            hops.append(split(model, prompts, args.tokens, args.device, args.batch, fuse=False))
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     result = {
         "model": cfg.name, "device": args.device,
@@ -193,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     result["split_over_monolithic_tokens_per_s"] = result["split"]["tokens_per_s"] / result["monolithic"]["tokens_per_s"]
     result["split_over_monolithic_tbt_p50"] = result["split"]["tbt_p50_s"] / result["monolithic"]["tbt_p50_s"]
+    if hops:
+        result["split_hops"] = {k: med(hops, k) for k in ("tokens_per_s", "tbt_p50_s", "tbt_p99_s")}
+        result["split_hops_over_monolithic_tokens_per_s"] = (result["split_hops"]["tokens_per_s"]
+                                                             / result["monolithic"]["tokens_per_s"])
     if not args.no_scale_up:
         result["scale_up"] = scale_up(model, args.device, args.batch, args.prompt, args.tokens)
     print(json.dumps(result, indent=2))

@@ -41,6 +41,7 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -52,7 +53,8 @@ from runtime.kvcache import KVLayout, PagedKVCache
 from runtime.metrics import RuntimeMetrics, pct
 from runtime.model import LlamaModel
 from runtime.models import OPERATOR_GROUPS
-from runtime.pools import DEAD, DRAINING, LOADING, READY, Replica, WorkerDied, WorkItem, assign_slots, clone_to, slot_devices
+from runtime.pools import (DEAD, DRAINING, LOADING, READY, Replica, WorkerDied, WorkItem, assign_slots, clone_to,
+                           pin_host, slot_devices)
 
 log = logging.getLogger("opscale.runtime")
 
@@ -96,6 +98,13 @@ class EngineConfig:
         seed: seed of the sampling generators.
         idle_wait_s: how long the driver sleeps when there is nothing to do (seconds).
         log_iterations: keep :class:`IterationRecord` s in ``Engine.iteration_log`` (calibration).
+        fuse_colocated: run the whole step of an attention replica's sequences as one work
+            item when every other group has a ready replica in its placement slot (see
+            :class:`Lane`); False sends every operator call through its own pool's queue.
+        fused_timing_every: on CUDA, time the groups inside a fused item with CUDA events
+            on every n-th item of a replica (see :class:`_GroupClock`).
+        pin_weights: on CUDA, move the master weights into pinned host memory at start so
+            a new replica copies them at DMA speed.
     """
 
     device: str = "cpu"
@@ -109,6 +118,9 @@ class EngineConfig:
     seed: int = 0
     idle_wait_s: float = 0.01
     log_iterations: bool = False
+    fuse_colocated: bool = True
+    fused_timing_every: int = 16
+    pin_weights: bool = True
 
 
 #: Events a request's callback receives: ("token", token_id, index), ("done", reason, None),
@@ -238,40 +250,210 @@ def _head(rep: Replica, x: torch.Tensor, temps: torch.Tensor, gen: torch.Generat
     return m["sampler"](logits).cpu()
 
 
+class StepAttention:
+    """RoPE, KV write and attention of one attention replica's sequences for one iteration.
+
+    Built once per iteration (block/offset of every new row, positions, the decode block
+    index and lengths are tensors on the replica's device) and called once per layer, so
+    no layer does per-sequence Python work for decodes or host-to-device copies.
+
+    Args:
+        kv: the replica's cache (blocks of every sequence already reserved).
+        seqs: ``(seq_id, n_new, start_pos)`` in row order. A sequence starting at position 0
+            is a prefill (causal attention over its own rows); one with a cache is a
+            decode step of one token, batched with the other decodes.
+    """
+
+    def __init__(self, kv: PagedKVCache, seqs: list[tuple[int, int, int]]) -> None:
+        dev = kv.device
+        self.kv = kv
+        self.key = tuple(seqs)
+        self.ix = kv.index_rows(seqs)
+        self.rows = sum(n for _, n, _ in seqs)
+        starts = np.cumsum([0] + [n for _, n, _ in seqs])[:-1]
+        self.prefills = [(int(starts[i]), n) for i, (_, n, p) in enumerate(seqs) if p == 0]
+        dec = [i for i, (_, _, p) in enumerate(seqs) if p > 0]
+        self.all_decode = len(dec) == len(seqs)
+        self.max_len = max((seqs[i][2] + 1 for i in dec), default=0)
+        self.dec_rows: torch.Tensor | None = None
+        if dec and self.all_decode:
+            tables, self.lengths = self.ix.tables, self.ix.lengths
+        elif dec:
+            dec_seqs = torch.tensor(dec, dtype=torch.long).to(dev, non_blocking=True)
+            self.dec_rows = torch.tensor([int(starts[i]) for i in dec], dtype=torch.long).to(dev, non_blocking=True)
+            tables, self.lengths = self.ix.tables[dec_seqs], self.ix.lengths[dec_seqs]
+        if dec:
+            self.n_dec = len(dec)
+            self.gather_rows = kv.token_index(tables, self.max_len)  # [n_dec * max_len] flat cache rows
+
+    def __call__(self, layer: int, rope: nn.Module, attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+        """``q[rows,H,hd], k, v[rows,KV,hd]`` (not yet rotated) of ``layer`` -> attention output ``[rows, H*hd]``."""
+        q, k = rope(q, k, self.ix.positions)
+        self.kv.write_rows(layer, self.ix, k, v)
+        if self.all_decode:
+            kc, vc = self.kv.gather_tokens(layer, self.gather_rows, self.n_dec)
+            return attn.decode(q, kc, vc, self.lengths)
+        out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
+        for r, n in self.prefills:
+            out[r:r + n] = attn.prefill(q[r:r + n], k[r:r + n], v[r:r + n])
+        if self.dec_rows is not None:
+            kc, vc = self.kv.gather_tokens(layer, self.gather_rows, self.n_dec)
+            out[self.dec_rows] = attn.decode(q[self.dec_rows], kc, vc, self.lengths)
+        return out
+
+
 @torch.no_grad()
 def _attend(rep: Replica, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             seqs: list[tuple[int, int, int]]) -> torch.Tensor:
-    """RoPE, KV write and attention for sequences ``(seq_id, n_new, start_pos)`` laid out in order.
+    """RoPE, KV write and attention for sequences ``(seq_id, n_new, start_pos)`` laid out in order."""
+    dev = rep.device
+    step = getattr(rep, "_step_attn", None)
+    if step is None or step.key != tuple(seqs):  # same rows for every layer of an iteration
+        step = rep._step_attn = StepAttention(rep.kv, seqs)
+    m = rep.modules
+    return step(layer, m["rope"][layer], m["attn"][layer], q.to(dev), k.to(dev), v.to(dev))
 
-    A sequence starting at position 0 is a prefill (causal attention over its own rows);
-    one with a cache is a decode step of one token, batched with the other decodes.
+
+@dataclass
+class Lane:
+    """Sequences of one attention replica whose whole step runs in one fused work item.
+
+    Every other group has a ready replica in the attention replica's placement slot (the
+    same GPU), so the step needs no hand-off between workers: the attention replica's
+    thread runs embed, every layer and the head with the co-located replicas' weights.
+    Each group still sees at most its own ``max_batch`` sequences per call (``cuts``).
+
+    Attributes:
+        attn: the attention replica (runs the item, holds the KV cache).
+        peers: the co-located replica of embed, proj, mlp and head whose weights are used.
+        seqs: ``(seq_id, n_new, start_pos)`` in row order.
+        ids: token ids of the rows ``[rows]`` (CPU).
+        last: row of each sequence's last token (the head's input).
+        cuts: per group, row ranges of consecutive sub-batches of at most ``max_batch`` sequences.
+        head_cuts: sequence ranges of the head's sub-batches.
+        temps: sampling temperature of each sequence ``[seqs]`` (CPU); ``sample`` when any > 0.
+        generator: the head replica's sampling generator.
+        events: time the groups with CUDA events on this call (see :class:`_GroupClock`).
+    """
+
+    attn: Replica
+    peers: dict[str, Replica]
+    seqs: list[tuple[int, int, int]]
+    ids: torch.Tensor
+    last: list[int]
+    cuts: dict[str, list[tuple[int, int]]]
+    head_cuts: list[tuple[int, int]]
+    temps: torch.Tensor
+    sample: bool
+    generator: torch.Generator | None
+    events: bool = False
+
+
+class _GroupClock:
+    """Splits a fused item's service time among operator groups (seconds).
+
+    On CPU, wall time between group boundaries is exact. On CUDA, kernels run
+    asynchronously, so the synchronised wall time of the whole item is split by the groups'
+    shares of GPU time, measured with CUDA events on every ``EngineConfig.fused_timing_every``-th
+    item of a replica (events at every boundary cost launches) and reused in between.
+    """
+
+    def __init__(self, rep: Replica, events: bool) -> None:
+        self.rep = rep
+        self.cuda = rep.device.type == "cuda"
+        self.events = events and self.cuda
+        self.t = dict.fromkeys(OPERATOR_GROUPS, 0.0)
+        self.start = self.last = time.perf_counter()
+        self.marks: list[tuple[str, Any]] = []
+        if self.events:
+            self.marks.append(("", self._record()))
+
+    @staticmethod
+    def _record() -> Any:
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def lap(self, group: str) -> None:
+        """The work since the previous lap belonged to ``group``."""
+        now = time.perf_counter()
+        self.t[group] += now - self.last
+        self.last = now
+        if self.events:
+            self.marks.append((group, self._record()))
+
+    def split(self) -> dict[str, float]:
+        """Seconds per group, after the item's results reached the host."""
+        if not self.cuda:
+            return self.t
+        wall = time.perf_counter() - self.start
+        if self.events:
+            self.marks[-1][1].synchronize()
+            gpu = dict.fromkeys(OPERATOR_GROUPS, 0.0)
+            for (_, a), (g, b) in zip(self.marks, self.marks[1:]):
+                gpu[g] += a.elapsed_time(b)
+            self.rep._group_shares = gpu
+        shares = getattr(self.rep, "_group_shares", None) or self.t
+        total = sum(shares.values()) or 1.0
+        return {g: wall * v / total for g, v in shares.items()}
+
+
+def _residual_mlp(norm: nn.Module, ff: nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """``h + o`` (attention residual), then ``+ mlp(norm(.))`` (MLP residual)."""
+    h = h + o
+    return h + ff(norm(h))
+
+
+def _chunked(fn: Callable[..., Any], cuts: list[tuple[int, int]], *xs: torch.Tensor) -> Any:
+    """``fn`` over row ranges ``cuts`` of ``xs`` (one call when there is one range), results concatenated."""
+    if len(cuts) == 1:
+        return fn(*xs)
+    return Engine._cat([fn(*(x[a:b] for x in xs)) for a, b in cuts])
+
+
+@torch.no_grad()
+def _run_lane(rep: Replica, lane: Lane, item: WorkItem) -> torch.Tensor:
+    """One whole step (embed, every layer, head) of ``lane`` on its attention replica's thread.
+
+    Returns the next token of each sequence (CPU). Fills ``item.parts`` with each group's
+    service seconds. Raises :class:`PeerDied` if a co-located replica was killed meanwhile.
     """
     dev = rep.device
-    q, k, v = q.to(dev), k.to(dev), v.to(dev)
-    key = tuple(seqs)
-    cached = getattr(rep, "_row_index", None)
-    if cached is None or cached[0] != key:  # same rows for every layer of an iteration
-        ix = rep.kv.index_rows(seqs)
-        dec = [i for i, (_, _, p) in enumerate(seqs) if p > 0]
-        starts = np.cumsum([0] + [n for _, n, _ in seqs])[:-1]
-        dec_rows = torch.tensor([int(starts[i]) for i in dec], dtype=torch.long, device=dev)
-        dec_seqs = torch.tensor(dec, dtype=torch.long, device=dev)
-        max_len = max((seqs[i][2] + 1 for i in dec), default=0)
-        cached = (key, ix, dec_rows, dec_seqs, max_len, starts)
-        rep._row_index = cached
-    _, ix, dec_rows, dec_seqs, max_len, starts = cached
-    q, k = rep.modules["rope"][layer](q, k, ix.positions)
-    rep.kv.write_rows(layer, ix, k, v)
-    attn = rep.modules["attn"][layer]
-    out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=dev)
-    for i, (_, n, p) in enumerate(seqs):
-        if p == 0:
-            r = int(starts[i])
-            out[r:r + n] = attn.prefill(q[r:r + n], k[r:r + n], v[r:r + n])
-    if max_len:
-        kc, vc = rep.kv.gather_rows(layer, ix, dec_seqs, max_len)
-        out[dec_rows] = attn.decode(q[dec_rows], kc, vc, ix.lengths[dec_seqs])
-    return out
+    clock = _GroupClock(rep, lane.events)
+    emb, proj, mlp, head = (lane.peers[g].modules for g in ("embed", "proj", "mlp", "head"))
+    cuts = lane.cuts
+    x = _chunked(emb["embed"], cuts["embed"], lane.ids.to(dev, non_blocking=True))
+    clock.lap("embed")
+    step = StepAttention(rep.kv, lane.seqs)
+    am = rep.modules
+    for layer in range(len(am["attn"])):
+        a = am["norm"][layer](x)
+        clock.lap("attn")
+        q, k, v = _chunked(proj["qkv"][layer], cuts["proj"], a)
+        clock.lap("proj")
+        att = step(layer, am["rope"][layer], am["attn"][layer], q, k, v)
+        clock.lap("attn")
+        o = _chunked(proj["o"][layer], cuts["proj"], att)
+        clock.lap("proj")
+        x = _chunked(partial(_residual_mlp, mlp["norm"][layer], mlp["mlp"][layer]), cuts["mlp"], x, o)
+        clock.lap("mlp")
+    if not step.all_decode:
+        x = x[torch.tensor(lane.last, dtype=torch.long).to(dev, non_blocking=True)]
+    outs = []
+    for a, b in lane.head_cuts:
+        logits = head["lm_head"](head["norm"](x[a:b]))
+        if lane.sample:
+            outs.append(head["sampler"](logits, lane.temps[a:b].to(dev), generator=lane.generator))
+        else:
+            outs.append(head["sampler"](logits))
+    tokens = (torch.cat(outs) if len(outs) > 1 else outs[0]).cpu()
+    clock.lap("head")
+    for g, t in clock.split().items():
+        item.parts[g][2] = t  # type: ignore[index]
+    for peer in lane.peers.values():
+        peer.check_peer()
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,7 +500,16 @@ class Engine:
 
     # ---- lifecycle --------------------------------------------------------------------
     def start(self, wait_ready: float | None = 60.0) -> "Engine":
-        """Start the replicas of the initial plan and the driver; wait until all are ready."""
+        """Start the replicas of the initial plan and the driver; wait until all are ready.
+
+        On CUDA (``pin_weights``) the master weights are first moved into pinned host
+        memory, once (an engine started again on the same model finds them pinned).
+        """
+        if self.config.device == "cuda" and self.config.pin_weights:
+            t0 = time.perf_counter()
+            nbytes = pin_host(self.model)
+            if nbytes:
+                log.info("pinned %.2f GB of master weights in %.2f s", nbytes / 1e9, time.perf_counter() - t0)
         with self._lock:
             self._reconcile()
         self._driver = threading.Thread(target=self._drive, name="opscale-driver", daemon=True)
@@ -503,7 +694,11 @@ class Engine:
         return rep
 
     def _item_done(self, rep: Replica, item: WorkItem, start: float, end: float) -> None:
-        self.metrics.item_done(rep.group, item.tokens, item.seqs, start - item.enqueued_s, end - start)
+        if item.parts is None:
+            self.metrics.item_done(rep.group, item.tokens, item.seqs, start - item.enqueued_s, end - start)
+            return
+        for g, (tokens, seqs, busy) in item.parts.items():  # a fused item: each group its share
+            self.metrics.item_done(g, int(tokens), int(seqs), start - item.enqueued_s, busy)
 
     def _reconcile(self) -> None:
         """Bring replicas in line with the plan; called with the lock held, nothing in flight."""
@@ -680,9 +875,99 @@ class Engine:
                 futs.append(rep.submit(WorkItem(fn, args, tokens=r1 - r0, seqs=c1 - c)))
         return self._cat(self._gather(futs))
 
+    def _colocated(self, attn: Replica, lane_no: int, n_seqs: int) -> dict[str, Replica] | None:
+        """Replicas of embed, proj, mlp and head to fuse with ``attn`` for a lane of ``n_seqs`` sequences.
+
+        Each must be ready and sit in ``attn``'s placement slot on its device. A group whose
+        ``max_batch`` is below ``n_seqs`` and that has ready replicas elsewhere is not
+        fused: its per-group path spreads the lane's sub-batches over those replicas in
+        parallel, which is what scaling such a group up is for. None when a group cannot be
+        fused. Where a slot holds several replicas of a group, lanes take them in turn.
+        """
+        if not self.config.fuse_colocated or attn.kv is None:
+            return None
+        plan = self._plan
+        peers = {}
+        for g in ("embed", "proj", "mlp", "head"):
+            ready = [r for r in self.replicas[g] if r.state == READY]
+            here = [r for r in ready if r.slot == attn.slot and r.device == attn.device]
+            if not here or (n_seqs > plan[g].max_batch and len(ready) > len(here)):
+                return None
+            peers[g] = here[lane_no % len(here)]
+        return peers
+
+    def _lane(self, attn: Replica, peers: dict[str, Replica], seqs: list[Sequence]) -> WorkItem:
+        """The fused work item running ``seqs`` (all on ``attn``) through the whole model."""
+        plan = self._plan
+        meta, ids, bounds, last = [], [], [0], []
+        for s in seqs:
+            new = s.tokens[s.n_cached:]
+            meta.append((s.id, len(new), s.n_cached))
+            ids.extend(new)
+            bounds.append(bounds[-1] + len(new))
+            last.append(bounds[-1] - 1)
+        n = len(seqs)
+
+        def cuts(mb: int) -> list[tuple[int, int]]:
+            return [(bounds[c], bounds[min(c + mb, n)]) for c in range(0, n, mb)]
+
+        temps = torch.tensor([s.temperature for s in seqs], dtype=torch.float32)
+        mb_head = plan["head"].max_batch
+        lane = Lane(attn, peers, meta, torch.tensor(ids, dtype=torch.long), last,
+                    {g: cuts(plan[g].max_batch) for g in ("embed", "proj", "mlp")},
+                    [(c, min(c + mb_head, n)) for c in range(0, n, mb_head)], temps, bool((temps > 0).any()),
+                    self._gens.get(peers["head"].id),
+                    events=attn.items_done % max(self.config.fused_timing_every, 1) == 0)
+        rows, L = bounds[-1], self.cfg.n_layers
+        # token-steps per group, counted as the per-group path counts them (attn, proj: two calls per layer)
+        parts = {"embed": [rows, n, 0.0], "attn": [2 * L * rows, n, 0.0], "proj": [2 * L * rows, n, 0.0],
+                 "mlp": [L * rows, n, 0.0], "head": [n, n, 0.0]}
+        item = WorkItem(_run_lane, (), tokens=rows, seqs=n, parts=parts)
+        item.args = (lane, item)
+        return item
+
     def _iterate(self, batch: list[Sequence]) -> list[int]:
-        """One step for every sequence in ``batch``; returns the next token of each (not committed)."""
+        """One step for every sequence in ``batch``; returns the next token of each (not committed).
+
+        Sequences of an attention replica whose slot holds a ready replica of every other
+        group run as fused lanes (one work item each, at most attn ``max_batch`` sequences);
+        the others go operator by operator through the pools' queues. Both kinds run at
+        the same time.
+        """
         batch.sort(key=lambda s: s.attn.id)  # type: ignore[union-attr]
+        spans: list[list[Any]] = []
+        for i, s in enumerate(batch):
+            if not spans or spans[-1][0] is not s.attn:
+                spans.append([s.attn, i, i + 1])
+            else:
+                spans[-1][2] = i + 1
+        mb = self._plan["attn"].max_batch
+        fused: list[tuple[int, int, Future]] = []
+        hop: list[Sequence] = []
+        lane_no = 0
+        for rep, i0, i1 in spans:
+            for c in range(i0, i1, mb):
+                c1 = min(c + mb, i1)
+                peers = self._colocated(rep, lane_no, c1 - c)
+                if peers is None:
+                    hop.extend(batch[c:c1])
+                    continue
+                fused.append((c, c1, rep.submit(self._lane(rep, peers, batch[c:c1]))))
+                lane_no += 1
+        try:
+            hop_tokens = self._iterate_hops(hop) if hop else []
+        finally:
+            self._gather([f for _, _, f in fused])  # never leave work running
+        out = [0] * len(batch)
+        for c, c1, f in fused:
+            out[c:c1] = f.result().tolist()
+        pos = {id(s): i for i, s in enumerate(batch)}
+        for s, t in zip(hop, hop_tokens):
+            out[pos[id(s)]] = t
+        return out
+
+    def _iterate_hops(self, batch: list[Sequence]) -> list[int]:
+        """One step of ``batch`` (sorted by attention replica), every operator call a hop to its pool."""
         rows, ids, meta, spans = [], [], [], []
         row = 0
         for i, s in enumerate(batch):

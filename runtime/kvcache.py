@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -64,6 +65,7 @@ class RowIndex:
         block, offset: block and slot in the block of each row ``[rows]``.
         tables: padded block tables ``[seqs, width]``.
         lengths: cached tokens of each sequence after this iteration's write ``[seqs]``.
+        slot: ``block * block_tokens + offset`` of each row ``[rows]`` (row of the flat cache).
     """
 
     positions: torch.Tensor
@@ -71,6 +73,7 @@ class RowIndex:
     offset: torch.Tensor
     tables: torch.Tensor
     lengths: torch.Tensor
+    slot: torch.Tensor | None = None
 
 
 class PagedKVCache:
@@ -93,6 +96,10 @@ class PagedKVCache:
         shape = (n_blocks, layout.block_tokens, layout.n_kv_heads, layout.head_dim)
         self.k = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in range(layout.n_layers)]
         self.v = [torch.zeros(shape, dtype=layout.dtype, device=self.device) for _ in range(layout.n_layers)]
+        # the same memory as [n_blocks * block_tokens, n_kv_heads, head_dim]: one row per token slot
+        flat = (n_blocks * layout.block_tokens, layout.n_kv_heads, layout.head_dim)
+        self._kf = [k.view(flat) for k in self.k]
+        self._vf = [v.view(flat) for v in self.v]
         self._free: list[int] = list(range(n_blocks - 1, -1, -1))
         self._tables: dict[int, list[int]] = {}
 
@@ -190,40 +197,77 @@ class PagedKVCache:
         bt = self.layout.block_tokens
         tables = [self._table(sid) for sid, _, _ in seqs]
         width = max(len(t) for t in tables)
-        mat = torch.zeros((len(seqs), width), dtype=torch.long)
+        mat = np.zeros((len(seqs), width), dtype=np.int64)
         for i, t in enumerate(tables):
-            mat[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        n_new = torch.tensor([n for _, n, _ in seqs], dtype=torch.long)
-        starts = torch.tensor([p for _, _, p in seqs], dtype=torch.long)
-        seq_of_row = torch.repeat_interleave(torch.arange(len(seqs)), n_new)
-        first_row = torch.cumsum(n_new, 0) - n_new
-        pos = starts[seq_of_row] + torch.arange(int(n_new.sum())) - first_row[seq_of_row]
-        limit = torch.tensor([len(t) * bt for t in tables], dtype=torch.long)
-        over = pos >= limit[seq_of_row]
-        if bool(over.any()):
-            r = int(over.nonzero()[0, 0])
-            sid = seqs[int(seq_of_row[r])][0]
-            raise KVCacheError(f"sequence {sid}: position {int(pos[r])} beyond its reservation of "
-                               f"{int(limit[seq_of_row[r]])} tokens")
+            mat[i, :len(t)] = t
+        n_new = np.array([n for _, n, _ in seqs], dtype=np.int64)
+        starts = np.array([p for _, _, p in seqs], dtype=np.int64)
+        seq_of_row = np.repeat(np.arange(len(seqs)), n_new)
+        first_row = np.cumsum(n_new) - n_new
+        pos = starts[seq_of_row] + np.arange(int(n_new.sum())) - first_row[seq_of_row]
+        limit = np.array([len(t) * bt for t in tables], dtype=np.int64)[seq_of_row]
+        over = np.flatnonzero(pos >= limit)
+        if over.size:
+            r = int(over[0])
+            raise KVCacheError(f"sequence {seqs[int(seq_of_row[r])][0]}: position {int(pos[r])} beyond its "
+                               f"reservation of {int(limit[r])} tokens")
         blk = mat[seq_of_row, pos // bt]
-        dev = self.device
-        return RowIndex(pos.to(dev), blk.to(dev), (pos % bt).to(dev), mat.to(dev), (starts + n_new).to(dev))
+        off = pos % bt
+        # one host-to-device copy for every index of the iteration
+        packed = torch.from_numpy(np.concatenate([pos, blk, off, blk * bt + off, starts + n_new, mat.reshape(-1)]))
+        if self.device.type == "cuda":
+            packed = packed.pin_memory()
+        parts = packed.to(self.device, non_blocking=True).split([len(pos)] * 4 + [len(seqs), mat.size])
+        return RowIndex(parts[0], parts[1], parts[2], parts[5].view(mat.shape), parts[4], parts[3])
 
     def write_rows(self, layer: int, ix: "RowIndex", k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V ``[rows, n_kv_heads, head_dim]`` at the rows of ``ix``."""
-        self.k[layer][ix.block, ix.offset] = k.to(self.device, self.layout.dtype)
-        self.v[layer][ix.block, ix.offset] = v.to(self.device, self.layout.dtype)
+        k, v = k.to(self.device, self.layout.dtype), v.to(self.device, self.layout.dtype)
+        if ix.slot is None:
+            self.k[layer][ix.block, ix.offset] = k
+            self.v[layer][ix.block, ix.offset] = v
+        else:
+            self._kf[layer].index_copy_(0, ix.slot, k)
+            self._vf[layer].index_copy_(0, ix.slot, v)
 
     def gather_rows(self, layer: int, ix: "RowIndex", which: torch.Tensor, max_len: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V ``[len(which), max_len, KV, hd]`` of the sequences ``which`` (indices into ``ix``)."""
-        bt = self.layout.block_tokens
+        return self.gather_blocks(layer, self.block_index(ix.tables[which], max_len), max_len)
+
+    def block_index(self, tables: torch.Tensor, max_len: int) -> torch.Tensor:
+        """The first blocks of padded block ``tables`` ``[B, width]`` that hold ``max_len`` tokens.
+
+        Built once per iteration and passed to :meth:`gather_blocks` for every layer
+        (block tables do not change within an iteration). Returns ``[B, blocks_for(max_len)]``;
+        missing columns point at block 0 (padding, masked by the caller's lengths).
+        """
         nblk = self.layout.blocks_for(max_len)
-        idx = ix.tables[which][:, :nblk]
+        idx = tables[:, :nblk]
         if idx.shape[1] < nblk:
             idx = torch.nn.functional.pad(idx, (0, nblk - idx.shape[1]))
-        shape = (idx.shape[0], nblk * bt, self.layout.n_kv_heads, self.layout.head_dim)
+        return idx
+
+    def gather_blocks(self, layer: int, idx: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V ``[B, max_len, KV, hd]`` read from the blocks ``idx`` (see :meth:`block_index`) of ``layer``."""
+        shape = (idx.shape[0], idx.shape[1] * self.layout.block_tokens, self.layout.n_kv_heads, self.layout.head_dim)
         return self.k[layer][idx].reshape(shape)[:, :max_len], self.v[layer][idx].reshape(shape)[:, :max_len]
+
+    def token_index(self, tables: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Flat cache row of the first ``max_len`` tokens of each of ``tables`` ``[B, width]``: ``[B * max_len]``.
+
+        Built once per iteration for :meth:`gather_tokens`; tokens past a sequence's table
+        read block 0 (padding, masked by the caller's lengths).
+        """
+        bt = self.layout.block_tokens
+        t = torch.arange(max_len, device=tables.device)
+        idx = self.block_index(tables, max_len)
+        return (idx[:, t // bt] * bt + t % bt).reshape(-1)
+
+    def gather_tokens(self, layer: int, rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V ``[batch, len(rows) // batch, KV, hd]`` of ``layer`` at flat rows from :meth:`token_index`."""
+        shape = (batch, rows.shape[0] // batch, self.layout.n_kv_heads, self.layout.head_dim)
+        return self._kf[layer].index_select(0, rows).view(shape), self._vf[layer].index_select(0, rows).view(shape)
 
     def export(self, seq_id: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the first ``length`` cached tokens of a sequence, per layer (for migration)."""

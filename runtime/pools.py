@@ -30,6 +30,10 @@ class WorkerDied(RuntimeError):
     """The replica that ran (or held) a work item died before finishing it."""
 
 
+class PeerDied(WorkerDied):
+    """A co-located replica whose weights a fused work item used died; the runner lives on."""
+
+
 @dataclass
 class WorkItem:
     """One batch for one replica.
@@ -41,6 +45,9 @@ class WorkItem:
         seqs: sequences in the batch.
         future: resolved with ``fn``'s result, or with WorkerDied.
         enqueued_s: ``time.perf_counter()`` at submission (seconds).
+        parts: for a fused item (several groups' operators in one call), what each group
+            did: ``{group: [token-steps, sequences, service seconds]}``; ``fn`` fills in the
+            seconds. None for an item of one group.
     """
 
     fn: Callable[..., Any]
@@ -49,6 +56,7 @@ class WorkItem:
     seqs: int
     future: Future = field(default_factory=Future)
     enqueued_s: float = field(default_factory=time.perf_counter)
+    parts: dict[str, list[float]] | None = None
 
 
 _replica_ids = itertools.count()
@@ -116,6 +124,8 @@ class Replica:
                     torch.cuda.synchronize(self.device)
                 if self._kill_next.is_set():
                     raise WorkerDied(f"replica {self.group}#{self.id} was killed mid-batch")
+            except PeerDied as e:  # another replica died; this one keeps serving
+                item.future.set_exception(e)
             except WorkerDied as e:
                 self.state = DEAD
                 item.future.set_exception(e)
@@ -171,8 +181,25 @@ class Replica:
         return item.future
 
     def kill(self) -> None:
-        """Fault injection: the replica dies at the end of its next item, failing it and its queue."""
+        """Fault injection: the replica dies at the end of its next item, failing it and its queue.
+
+        "Its next item" includes a fused item run by a co-located replica with this
+        replica's weights (see :meth:`check_peer`).
+        """
         self._kill_next.set()
+
+    def check_peer(self) -> None:
+        """Called by a fused item after using this replica's weights from another thread.
+
+        If the replica was killed it dies now (its queue fails, its thread exits) and
+        :class:`PeerDied` is raised, so the fused item fails without killing its runner.
+        """
+        if not self._kill_next.is_set():
+            return
+        self.state = DEAD
+        self._fail_queue()
+        self._q.put(None)
+        raise PeerDied(f"replica {self.group}#{self.id} was killed mid-batch")
 
     def stop(self) -> None:
         """Let the worker finish its queue and exit."""
@@ -228,14 +255,44 @@ def clone_to(modules: Any, device: torch.device, dtype: torch.dtype | None = Non
     Each parameter and buffer is copied once, straight from where it lives to ``device``
     (host-to-device for a CPU master); the module structure is deep-copied around the new
     tensors, so the host never holds a second copy of the weights. Parameters shared
-    between modules stay shared in the copy.
+    between modules stay shared in the copy. Copies from pinned host memory to a CUDA
+    device are issued asynchronously (``non_blocking``) and the device is synchronised once
+    at the end, so they run at DMA speed and overlap each other.
     """
     if not isinstance(modules, torch.nn.Module):
         return copy.deepcopy(modules)
+    device = torch.device(device)
     memo: dict[int, Any] = {}
+    async_copies = False
     for t in list(modules.parameters()) + list(modules.buffers()):
         if id(t) in memo:
             continue
-        data = t.detach().to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+        nb = device.type == "cuda" and t.device.type == "cpu" and t.is_pinned()
+        async_copies |= nb
+        data = t.detach().to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None,
+                             non_blocking=nb)
         memo[id(t)] = torch.nn.Parameter(data, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else data
+    if async_copies:
+        torch.cuda.synchronize(device)
     return copy.deepcopy(modules, memo)
+
+
+def pin_host(modules: torch.nn.Module) -> int:
+    """Move the CPU parameters and buffers of ``modules`` into pinned (page-locked) memory, in place.
+
+    Only meaningful when replicas load onto CUDA devices: a host-to-device copy from pinned
+    memory runs at PCIe/NVLink DMA speed, from pageable memory through a staging buffer.
+    Tensors already pinned or not on the CPU are left alone; without CUDA nothing is done.
+    Returns the bytes newly pinned.
+    """
+    if not torch.cuda.is_available():
+        return 0
+    pinned = 0
+    seen: set[int] = set()
+    for t in list(modules.parameters()) + list(modules.buffers()):
+        if id(t) in seen or t.device.type != "cpu" or t.is_pinned():
+            continue
+        seen.add(id(t))
+        t.data = t.data.pin_memory()
+        pinned += t.numel() * t.element_size()
+    return pinned
