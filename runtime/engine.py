@@ -253,9 +253,9 @@ def _head(rep: Replica, x: torch.Tensor, temps: torch.Tensor, gen: torch.Generat
 class StepAttention:
     """RoPE, KV write and attention of one attention replica's sequences for one iteration.
 
-    Built once per iteration (block/offset of every new row, positions, the decode block
-    index and lengths are tensors on the replica's device) and called once per layer, so
-    no layer does per-sequence Python work for decodes or host-to-device copies.
+    Built once per iteration (:meth:`PagedKVCache.index_step`: positions, cache rows to
+    write, decode lengths and the cache rows to gather, in one host-to-device copy) and
+    called once per layer, so no layer does per-sequence Python work for decodes.
 
     Args:
         kv: the replica's cache (blocks of every sequence already reserved).
@@ -265,41 +265,29 @@ class StepAttention:
     """
 
     def __init__(self, kv: PagedKVCache, seqs: list[tuple[int, int, int]]) -> None:
-        dev = kv.device
         self.kv = kv
         self.key = tuple(seqs)
-        self.ix = kv.index_rows(seqs)
-        self.rows = sum(n for _, n, _ in seqs)
-        starts = np.cumsum([0] + [n for _, n, _ in seqs])[:-1]
-        self.prefills = [(int(starts[i]), n) for i, (_, n, p) in enumerate(seqs) if p == 0]
-        dec = [i for i, (_, _, p) in enumerate(seqs) if p > 0]
-        self.all_decode = len(dec) == len(seqs)
-        self.max_len = max((seqs[i][2] + 1 for i in dec), default=0)
-        self.dec_rows: torch.Tensor | None = None
-        if dec and self.all_decode:
-            tables, self.lengths = self.ix.tables, self.ix.lengths
-        elif dec:
-            dec_seqs = torch.tensor(dec, dtype=torch.long).to(dev, non_blocking=True)
-            self.dec_rows = torch.tensor([int(starts[i]) for i in dec], dtype=torch.long).to(dev, non_blocking=True)
-            tables, self.lengths = self.ix.tables[dec_seqs], self.ix.lengths[dec_seqs]
-        if dec:
-            self.n_dec = len(dec)
-            self.gather_rows = kv.token_index(tables, self.max_len)  # [n_dec * max_len] flat cache rows
+        self.ix = kv.index_step(seqs)
+        self.all_decode = self.ix.n_dec == len(seqs)
+        self.convert = kv.layout.dtype  # K/V of another dtype are cast before the write
 
     def __call__(self, layer: int, rope: nn.Module, attn: nn.Module, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> torch.Tensor:
         """``q[rows,H,hd], k, v[rows,KV,hd]`` (not yet rotated) of ``layer`` -> attention output ``[rows, H*hd]``."""
-        q, k = rope(q, k, self.ix.positions)
-        self.kv.write_rows(layer, self.ix, k, v)
+        ix, kv = self.ix, self.kv
+        q, k = rope(q, k, ix.positions)
+        if k.dtype != self.convert:
+            k, v = k.to(self.convert), v.to(self.convert)
+        kv.write_slots(layer, ix.slot, k, v)
         if self.all_decode:
-            kc, vc = self.kv.gather_tokens(layer, self.gather_rows, self.n_dec)
-            return attn.decode(q, kc, vc, self.lengths)
+            kc, vc = kv.gather_tokens(layer, ix.gather, ix.n_dec)
+            return attn.decode(q, kc, vc, ix.dec_lengths)
         out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
-        for r, n in self.prefills:
+        for r, n in ix.prefills:
             out[r:r + n] = attn.prefill(q[r:r + n], k[r:r + n], v[r:r + n])
-        if self.dec_rows is not None:
-            kc, vc = self.kv.gather_tokens(layer, self.gather_rows, self.n_dec)
-            out[self.dec_rows] = attn.decode(q[self.dec_rows], kc, vc, self.lengths)
+        if ix.n_dec:
+            kc, vc = kv.gather_tokens(layer, ix.gather, ix.n_dec)
+            out[ix.dec_rows] = attn.decode(q[ix.dec_rows], kc, vc, ix.dec_lengths)
         return out
 
 
@@ -356,7 +344,8 @@ class _GroupClock:
     On CPU, wall time between group boundaries is exact. On CUDA, kernels run
     asynchronously, so the synchronised wall time of the whole item is split by the groups'
     shares of GPU time, measured with CUDA events on every ``EngineConfig.fused_timing_every``-th
-    item of a replica (events at every boundary cost launches) and reused in between.
+    item of a replica (events at every boundary cost launches) and reused in between
+    (before the first measurement, by the shares of host time).
     """
 
     def __init__(self, rep: Replica, events: bool) -> None:
@@ -364,24 +353,16 @@ class _GroupClock:
         self.cuda = rep.device.type == "cuda"
         self.events = events and self.cuda
         self.t = dict.fromkeys(OPERATOR_GROUPS, 0.0)
-        self.start = self.last = time.perf_counter()
+        self.start = time.perf_counter()
         self.marks: list[tuple[str, Any]] = []
         if self.events:
-            self.marks.append(("", self._record()))
+            self.mark("")
 
-    @staticmethod
-    def _record() -> Any:
+    def mark(self, group: str) -> None:
+        """(CUDA event timing) the work queued since the previous mark belonged to ``group``."""
         e = torch.cuda.Event(enable_timing=True)
         e.record()
-        return e
-
-    def lap(self, group: str) -> None:
-        """The work since the previous lap belonged to ``group``."""
-        now = time.perf_counter()
-        self.t[group] += now - self.last
-        self.last = now
-        if self.events:
-            self.marks.append((group, self._record()))
+        self.marks.append((group, e))
 
     def split(self) -> dict[str, float]:
         """Seconds per group, after the item's results reached the host."""
@@ -412,32 +393,71 @@ def _chunked(fn: Callable[..., Any], cuts: list[tuple[int, int]], *xs: torch.Ten
     return Engine._cat([fn(*(x[a:b] for x in xs)) for a, b in cuts])
 
 
+def _layer_table(attn: Replica, proj: Replica, mlp: Replica) -> list[tuple[nn.Module, ...]]:
+    """Per layer ``(attn_norm, rope, attention, qkv, o_proj, mlp_norm, mlp)`` of these replicas' modules.
+
+    Cached on the attention replica per (proj, mlp) pair, so a step does no module lookups.
+    """
+    cache = attn.__dict__.setdefault("_layer_tables", {})
+    key = (proj.id, mlp.id)
+    if key not in cache:
+        a, p, m = attn.modules, proj.modules, mlp.modules
+        cache[key] = list(zip(a["norm"], a["rope"], a["attn"], p["qkv"], p["o"], m["norm"], m["mlp"]))
+    return cache[key]
+
+
 @torch.no_grad()
 def _run_lane(rep: Replica, lane: Lane, item: WorkItem) -> torch.Tensor:
-    """One whole step (embed, every layer, head) of ``lane`` on its attention replica's thread.
+    """One whole step (embed, every layer, head) of ``lane`` on its attention replica.
 
     Returns the next token of each sequence (CPU). Fills ``item.parts`` with each group's
     service seconds. Raises :class:`PeerDied` if a co-located replica was killed meanwhile.
     """
     dev = rep.device
     clock = _GroupClock(rep, lane.events)
-    emb, proj, mlp, head = (lane.peers[g].modules for g in ("embed", "proj", "mlp", "head"))
+    ev = clock.mark if clock.events else None
+    pc = time.perf_counter
+    emb, head = lane.peers["embed"].modules, lane.peers["head"].modules
     cuts = lane.cuts
     x = _chunked(emb["embed"], cuts["embed"], lane.ids.to(dev, non_blocking=True))
-    clock.lap("embed")
+    t = pc()
+    clock.t["embed"] = t - clock.start
+    if ev:
+        ev("embed")
     step = StepAttention(rep.kv, lane.seqs)
-    am = rep.modules
-    for layer in range(len(am["attn"])):
-        a = am["norm"][layer](x)
-        clock.lap("attn")
-        q, k, v = _chunked(proj["qkv"][layer], cuts["proj"], a)
-        clock.lap("proj")
-        att = step(layer, am["rope"][layer], am["attn"][layer], q, k, v)
-        clock.lap("attn")
-        o = _chunked(proj["o"][layer], cuts["proj"], att)
-        clock.lap("proj")
-        x = _chunked(partial(_residual_mlp, mlp["norm"][layer], mlp["mlp"][layer]), cuts["mlp"], x, o)
-        clock.lap("mlp")
+    one_proj, one_mlp = len(cuts["proj"]) == 1, len(cuts["mlp"]) == 1
+    t_attn = t_proj = t_mlp = 0.0
+    for i, (norm, rope, attn, qkv, o_proj, mlp_norm, mlp) in enumerate(
+            _layer_table(rep, lane.peers["proj"], lane.peers["mlp"])):
+        a = norm(x)
+        t1 = pc()
+        if ev:
+            ev("attn")
+        q, k, v = qkv(a) if one_proj else _chunked(qkv, cuts["proj"], a)
+        t2 = pc()
+        if ev:
+            ev("proj")
+        att = step(i, rope, attn, q, k, v)
+        t3 = pc()
+        if ev:
+            ev("attn")
+        o = o_proj(att) if one_proj else _chunked(o_proj, cuts["proj"], att)
+        t4 = pc()
+        if ev:
+            ev("proj")
+        if one_mlp:
+            h = x + o
+            x = h + mlp(mlp_norm(h))
+        else:
+            x = _chunked(partial(_residual_mlp, mlp_norm, mlp), cuts["mlp"], x, o)
+        t5 = pc()
+        if ev:
+            ev("mlp")
+        t_attn += (t1 - t) + (t3 - t2)
+        t_proj += (t2 - t1) + (t4 - t3)
+        t_mlp += t5 - t4
+        t = t5
+    clock.t["attn"], clock.t["proj"], clock.t["mlp"] = t_attn, t_proj, t_mlp
     if not step.all_decode:
         x = x[torch.tensor(lane.last, dtype=torch.long).to(dev, non_blocking=True)]
     outs = []
@@ -447,10 +467,12 @@ def _run_lane(rep: Replica, lane: Lane, item: WorkItem) -> torch.Tensor:
             outs.append(head["sampler"](logits, lane.temps[a:b].to(dev), generator=lane.generator))
         else:
             outs.append(head["sampler"](logits))
+    if ev:
+        ev("head")
     tokens = (torch.cat(outs) if len(outs) > 1 else outs[0]).cpu()
-    clock.lap("head")
-    for g, t in clock.split().items():
-        item.parts[g][2] = t  # type: ignore[index]
+    clock.t["head"] = pc() - t
+    for g, sec in clock.split().items():
+        item.parts[g][2] = sec  # type: ignore[index]
     for peer in lane.peers.values():
         peer.check_peer()
     return tokens
@@ -942,7 +964,7 @@ class Engine:
             else:
                 spans[-1][2] = i + 1
         mb = self._plan["attn"].max_batch
-        fused: list[tuple[int, int, Future]] = []
+        fused: list[tuple[Any, ...]] = []
         hop: list[Sequence] = []
         lane_no = 0
         for rep, i0, i1 in spans:
@@ -952,8 +974,13 @@ class Engine:
                 if peers is None:
                     hop.extend(batch[c:c1])
                     continue
-                fused.append((c, c1, rep.submit(self._lane(rep, peers, batch[c:c1]))))
+                fused.append((c, c1, rep, self._lane(rep, peers, batch[c:c1])))
                 lane_no += 1
+        if len(fused) == 1 and not hop:  # one lane: run it here, no hand-off to a worker thread
+            c, c1, rep, item = fused[0]
+            fused = [(c, c1, rep.run_inline(item))]
+        else:
+            fused = [(c, c1, rep.submit(item)) for c, c1, rep, item in fused]
         try:
             hop_tokens = self._iterate_hops(hop) if hop else []
         finally:

@@ -76,6 +76,36 @@ class RowIndex:
     slot: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class StepIndex:
+    """Everything one iteration's attention needs about its rows, on the cache's device.
+
+    Built by :meth:`PagedKVCache.index_step` with one host-to-device copy, then used by every
+    layer of the iteration (block tables do not change within an iteration).
+
+    Attributes:
+        positions: token position of each row ``[rows]``.
+        slot: flat cache row (``block * block_tokens + offset``) each new row is written to ``[rows]``.
+        prefills: ``(first_row, n_rows)`` of each sequence starting at position 0 (host ints).
+        n_dec: sequences decoding one token (start position > 0).
+        dec_rows: row of each decoding sequence ``[n_dec]``; None when every sequence decodes
+            (then row ``i`` is sequence ``i``).
+        dec_lengths: cached tokens of each decoding sequence after this iteration's write ``[n_dec]``.
+        max_len: largest of ``dec_lengths`` (tokens; 0 without decodes).
+        gather: flat cache rows of the first ``max_len`` tokens of each decoding sequence
+            ``[n_dec * max_len]`` (tokens past a sequence's reservation read block 0: padding).
+    """
+
+    positions: torch.Tensor
+    slot: torch.Tensor
+    prefills: list[tuple[int, int]]
+    n_dec: int
+    dec_rows: torch.Tensor | None
+    dec_lengths: torch.Tensor | None
+    max_len: int
+    gather: torch.Tensor | None
+
+
 class PagedKVCache:
     """Block pool plus per-sequence block tables for one attention replica.
 
@@ -220,6 +250,52 @@ class PagedKVCache:
         parts = packed.to(self.device, non_blocking=True).split([len(pos)] * 4 + [len(seqs), mat.size])
         return RowIndex(parts[0], parts[1], parts[2], parts[5].view(mat.shape), parts[4], parts[3])
 
+    def index_step(self, seqs: list[tuple[int, int, int]]) -> StepIndex:
+        """The :class:`StepIndex` of ``seqs`` = ``(seq_id, n_new, start_pos)`` in row order.
+
+        A sequence with ``start_pos > 0`` must be a decode step (``n_new == 1``). Raises
+        KVCacheError naming the sequence when a row falls beyond its reservation.
+        """
+        bt = self.layout.block_tokens
+        tables = [self._table(sid) for sid, _, _ in seqs]
+        mat = np.zeros((len(seqs), max(len(t) for t in tables)), dtype=np.int64)
+        for i, t in enumerate(tables):
+            mat[i, :len(t)] = t
+        n_new = np.array([n for _, n, _ in seqs], dtype=np.int64)
+        starts = np.array([p for _, _, p in seqs], dtype=np.int64)
+        seq_of_row = np.repeat(np.arange(len(seqs)), n_new)
+        first_row = np.cumsum(n_new) - n_new
+        pos = starts[seq_of_row] + np.arange(int(n_new.sum())) - first_row[seq_of_row]
+        limit = np.array([len(t) * bt for t in tables], dtype=np.int64)[seq_of_row]
+        over = np.flatnonzero(pos >= limit)
+        if over.size:
+            r = int(over[0])
+            raise KVCacheError(f"sequence {seqs[int(seq_of_row[r])][0]}: position {int(pos[r])} beyond its "
+                               f"reservation of {int(limit[r])} tokens")
+        slot = mat[seq_of_row, pos // bt] * bt + pos % bt
+        dec = np.flatnonzero(starts > 0)
+        if np.any(n_new[dec] != 1):
+            raise KVCacheError(f"sequence {seqs[int(dec[np.argmax(n_new[dec] != 1)])][0]} has a cache and "
+                               "more than one new token; only single-token decode steps are batched")
+        dec_lengths = starts[dec] + 1
+        max_len = int(dec_lengths.max()) if dec.size else 0
+        t = np.arange(max_len)
+        gather = (mat[dec][:, t // bt] * bt + t % bt).reshape(-1)
+        all_decode = dec.size == len(seqs)
+        pieces = [pos, slot, dec_lengths, gather] + ([] if all_decode else [first_row[dec]])
+        packed = torch.from_numpy(np.concatenate(pieces))
+        if self.device.type == "cuda":
+            packed = packed.pin_memory()
+        parts = packed.to(self.device, non_blocking=True).split([len(x) for x in pieces])
+        prefills = [(int(first_row[i]), int(n_new[i])) for i in np.flatnonzero(starts == 0)]
+        return StepIndex(parts[0], parts[1], prefills, int(dec.size), None if all_decode else parts[4],
+                         parts[2] if dec.size else None, max_len, parts[3] if dec.size else None)
+
+    def write_slots(self, layer: int, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V ``[rows, n_kv_heads, head_dim]`` (cache dtype, cache device) at flat cache rows ``slot``."""
+        self._kf[layer].index_copy_(0, slot, k)
+        self._vf[layer].index_copy_(0, slot, v)
+
     def write_rows(self, layer: int, ix: "RowIndex", k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V ``[rows, n_kv_heads, head_dim]`` at the rows of ``ix``."""
         k, v = k.to(self.device, self.layout.dtype), v.to(self.device, self.layout.dtype)
@@ -253,19 +329,8 @@ class PagedKVCache:
         shape = (idx.shape[0], idx.shape[1] * self.layout.block_tokens, self.layout.n_kv_heads, self.layout.head_dim)
         return self.k[layer][idx].reshape(shape)[:, :max_len], self.v[layer][idx].reshape(shape)[:, :max_len]
 
-    def token_index(self, tables: torch.Tensor, max_len: int) -> torch.Tensor:
-        """Flat cache row of the first ``max_len`` tokens of each of ``tables`` ``[B, width]``: ``[B * max_len]``.
-
-        Built once per iteration for :meth:`gather_tokens`; tokens past a sequence's table
-        read block 0 (padding, masked by the caller's lengths).
-        """
-        bt = self.layout.block_tokens
-        t = torch.arange(max_len, device=tables.device)
-        idx = self.block_index(tables, max_len)
-        return (idx[:, t // bt] * bt + t % bt).reshape(-1)
-
     def gather_tokens(self, layer: int, rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V ``[batch, len(rows) // batch, KV, hd]`` of ``layer`` at flat rows from :meth:`token_index`."""
+        """K, V ``[batch, len(rows) // batch, KV, hd]`` of ``layer`` at flat cache rows (``StepIndex.gather``)."""
         shape = (batch, rows.shape[0] // batch, self.layout.n_kv_heads, self.layout.head_dim)
         return self._kf[layer].index_select(0, rows).view(shape), self._vf[layer].index_select(0, rows).view(shape)
 

@@ -116,32 +116,52 @@ class Replica:
             item = self._q.get()
             if item is None:
                 break
-            self._busy.set()
-            start = time.perf_counter()
-            try:
-                result = item.fn(self, *item.args)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                if self._kill_next.is_set():
-                    raise WorkerDied(f"replica {self.group}#{self.id} was killed mid-batch")
-            except PeerDied as e:  # another replica died; this one keeps serving
-                item.future.set_exception(e)
-            except WorkerDied as e:
-                self.state = DEAD
-                item.future.set_exception(e)
-                self._busy.clear()
-                self._fail_queue()
+            if not self._execute(item):
                 return
-            except BaseException as e:
-                item.future.set_exception(e)
-            else:
-                end = time.perf_counter()
-                self.items_done += 1
-                if self._on_done is not None:
-                    self._on_done(self, item, start, end)
-                item.future.set_result(result)
-            self._busy.clear()
         self.state = DEAD
+
+    def _execute(self, item: WorkItem) -> bool:
+        """Run one item and resolve its future; False when the replica died doing it."""
+        self._busy.set()
+        start = time.perf_counter()
+        try:
+            result = item.fn(self, *item.args)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if self._kill_next.is_set():
+                raise WorkerDied(f"replica {self.group}#{self.id} was killed mid-batch")
+        except PeerDied as e:  # another replica died; this one keeps serving
+            item.future.set_exception(e)
+        except WorkerDied as e:
+            self.state = DEAD
+            item.future.set_exception(e)
+            self._busy.clear()
+            self._fail_queue()
+            return False
+        except BaseException as e:
+            item.future.set_exception(e)
+        else:
+            end = time.perf_counter()
+            self.items_done += 1
+            if self._on_done is not None:
+                self._on_done(self, item, start, end)
+            item.future.set_result(result)
+        self._busy.clear()
+        return True
+
+    def run_inline(self, item: WorkItem) -> Future:
+        """Run ``item`` on the calling thread, with the worker's bookkeeping (kill, metrics, items_done).
+
+        Saves the two thread hand-offs of :meth:`submit` when the caller would only wait for
+        the result. Only an idle serving replica with an empty queue runs inline; otherwise
+        the item is queued as by :meth:`submit`. The caller must not submit to this replica
+        while the item runs.
+        """
+        if self.state not in (READY, DRAINING) or self.load or not self._thread.is_alive():
+            return self.submit(item)
+        if not self._execute(item):
+            self._q.put(None)  # died inline: let the idle worker thread exit
+        return item.future
 
     def _fail_queue(self) -> None:
         while True:

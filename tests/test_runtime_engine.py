@@ -131,11 +131,13 @@ def test_plan_change_mid_load_loses_and_duplicates_nothing(model):
         eng.stop()
 
 
-@pytest.mark.parametrize("group", ["mlp", "attn", "head"])
-def test_killed_worker_requeues_its_requests(model, group):
+@pytest.mark.parametrize("group,replicas", [("mlp", 2), ("attn", 2), ("head", 2), ("mlp", 1), ("attn", 1)])
+def test_killed_worker_requeues_its_requests(model, group, replicas):
+    # replicas=2: two fused lanes per step on worker threads; replicas=1 (batch 16): one lane
+    # that the driver runs inline, the killed replica dies there
     ps = prompts(12, base=5)
     refs = [generate_split(model, p, 8) for p in ps]
-    eng = Engine(model, op_plan(2, 4)).start()
+    eng = Engine(model, op_plan(2, 4) if replicas == 2 else Plan.model_level(1, 16, 1)).start()
     try:
         seqs = [eng.submit(p, 8) for p in ps]
         while sum(len(s.generated) for s in seqs) < 12:
@@ -146,7 +148,8 @@ def test_killed_worker_requeues_its_requests(model, group):
         assert eng.aborted_iterations >= 1
         assert all(r.id != victim.id for r in eng.replicas[group])
         eng.wait_ready(30)
-        assert len([r for r in eng.replicas[group] if r.ready]) == 2  # replaced
+        assert len([r for r in eng.replicas[group] if r.ready]) == replicas  # replaced
+        assert not victim.alive
         text = eng.metrics.render().decode()
         assert f'opscale_worker_deaths_total{{group="{group}"}} 1.0' in text
     finally:
