@@ -12,6 +12,13 @@ from Little's law, prefill iterations at the interval's prompt-length quantiles,
 mixture of decode-only and mixed iterations); calibration against the reference is
 reported in docs/SIMULATOR.md. All state is a handful of floats: an env step costs
 tens of microseconds.
+
+Plan changes follow the reference: removed attention units keep their share of the running
+sequences (a draining pool outside the serving units' slots and KV, still loading the shared
+pools) until those finish; the prefill load the shared pools see is solved with the pace it
+causes (a burst in which every unit prefills slows every unit); and SLO attainment is
+credited when requests finish, with the TTFT-met probability of the requests in the system
+(so a burst's misses count against the burst's requests, not those finishing meanwhile).
 """
 from __future__ import annotations
 
@@ -27,6 +34,15 @@ from envs.scenario import Scenario
 from envs.world import Layout, StepModel
 
 _Z99 = 2.326
+#: relative spread of the shared pools' load over which remote iteration times are averaged
+_SPREAD = 0.08
+#: share of a sub-step's backlog growth (a burst) that the p99 / p50 arrival finds ahead of it
+#: (1 / 0.5 would be a fluid backlog growing linearly through the sub-step; halved, because
+#: join-shortest-queue routing spreads a burst's long prompts over the units)
+_G99, _G50 = 0.5, 0.25
+#: rounds of the fixed point between the shared pools' prefill load and the iteration pace
+_ROUNDS = 3
+_SPREAD_F = (1.0 - _SPREAD, 1.0, 1.0 + _SPREAD)
 
 
 def _phi(x: float) -> float:
@@ -68,8 +84,15 @@ class FastSimulator(Simulator):
         self._op_ref = None   # operating point the cached iteration times were computed at
         self._op_val = None
         self._op_full99 = 0.0
-        self._bg_chunk = 0.0  # prefill tokens per unit iteration, last sub-step (load on remote pools)
+        self._t_it = 0.05     # mean iteration time of the last sub-step (seconds)
         self.drain_until: list[tuple[float, int]] = []
+        # sequences left on removed (draining) attention units: they finish there, outside the
+        # serving units' batch slots and KV, still loading the shared pools
+        self.d_n = 0.0        # decoding sequences on draining units
+        self.d_kv = 0.0       # their KV tokens
+        self.d_units = 0.0    # draining units holding them
+        self._U = 0.0         # serving units in the last sub-step
+        self._unit_sig = None  # (attention placement, unit tp) of the serving units
         if not hasattr(self, "sub_index"):
             h = self.dt / self.sub_steps
             self.sub_index = TraceIndex(self.arrival, self.prompt, self.output, h, self.n_intervals * self.sub_steps,
@@ -83,35 +106,59 @@ class FastSimulator(Simulator):
         self.tot_arrived = 0.0
         self.tot_finished = 0.0
         self.tot_met = 0.0
+        #: sum over requests in the system (queued or running) of P(their TTFT meets the SLO):
+        #: finished requests take the mean with them, so a burst's misses are counted when its
+        #: requests finish, as the reference counts them
+        self.sys_ok = 0.0
         self.tot_rejected = 0.0
         self.ttft_rec: list[tuple[float, float, float]] = []
         self.tbt_rec: list[tuple[float, float, float]] = []
 
     def _idle(self) -> bool:
-        return self.q < 0.5 and self.n_dec + self.n_pre < 0.5
+        return self.q < 0.5 and self.n_dec + self.n_pre + self.d_n < 0.5
 
     # ------------------------------------------------------------------ iteration time, memoised
     def _iter(self, layout: Layout, sm: StepModel, n_dec: float, ctx: float, chunk: float, n_pre: float,
-              bg_chunk: float, prompt: float) -> tuple[float, dict]:
+              bg_chunk: float, prompt: float, extra: float = 0.0) -> tuple[float, dict]:
         """(seconds, busy shares) of one iteration of a unit with ``n_dec`` decodes and a
         ``chunk``-token prefill, while every unit's iteration carries ``n_dec`` decodes and
-        ``bg_chunk`` prefill tokens on average (the load the shared remote pools see)."""
+        ``bg_chunk`` prefill tokens on average (the load the shared remote pools see), plus
+        ``extra`` decode tokens of draining units on the shared pools."""
         peers = any(layout.peers.values())
         ukey = tuple(round(v, 1) for v in self.util.values()) if peers else ()
         remote = sm.remote
         key = (sm.signature, int(round(n_dec)), quantise(ctx), quantise(chunk), int(math.ceil(n_pre)),
-               quantise(prompt), quantise(bg_chunk) if remote else 0, ukey, layout.units if remote else 0)
+               quantise(prompt), quantise(bg_chunk) if remote else 0, ukey, layout.units if remote else 0,
+               quantise(extra) if remote else 0)
         hit = self._it.get(key)
         if hit is None:
             u = layout.units
             nd, cp, npre = float(key[1]), float(key[3]), float(key[4])
             bg = float(key[6]) if remote else cp
-            tot_tokens = cp + nd + (u - 1) * (nd + bg)
-            tot_seqs = u * nd + npre + (u - 1) * (npre if bg > 0 else 0.0)
-            r = sm.iteration(nd, float(key[2]), cp, float(key[5]), npre, tot_tokens, tot_seqs, self.util)
+            ex = float(key[9])
+            tot_tokens = cp + nd + (u - 1) * (nd + bg) + ex
+            tot_seqs = u * nd + npre + (u - 1) * (npre if bg > 0 else 0.0) + ex
+            ctx_d, ctx_p = float(key[2]), float(key[5])
+            if remote and (u > 1 or ex > 0):
+                # the shared pools see the sum of every unit's batch, which varies around this
+                # mean from iteration to iteration; the measured latency curves have steps
+                # (tile quantisation), so average over a +-_SPREAD window instead of landing
+                # on one side of a step
+                ms = 0.0
+                busy: dict[str, float] = {}
+                for f in _SPREAD_F:
+                    r = sm.iteration(nd, ctx_d, cp, ctx_p, npre, tot_tokens * f, tot_seqs * f, self.util)
+                    ms += r.ms
+                    for proc, b in r.busy.items():
+                        busy[proc] = busy.get(proc, 0.0) + b * r.ms
+                busy = {proc: b / ms for proc, b in busy.items()} if ms > 0 else busy
+                ms /= len(_SPREAD_F)
+            else:
+                r = sm.iteration(nd, ctx_d, cp, ctx_p, npre, tot_tokens, tot_seqs, self.util)
+                ms, busy = r.ms, r.busy
             if len(self._it) > 200_000:
                 self._it.clear()
-            hit = self._it[key] = (r.ms / 1000.0, r.busy)
+            hit = self._it[key] = (ms / 1000.0, busy)
         return hit
 
     # ------------------------------------------------------------------ one interval
@@ -138,7 +185,6 @@ class FastSimulator(Simulator):
         kv_frac = 0.0
         ttft_w = ttft50_acc = 0.0
         ttft99 = 0.0
-        ok_ttft = 0.0
         gaps_mix = gaps_dec = 0.0
         t_dec_acc = t_mix_acc = 0.0
         t_dec_max = 0.0
@@ -149,7 +195,12 @@ class FastSimulator(Simulator):
         # the fluid state lives in locals during the interval (attribute access is slow)
         q, q_prompt, q_output = self.q, self.q_prompt, self.q_output
         n_dec, n_pre, backlog, kv = self.n_dec, self.n_pre, self.backlog, self.kv
-        r_prompt, r_output, bg_chunk = self.r_prompt, self.r_output, self._bg_chunk
+        r_prompt, r_output = self.r_prompt, self.r_output
+        t_it = self._t_it
+        d_n, d_kv, d_units = self.d_n, self.d_kv, self.d_units
+        d_op = None   # (per-unit batch, iteration seconds) of the draining units
+        sys_ok = self.sys_ok
+        fin_ok = 0.0  # finished requests x P(TTFT met)
         for s in range(S):
             t = t0 + s * h
             if self.drain_until and self.drain_until[0][0] <= t:
@@ -163,7 +214,22 @@ class FastSimulator(Simulator):
                     next_ready = self.timeline.next_ready(t)
                 layout = self.serving_layout(t + 0.5 * h)
                 sm = self.step_model(layout)
+                sig = (layout.plan["attn"].placement, layout.unit_tp)
+                if self._unit_sig is not None and sig != self._unit_sig and self._U > 0:
+                    # the KV holders were switched (placement / tp): the old units drain with
+                    # every sequence they hold, the new ones start empty
+                    if n_dec > 0.5:
+                        d_n += n_dec
+                        d_kv += kv
+                        d_units += self._U
+                        n_dec = 0.0
+                        kv = n_pre * r_prompt
+                        units = int(round(self._U))
+                        self.timeline.draining_units += units
+                        self._schedule_drain(units)
+                self._unit_sig = sig
                 U = float(max(layout.units, 1))
+                self._U = U
                 B = float(layout.plan["attn"].max_batch)
                 kv_cap = layout.unit_kv_tokens * U
             # arrivals of this sub-step join the queue
@@ -188,7 +254,6 @@ class FastSimulator(Simulator):
                 q_output += over * 0.5 * r_output
                 kv = max(kv - over * (r_prompt + 0.5 * r_output), 0.0)
                 running = n_dec + n_pre
-            q_before = q
             admit = 0.0
             if q > 0:
                 qp = q_prompt / q
@@ -212,43 +277,55 @@ class FastSimulator(Simulator):
             chunk = min(C, back_u)
             npre_u = min(n_pre / U, max(chunk / max(r_prompt, 1.0), 1.0)) if chunk > 0 else 0.0
             ctx = r_prompt + 0.5 * r_output
-            bg = bg_chunk
-            # iteration times change slowly within an interval: re-time only when the
-            # operating point moved by more than 10% (or the layout changed)
-            op_pt = (sm, nd_u, bg)
-            ref = self._op_ref
-            if ref is None or ref[0] is not sm or abs(nd_u - ref[1]) > (0.1 * ref[1] if ref[1] > 20.0 else 2.0) \
-                    or abs(bg - ref[2]) > (0.1 * ref[2] if ref[2] > 320.0 else 32.0):
-                T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg, r_prompt)
-                T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg, r_prompt)
-                self._op_ref = op_pt
-                self._op_val = (T_dec, busy_d, T_full, busy_m)
-            else:
-                T_dec, busy_d, T_full, busy_m = self._op_val
-            slope = (T_full - T_dec) / C if T_full > T_dec else 0.0  # seconds per prefilled token
+            # prefill tokens per iteration of the other units (the load the shared pools see):
+            # what clears the current backlog at the iteration pace, at most a full chunk. The
+            # pace depends on that load (every unit prefilling at once slows the shared pools),
+            # so iterate to a fixed point from last sub-step's pace (a burst would lag otherwise)
+            bg = min(C, back_u * t_it / h) if back_u > 0 else 0.0
+            adm_u = admit / U
+            for _ in range(_ROUNDS):
+                # iteration times change slowly within an interval: re-time only when the
+                # operating point moved by more than 10% (or the layout changed)
+                op_pt = (sm, nd_u, bg, d_n)
+                ref = self._op_ref
+                if ref is None or ref[0] is not sm or abs(nd_u - ref[1]) > (0.1 * ref[1] if ref[1] > 20.0 else 2.0) \
+                        or abs(bg - ref[2]) > (0.1 * ref[2] if ref[2] > 320.0 else 32.0) \
+                        or abs(d_n - ref[3]) > (0.1 * ref[3] if ref[3] > 20.0 else 2.0):
+                    T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg, r_prompt, d_n)
+                    T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg, r_prompt, d_n)
+                    self._op_ref = op_pt
+                    self._op_val = (T_dec, busy_d, T_full, busy_m)
+                else:
+                    T_dec, busy_d, T_full, busy_m = self._op_val
+                slope = (T_full - T_dec) / C if T_full > T_dec else 0.0  # seconds per prefilled token
+                T_mix = T_dec + slope * chunk
+                # time split between mixed (prefill) and decode-only iterations
+                need_mix = back_u / max(chunk, 1.0) + 0.5 * adm_u if chunk > 0 else 0.0
+                mix = min(need_mix, h / T_mix)
+                left = h - mix * T_mix
+                dec_it = left / T_dec if nd_u > 0 and left > 0 else 0.0
+                iters = mix + dec_it
+                t_it = h / iters if iters > 0 else T_dec
+                if not sm.remote or back_u <= 0:
+                    break
+                bg_new = min(C, back_u * t_it / h)
+                if abs(bg_new - bg) <= 0.1 * bg + 32.0:
+                    break
+                bg = bg_new
             if sm.remote and self._op_ref is op_pt:
                 # shared remote pools: at the p99, more units prefill at once than on average
                 # (binomial over units, each prefilling a share bg / C of its iterations)
                 fb = min(bg / C, 1.0)
                 bg99 = C * min(1.0, fb + _Z99 * math.sqrt(max(fb * (1 - fb), 0.0) / U))
-                T_full99 = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg99, r_prompt)[0]
+                T_full99 = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg99, r_prompt, d_n)[0]
                 self._op_full99 = T_full99
             elif sm.remote:
                 T_full99 = self._op_full99
             else:
                 T_full99 = T_full
             slope99 = (T_full99 - T_dec) / C if T_full99 > T_dec else 0.0
-            T_mix = T_dec + slope * chunk
-            # time split between mixed (prefill) and decode-only iterations
-            adm_u = admit / U
-            need_mix = back_u / max(chunk, 1.0) + 0.5 * adm_u if chunk > 0 else 0.0
-            mix = min(need_mix, h / T_mix)
-            left = h - mix * T_mix
-            dec_it = left / T_dec if nd_u > 0 and left > 0 else 0.0
-            iters = mix + dec_it
             # progress
             pre_done = min(backlog, mix * chunk * U)
-            bg_chunk = pre_done / U / iters if iters > 0 else 0.0
             seq_pre_done = min(n_pre, pre_done / max(r_prompt, 1.0)) if backlog > 0 else n_pre
             if backlog - pre_done < 1e-6:
                 seq_pre_done = n_pre
@@ -258,6 +335,12 @@ class FastSimulator(Simulator):
             n_dec += seq_pre_done - done
             n_pre -= seq_pre_done
             kv = max(kv + tokens - done * (r_prompt + r_output), 0.0)
+            if done > 0:
+                # (this sub-step's arrivals are not in sys_ok yet: leave them out of the mean)
+                n_sys = max(q + n_dec + n_pre + d_n + done - a, done)
+                share = done * min(sys_ok / n_sys, 1.0) if n_sys > 1e-9 else done
+                fin_ok += share
+                sys_ok -= share
             fin += done
             # queue wait (Little) and rejections
             serve = done / h if done > 0 else U * B / max(r_output * T_dec, 1e-9)
@@ -270,6 +353,8 @@ class FastSimulator(Simulator):
                 q_prompt *= 1 - frac
                 q_output *= 1 - frac
                 m.rejected += rej
+                n_sys = max(q + rej + n_dec + n_pre + d_n - a, rej)
+                sys_ok -= rej * min(sys_ok / n_sys, 1.0) if n_sys > 1e-9 else 0.0
                 wait = sc.max_queue_wait_s
             # TTFT of this sub-step's arrivals: queue wait, the residual of the iteration in
             # flight, then the prompt tokens ahead in the unit (join-shortest-queue routing:
@@ -282,14 +367,19 @@ class FastSimulator(Simulator):
             # an earlier arrival of this sub-step is still being prefilled with the probability
             # that its prefill (pa / C iterations) overlaps: its share of the sub-step
             ahead99 = old_u + max(adm_u - 1.0, 0.0) * pa * min(1.0, pa / C * T_full / h)
-            w50 = old_u + p50
+            # a burst: prompt tokens arrive faster than a unit prefills them (a chunk per
+            # full-chunk iteration), so the backlog ahead grows through the sub-step
+            grow = max(new_u - h * C / T_full, 0.0) if T_full > 0 else 0.0
+            ahead99 += grow * _G99
+            w50 = old_u + _G50 * grow + p50
             w99 = ahead99 + p99
             lo = wait + resid + math.ceil(w50 / C - 1e-9) * T_dec + slope * w50
             hi = max(wait + resid + math.ceil(w99 / C - 1e-9) * T_dec + slope99 * w99, lo)
             if a > 0:
                 ttft_w += a
                 ttft50_acc += a * lo
-                ok_ttft += a * _lognorm_cdf(slo_ttft, lo, hi)
+                p_ok = _lognorm_cdf(slo_ttft, lo, hi)
+                sys_ok += a * p_ok
                 ttft99 = max(ttft99, hi)
             # TBT gaps
             g_mix = mix * n_dec
@@ -303,8 +393,32 @@ class FastSimulator(Simulator):
             if mix > 0:
                 t_full_acc += T_full99 * g_mix
             tpot_acc += (h / iters if iters > 0 else T_dec) * done
-            if kv > kv_frac * kv_cap:
-                kv_frac = kv / kv_cap if kv_cap > 1.0 else kv
+            if d_n > 1e-6:
+                # draining units: decode-only iterations at their own batch until empty
+                nd_d = d_n / max(d_units, 1.0)
+                if d_op is None or abs(nd_d - d_op[0]) > (0.1 * d_op[0] if d_op[0] > 20.0 else 2.0):
+                    d_op = (nd_d, self._iter(layout, sm, max(nd_d, 1.0), ctx, 0.0, 0.0, bg, r_prompt,
+                                             max(d_n - nd_d, 0.0))[0])
+                T_dd = d_op[1]
+                it_d = h / T_dd
+                tok_d = d_n * it_d
+                done_d = min(d_n, tok_d / max(r_output - 1.0, 1.0))
+                gaps_dec += tok_d
+                t_dec_acc += T_dd * tok_d
+                tpot_acc += T_dd * done_d
+                n_sys = max(q + n_dec + n_pre + d_n, done_d)
+                share = done_d * min(sys_ok / n_sys, 1.0) if n_sys > 1e-9 else done_d
+                fin_ok += share
+                sys_ok -= share
+                fin += done_d
+                d_kv = max(d_kv + tok_d - done_d * (r_prompt + r_output), 0.0) if d_n - done_d > 1e-6 else 0.0
+                d_n -= done_d
+                if d_n <= 1e-6:
+                    d_n = d_kv = d_units = 0.0
+            kv_all = kv + d_kv
+            cap_all = kv_cap + d_units * layout.unit_kv_tokens
+            if kv_all > kv_frac * cap_all:
+                kv_frac = kv_all / cap_all if cap_all > 1.0 else kv_all
             wd = dec_it * T_dec / (h * S)
             wm = mix * T_mix / (h * S)
             for proc, b in busy_d.items():
@@ -315,7 +429,10 @@ class FastSimulator(Simulator):
             self._last_T = T_dec
         self.q, self.q_prompt, self.q_output = q, q_prompt, q_output
         self.n_dec, self.n_pre, self.backlog, self.kv = n_dec, n_pre, backlog, kv
-        self.r_prompt, self.r_output, self._bg_chunk = r_prompt, r_output, bg_chunk
+        self.r_prompt, self.r_output = r_prompt, r_output
+        self._t_it = t_it
+        self.d_n, self.d_kv, self.d_units = d_n, d_kv, d_units
+        self.sys_ok = max(sys_ok, 0.0)
         # interval percentiles
         gaps = gaps_mix + gaps_dec
         f_mix = gaps_mix / gaps if gaps > 0 else 0.0
@@ -326,14 +443,13 @@ class FastSimulator(Simulator):
         T_full_m = t_full_acc / gaps_mix if gaps_mix > 0 else T_dec_m
         tbt99 = max(T_full_m, T_dec_m) if f_mix > 0.01 else max(T_mix_m, T_dec_m)
         tpot = tpot_acc / fin if fin > 0 else T_dec_m
-        p_ttft = ok_ttft / ttft_w if ttft_w > 0 else 1.0
         p_tbt = _phi((math.log(slo_tbt) - math.log(max(tpot, 1e-9))) / 0.1)
         ttft50 = ttft50_acc / ttft_w if ttft_w > 0 else 0.0
         m.finished = fin
-        m.met = fin * p_ttft * p_tbt
+        m.met = fin_ok * p_tbt
         m.ttft_p50_s, m.ttft_p99_s = ttft50, max(ttft99, ttft50)
         m.tbt_p50_s, m.tbt_p99_s = (tbt50, tbt99) if gaps > 0 else (0.0, 0.0)
-        m.queued, m.running = q, n_dec + n_pre
+        m.queued, m.running = q, n_dec + n_pre + d_n
         m.kv_used_frac = kv_frac
         m.queue_tokens = q_prompt + q_output
         m.util = util_acc
@@ -350,8 +466,24 @@ class FastSimulator(Simulator):
 
     # ------------------------------------------------------------------ drains
     def _on_drain(self, units: int) -> None:
-        """Removed attention units keep their GPUs until their longest sequence finishes: about
-        the p99 output length of recent requests in decode iterations."""
+        """``units`` serving attention units were removed: they take their share of the decoding
+        sequences (and KV) with them into the draining pool, where those finish; the units keep
+        their GPUs until their longest sequence finishes (units that hold none are freed at once)."""
+        U = self._U
+        if U <= 0 or self.n_dec + self.n_pre < 0.5:
+            self.timeline.drained(units)
+            return
+        f = min(units / U, 1.0)
+        self.d_n += f * self.n_dec
+        self.d_kv += f * self.n_dec * (self.r_prompt + 0.5 * self.r_output)
+        self.d_units += units
+        self.kv = max(self.kv - f * self.n_dec * (self.r_prompt + 0.5 * self.r_output), 0.0)
+        self.n_dec *= 1.0 - f
+        self._schedule_drain(units)
+
+    def _schedule_drain(self, units: int) -> None:
+        """Draining units give back their GPUs after about the p99 output length of recent
+        requests in decode iterations (the longest of their sequences)."""
         k = min(max(self.k - 1, 0), self.n_intervals - 1)
         longest = max(self.index.output_p99[k], self.r_output)
         t = self.now + longest * getattr(self, "_last_T", 0.05)

@@ -81,10 +81,13 @@ def test_fast_model_conserves_requests_and_stays_non_negative(trace, seq):
     while not sim.done and steps < 400:
         sim.step(seq[min(steps // 3, len(seq) - 1)])
         steps += 1
-        for v in (sim.q, sim.q_prompt, sim.q_output, sim.n_dec, sim.n_pre, sim.backlog, sim.kv):
+        for v in (sim.q, sim.q_prompt, sim.q_output, sim.n_dec, sim.n_pre, sim.backlog, sim.kv, sim.d_n, sim.d_kv,
+                  sim.sys_ok):
             assert v >= -1e-6
         _check_layouts(sim)
-    # conservation: arrived = finished + rejected + still queued or running
-    left = sim.q + sim.n_dec + sim.n_pre
+    # conservation: arrived = finished + rejected + still queued or running (draining units included)
+    left = sim.q + sim.n_dec + sim.n_pre + sim.d_n
+    # requests that met the TTFT SLO are a share of those that arrived
+    assert sim.tot_met <= sim.tot_finished + 1e-6
     assert sim.tot_arrived == np.float64(len(trace))
     assert abs(sim.tot_finished + sim.tot_rejected + left - sim.tot_arrived) < 1e-6 * max(len(trace), 1) + 1e-6
