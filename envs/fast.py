@@ -34,15 +34,12 @@ from envs.scenario import Scenario
 from envs.world import Layout, StepModel
 
 _Z99 = 2.326
-#: relative spread of the shared pools' load over which remote iteration times are averaged
-_SPREAD = 0.08
 #: share of a sub-step's backlog growth (a burst) that the p99 / p50 arrival finds ahead of it
 #: (1 / 0.5 would be a fluid backlog growing linearly through the sub-step; halved, because
 #: join-shortest-queue routing spreads a burst's long prompts over the units)
 _G99, _G50 = 0.5, 0.25
 #: rounds of the fixed point between the shared pools' prefill load and the iteration pace
 _ROUNDS = 3
-_SPREAD_F = (1.0 - _SPREAD, 1.0, 1.0 + _SPREAD)
 
 
 def _phi(x: float) -> float:
@@ -138,24 +135,8 @@ class FastSimulator(Simulator):
             ex = float(key[9])
             tot_tokens = cp + nd + (u - 1) * (nd + bg) + ex
             tot_seqs = u * nd + npre + (u - 1) * (npre if bg > 0 else 0.0) + ex
-            ctx_d, ctx_p = float(key[2]), float(key[5])
-            if remote and (u > 1 or ex > 0):
-                # the shared pools see the sum of every unit's batch, which varies around this
-                # mean from iteration to iteration; the measured latency curves have steps
-                # (tile quantisation), so average over a +-_SPREAD window instead of landing
-                # on one side of a step
-                ms = 0.0
-                busy: dict[str, float] = {}
-                for f in _SPREAD_F:
-                    r = sm.iteration(nd, ctx_d, cp, ctx_p, npre, tot_tokens * f, tot_seqs * f, self.util)
-                    ms += r.ms
-                    for proc, b in r.busy.items():
-                        busy[proc] = busy.get(proc, 0.0) + b * r.ms
-                busy = {proc: b / ms for proc, b in busy.items()} if ms > 0 else busy
-                ms /= len(_SPREAD_F)
-            else:
-                r = sm.iteration(nd, ctx_d, cp, ctx_p, npre, tot_tokens, tot_seqs, self.util)
-                ms, busy = r.ms, r.busy
+            r = sm.iteration(nd, float(key[2]), cp, float(key[5]), npre, tot_tokens, tot_seqs, self.util)
+            ms, busy = r.ms, r.busy
             if len(self._it) > 200_000:
                 self._it.clear()
             hit = self._it[key] = (ms / 1000.0, busy)
