@@ -56,6 +56,8 @@ HOPS_PER_LAYER = 4
 POOLS = tuple(g for g in OPERATOR_GROUPS if g != "attn")
 #: Least GPU cost charged for a greedy move (a tiny replica is not free: it may open a GPU).
 MIN_MOVE_GPUS = 0.05
+#: Rounds of the damped fixed point of :meth:`PlanModel.predict`.
+ROUNDS = 12
 #: z-score of the 99th percentile of a normal (binomial tails).
 Z99 = 2.326
 
@@ -86,7 +88,13 @@ class OperatorQueueingConfig:
             for the current estimate only.
         peak_smooth_s: the rates compared over that window are means over this many
             seconds (s).
+        min_rate_rps: the planned rate never drops below this (req/s): a floor sized on the
+            training split, as an autoscaler's minimum replicas are (0: none).
         pool_batch: ``max_batch`` of the stateless pools (sequences per call).
+        attn_batch: attention ``max_batch`` the running controller keeps (None: the
+            greedy's choice at the first decision, kept from then on, since a new batch
+            limit replaces every attention replica).
+        max_gpus: GPUs the greedy may use (a fixed budget; None: the codec's limit only).
         max_iterations: bound on greedy steps per decision.
         batch_levels: attention batch limits considered; empty means the codec's levels.
     """
@@ -106,7 +114,10 @@ class OperatorQueueingConfig:
     queue_drain_s: float = 0.0
     peak_window_s: float = 0.0
     peak_smooth_s: float = 10.0
+    min_rate_rps: float = 0.0
     pool_batch: int = 256
+    attn_batch: int | None = None
+    max_gpus: int | None = None
     max_iterations: int = 200
     batch_levels: tuple[int, ...] = field(default_factory=tuple)
 
@@ -368,17 +379,19 @@ class PlanModel:
         packing = self.pack(replicas, batch, ctx_dec)
         util: dict[str, float] = {}
         slow = {g: 1.0 for g in OPERATOR_GROUPS}
-        t_d = t_m = t_bar = 0.0
         n_dec = f = 0.0
-        t_bar = 0.05
-        for _ in range(8):
+        t_d, _ = self.iteration(replicas, batch, 1.0, ctx_dec, 0, 0, 0, a, a, slow)
+        t_m = t_bar = t_d
+        for _ in range(ROUNDS):
             n_dec = min(float(B), lam_u * O * t_bar)
-            f = min(1.0, lam_u * k_mean * max(t_m, t_bar))
+            f = min(1.0, lam_u * k_mean * t_m)
             conc = 1.0 + (a - 1) * f  # units carrying a chunk in the same iteration (mean)
-            t_d, ud = self.iteration(replicas, batch, max(n_dec, 1.0), ctx_dec, 0, 0, 0, a * max(n_dec, 1.0),
-                                     a * max(n_dec, 1.0), slow)
-            t_m, um = self.iteration(replicas, batch, n_dec, ctx_dec, c_mean, P, 1, a * n_dec + conc * c_mean,
-                                     a * n_dec + conc, slow)
+            nd, ud = self.iteration(replicas, batch, max(n_dec, 1.0), ctx_dec, 0, 0, 0, a * max(n_dec, 1.0),
+                                    a * max(n_dec, 1.0), slow)
+            nm, um = self.iteration(replicas, batch, n_dec, ctx_dec, c_mean, P, 1, a * n_dec + conc * c_mean,
+                                    a * n_dec + conc, slow)
+            # damped: an overloaded plan oscillates between saturated and idle otherwise
+            t_d, t_m = 0.5 * (t_d + nd), 0.5 * (t_m + nm)
             t_bar = (1 - f) * t_d + f * t_m
             util = {g: (1 - f) * ud.get(g, 0.0) + f * um.get(g, 0.0) for g in OPERATOR_GROUPS}
             slow = self.slowdown(packing, util)
@@ -389,7 +402,7 @@ class PlanModel:
                                    a * n_dec + conc99, slow)
         # pools as M/M/c queues (optional): customers = micro-batch calls of all units
         pool_wait = 0.0
-        rho = max(lam_u * k_mean * max(t_m, t_bar), lam_u * O * t_bar / B)
+        rho = max(lam_u * k_mean * t_m, lam_u * O * t_bar / B)
         stable = rho < 1.0
         if cfg.pool_wait == "erlang":
             for g in POOLS:
@@ -425,6 +438,8 @@ class PlanModel:
             kv_free = self.cap_bytes * self.tp["attn"] - self.ctx.model.group_weight_bytes("attn")
             slots = a * min(B, int(kv_free / max(self.ctx.model.kv_bytes_per_token * per_seq, 1)))
         stay = service + O * t_bar
+        if slots >= 1 and math.isfinite(stay):
+            rho = max(rho, rate * stay / slots)
         admit = mmc_wait(rate, 1.0 / stay, slots) if rate > 0 and slots >= 1 and math.isfinite(stay) else 0.0
         if not math.isfinite(admit):
             stable = False
@@ -483,8 +498,8 @@ class OperatorQueueingController(Controller):
     def violation(self, pred: Prediction) -> float:
         """Sum of relative excess of the TTFT and TBT estimates over their targets."""
         cfg, slo = self.config, self.ctx.slo
-        if not pred.stable:
-            return 100.0 * (1.0 + pred.rho)  # unstable: any move that lowers the load helps
+        if not pred.stable or pred.rho > cfg.max_utilisation:
+            return 100.0 * (1.0 + pred.rho)  # overloaded: any move that lowers the load helps
         tt = cfg.headroom * slo.ttft_s
         tb = (cfg.tbt_headroom or cfg.headroom) * slo.tbt_s
         return max(0.0, pred.ttft_s - tt) / tt + max(0.0, max(pred.tbt_s, pred.tpot_s) - tb) / tb
@@ -518,49 +533,66 @@ class OperatorQueueingController(Controller):
         def mem(g: str, b: int) -> float:
             return model.replica_bytes_per_gpu(g, b, context) * ctx.tp_of(g) / model.cap_bytes
 
-        # attention: the smallest batch level whose slots hold the sequences in flight
-        # (Little's law at the SLO targets), with the fewest replicas that are stable
-        in_flight = rate * (cfg.headroom * ctx.slo.ttft_s + output * cfg.headroom * ctx.slo.tbt_s)
+        # attention: per batch level the fewest replicas whose slots hold the sequences in
+        # flight (Little's law with an unloaded decode step) within max_utilisation; the
+        # level needing the least memory (ties: the smaller batch, more prefill servers)
+        step0 = model.iteration({g: 1 for g in OPERATOR_GROUPS}, {g: levels[0] if g == "attn" else pool_batch
+                                                                  for g in OPERATOR_GROUPS},
+                                1.0, context, 0, 0, 0, 1.0, 1.0, {g: 1.0 for g in OPERATOR_GROUPS})[0]
+        in_flight = rate * output * step0 / cfg.max_utilisation
         best_attn = None
         for b in levels:
-            n = max(ctx.codec.min_replicas, math.ceil(in_flight / b - 1e-9))
-            if n <= cap and (best_attn is None or n * mem("attn", b) < best_attn[2]):
+            n = max(ctx.codec.min_replicas, math.ceil(in_flight / b - 1e-9),
+                    self.min_replicas_for(self.group_load("attn", b, rate, prompt, output)))
+            if n <= cap and (best_attn is None or n * mem("attn", b) < best_attn[2] - 1e-9):
                 best_attn = (b, n, n * mem("attn", b))
         b_attn, n_attn = (best_attn[0], best_attn[1]) if best_attn else (levels[-1], cap)
-        n_attn = max(n_attn, self.min_replicas_for(self.group_load("attn", b_attn, rate, prompt, output)))
         batch["attn"], reps["attn"] = b_attn, n_attn
 
         def pred(rp: dict[str, int], bt: dict[str, int]) -> Prediction:
             return model.predict(rp, bt, rate, prompt, output, tail)
 
-        cur = pred(reps, batch)
-        v = self.violation(cur)
-        for _ in range(cfg.max_iterations):
-            if v <= 0.0:
+        def climb(reps: dict[str, int], batch: dict[str, int]) -> QueueingPlan:
+            cur = pred(reps, batch)
+            v = self.violation(cur)
+            for _ in range(cfg.max_iterations):
+                if v <= 0.0:
+                    break
+                best: tuple[float, dict[str, int], dict[str, int], float, Prediction] | None = None
+                for g in OPERATOR_GROUPS:
+                    moves = []
+                    if reps[g] < cap:
+                        moves.append((batch[g], reps[g] + 1))
+                    if g == "attn":
+                        moves += [(b, reps[g]) for b in levels if b != batch[g]]
+                    for b, n in moves:
+                        nb, nr = dict(batch), dict(reps)
+                        nb[g], nr[g] = b, n
+                        p = pred(nr, nb)
+                        if cfg.max_gpus is not None and p.gpus > cfg.max_gpus:
+                            continue
+                        gain = v - self.violation(p)
+                        if gain <= 1e-12:
+                            continue
+                        extra = n * mem(g, b) - reps[g] * mem(g, batch[g])
+                        score = gain / max(extra, MIN_MOVE_GPUS)
+                        if best is None or score > best[0]:
+                            best = (score, nb, nr, v - gain, p)
+                if best is None:
+                    break
+                _, batch, reps, v, cur = best
+            return QueueingPlan(batch, reps, cur.tbt_s, cur.ttft_s, float(cur.gpus), v <= 0.0, cur)
+
+        # Overloaded starts can trap the climb (with every slot full, one more unit adds
+        # merged work before it relieves the others): restart with more attention units.
+        out = climb(dict(reps), dict(batch))
+        for k in (2, 3, 4):
+            if out.feasible or n_attn >= cap:
                 break
-            best: tuple[float, dict[str, int], dict[str, int], float, Prediction] | None = None
-            for g in OPERATOR_GROUPS:
-                moves = []
-                if reps[g] < cap:
-                    moves.append((batch[g], reps[g] + 1))
-                if g == "attn":
-                    moves += [(b, reps[g]) for b in levels if b != batch[g]]
-                for b, n in moves:
-                    nb, nr = dict(batch), dict(reps)
-                    nb[g], nr[g] = b, n
-                    p = pred(nr, nb)
-                    nv = self.violation(p)
-                    gain = v - nv
-                    if gain <= 1e-12:
-                        continue
-                    extra = n * mem(g, b) - reps[g] * mem(g, batch[g])
-                    score = gain / max(extra, MIN_MOVE_GPUS)
-                    if best is None or score > best[0]:
-                        best = (score, nb, nr, nv, p)
-            if best is None:
-                break
-            _, batch, reps, v, cur = best
-        return QueueingPlan(batch, reps, cur.tbt_s, cur.ttft_s, float(cur.gpus), v <= 0.0, cur)
+            n_attn = min(cap, n_attn * k)
+            reps["attn"] = n_attn
+            out = climb(dict(reps), dict(batch))
+        return out
 
     # ----------------------------------------------------------------- control loop
     def reset(self, state: ClusterState | None = None) -> None:
@@ -605,14 +637,16 @@ class OperatorQueueingController(Controller):
             peak, p_w, o_w = self.peak_load(now, state.interval_s)
             if peak > rate:
                 rate, prompt, output = peak, max(prompt, p_w), o_w
-        rate *= self.margin
+        rate = max(rate, cfg.min_rate_rps) * self.margin
         if cfg.queue_drain_s > 0:
             rate += state.queued_requests / cfg.queue_drain_s
         # A new attention batch limit replaces every attention replica (blue/green, KV
         # drained): once running operator-level, keep the batch limit in force.
-        pinned = state.plan["attn"].max_batch if state.plan["attn"].placement == "pack" else None
-        if pinned is not None and pinned not in self.levels:
-            pinned = None
+        pinned = cfg.attn_batch
+        if pinned is None and state.plan["attn"].placement == "pack" and state.plan["attn"].max_batch in self.levels:
+            pinned = state.plan["attn"].max_batch
+        if pinned is None:  # first operator-level plan: the greedy picks the level, kept from then on
+            pinned = self.plan_for(rate, prompt, output).batch["attn"]
         qp = self.plan_for(rate, prompt, output, pinned)
         self.last = qp
         self._targets = [(t, r) for t, r in self._targets if now - t < cfg.downscale_delay_s - 1e-9]

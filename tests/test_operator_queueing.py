@@ -162,8 +162,8 @@ def test_plans_fit_memory_and_respect_the_codec(sim_world):
 
 def test_plan_meets_its_predicted_slo_in_the_reference_simulator(sim_world):
     """Poisson load with the training split's request shapes: the plan the greedy picks
-    for that rate, held fixed, meets the SLO in the reference simulator, and its TTFT p99
-    stays within the predicted (tail-prompt) TTFT."""
+    for that rate, held fixed, meets the SLO in the reference simulator; its TTFT p99 is
+    within 20 % of the predicted (tail-prompt) TTFT and its GPUs are the predicted ones."""
     from agents.baselines import StaticController
     from agents.envtools import load_split, make_sim
     from agents.evaluate import run_timeline
@@ -178,7 +178,8 @@ def test_plan_meets_its_predicted_slo_in_the_reference_simulator(sim_world):
     sim = make_sim(sc, tr, "reference", 0)
     summary, _ = run_timeline(sim, StaticController(plan), plan)
     assert summary["slo_attainment"] >= 0.99
-    assert summary["ttft_p99_s"] <= qp.ttft_s
+    assert summary["ttft_p99_s"] <= ctx.slo.ttft_s
+    assert summary["ttft_p99_s"] == pytest.approx(qp.ttft_s, rel=0.2)  # calibrated within 20 %
     assert summary["gpu_seconds"] / summary["sim_time_s"] == pytest.approx(qp.gpus, rel=0.02)
 
 
