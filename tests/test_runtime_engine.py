@@ -72,6 +72,41 @@ def test_kv_capacity_below_one_block_is_an_error():
         PagedKVCache(lay, capacity_bytes=100)
 
 
+def test_index_step_gathers_each_sequence_and_pads_to_the_gather_unit():
+    lay = KVLayout(1, 1, 2, 4, torch.float32)
+    kv = PagedKVCache(lay, capacity_bytes=lay.bytes_per_block * 8)
+    kv.reserve(7, 10)  # 3 blocks
+    kv.reserve(9, 5)  # 2 blocks
+    # token t of sequence s holds k = [s, t]
+    for sid, n in ((7, 9), (9, 4)):
+        kv.write(0, sid, torch.arange(n), torch.tensor([[[sid, t]] for t in range(n)], dtype=torch.float32),
+                 torch.zeros(n, 1, 2))
+    kv.gather_unit = 8
+    ix = kv.index_step([(9, 1, 4), (7, 1, 9)])  # decode steps writing token 4 of seq 9, token 9 of seq 7
+    assert ix.max_len == 10 and ix.gather_len == 16 and ix.n_dec == 2 and ix.dec_rows is None
+    assert ix.dec_lengths.tolist() == [5, 10] and ix.positions.tolist() == [4, 9]
+    k, _ = kv.gather_tokens(0, ix.gather, 2)
+    assert k.shape == (2, 16, 1, 2)
+    assert k[0, :4, 0].tolist() == [[9, t] for t in range(4)] and k[1, :9, 0].tolist() == [[7, t] for t in range(9)]
+    mixed = kv.index_step([(7, 1, 9), (9, 3, 0)])  # a decode and a 3-token prefill
+    assert mixed.prefills == [(1, 3)] and mixed.dec_rows.tolist() == [0] and mixed.positions.tolist() == [9, 0, 1, 2]
+    with pytest.raises(KVCacheError, match="sequence 9: position 8 beyond its reservation of 8 tokens"):
+        kv.index_step([(9, 1, 8)])
+
+
+def test_padded_decode_gather_gives_the_same_tokens(model):
+    ps = prompts(5, base=30)
+    refs = [generate_monolithic(model, p, 7) for p in ps]
+    eng = Engine(model, Plan.model_level(1, 8, 1)).start()
+    try:
+        eng.replicas["attn"][0].kv.gather_unit = 16  # as on CUDA (64): attention over masked padding
+        seqs = [eng.submit(p, 7) for p in ps]
+        wait_all(seqs)
+        assert [s.generated for s in seqs] == refs
+    finally:
+        eng.stop()
+
+
 # ---- placement slots -----------------------------------------------------------------
 
 def test_assign_slots_model_dedicated_pack():
