@@ -21,7 +21,7 @@ from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
 from envs.cluster import ClusterTimeline
-from envs.memo import put
+from envs.memo import freeze_gc_once, put
 from envs.predictor import ExecutionPredictor
 from envs.scenario import Scenario
 from envs.world import MODEL, Layout, Placer, StepModel
@@ -180,6 +180,7 @@ class Simulator(ABC):
     # ------------------------------------------------------------------ API
     def reset(self, plan: Plan) -> ClusterState:
         """Start the run with ``plan`` loaded; returns the state at t=0."""
+        freeze_gc_once()
         self.timeline = ClusterTimeline(self.placer, plan)
         self.last_repairs = list(self.timeline.repairs)
         self.now = 0.0

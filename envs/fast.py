@@ -29,6 +29,7 @@ import numpy as np
 from runtime.control import SLO
 
 from envs.base import IntervalMetrics, Simulator, TraceIndex
+from envs.memo import put
 from envs.predictor import ExecutionPredictor, quantise
 from envs.scenario import Scenario
 from envs.world import Layout, StepModel
@@ -137,9 +138,7 @@ class FastSimulator(Simulator):
             tot_seqs = u * nd + npre + (u - 1) * (npre if bg > 0 else 0.0) + ex
             r = sm.iteration(nd, float(key[2]), cp, float(key[5]), npre, tot_tokens, tot_seqs, self.util)
             ms, busy = r.ms, r.busy
-            if len(self._it) > 200_000:
-                self._it.clear()
-            hit = self._it[key] = (ms / 1000.0, busy)
+            hit = put(self._it, key, (ms / 1000.0, busy), 32_768)
         return hit
 
     # ------------------------------------------------------------------ one interval

@@ -8,7 +8,25 @@ when full, which keeps the entries a policy revisits (kept plans, recent plans).
 """
 from __future__ import annotations
 
+import gc
 from itertools import islice
+
+_FROZEN = False
+
+
+def freeze_gc_once() -> None:
+    """Move every object alive now into the collector's permanent generation, once per process.
+
+    Called when the first simulator resets (after torch, numpy, the profiles and the trace
+    are loaded): full collections then skip those few hundred thousand long-lived objects
+    and only scan what the simulator allocates since (bounded by the tables here). Objects
+    frozen are still freed by reference counting; only cyclic garbage among them would stay.
+    """
+    global _FROZEN
+    if not _FROZEN:
+        _FROZEN = True
+        gc.collect()
+        gc.freeze()
 
 
 def put(table: dict, key, value, limit: int):  # noqa: ANN001, ANN201 - any hashable / any value

@@ -116,3 +116,19 @@ def test_bench_env_rate_runs_every_stream_but_ppo(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         env_speed.main()
     assert "unknown stream(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_first_reset_freezes_the_heap_once():
+    """After a simulator's first reset the objects alive then sit in the collector's permanent
+    generation (full collections skip them); later resets do not freeze again."""
+    import gc
+
+    import envs.memo as memo
+
+    env = make_env(seed=0)
+    env.reset(seed=0)
+    assert memo._FROZEN
+    frozen = gc.get_freeze_count()
+    assert frozen > 0
+    env.reset(seed=1)
+    assert gc.get_freeze_count() == frozen
