@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -135,6 +136,17 @@ def test_overload_gets_429_then_503_when_stopped(model):
     eng = Engine(model, Plan.model_level(1, 4, 1),
                  EngineConfig(kv_bytes_per_replica=lay.bytes_per_block, max_waiting=1)).start()
     srv = ServerThread(create_app(eng)).start()
+    # the first request's steps wait at the sampler until the 429 is checked: it cannot
+    # finish (and free the only KV block) first, however fast the engine is
+    gate = threading.Event()
+    sampler = eng.replicas["head"][0].modules["sampler"]
+
+    class GatedSampler(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            gate.wait(30)
+            return sampler(*args, **kwargs)
+
+    eng.replicas["head"][0].modules["sampler"] = GatedSampler()
     try:
         held = [eng.submit([1, 2], 14)]
         while held[0].attn is None:  # admitted: it holds the only KV block
@@ -143,6 +155,7 @@ def test_overload_gets_429_then_503_when_stopped(model):
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": [1], "max_tokens": 2})
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         assert "already wait for KV memory" in r.json()["error"]["message"]
+        gate.set()
         for s in held:
             s.finished.wait(30)
         assert httpx.get(srv.url + "/healthz").status_code == 200
@@ -151,6 +164,7 @@ def test_overload_gets_429_then_503_when_stopped(model):
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
         assert httpx.get(srv.url + "/healthz").status_code == 503
     finally:
+        gate.set()
         srv.stop()
         eng.stop()
 
