@@ -7,10 +7,15 @@ moves the batch through the pools layer by layer::
     embed -> [attn(norm) -> proj(qkv) -> attn(rope + KV write + attention) -> proj(o)
               -> mlp(residual + norm + MLP + residual)] x n_layers -> head(norm, LM head, sample)
 
-At every stage the batch is cut into chunks of at most the group's ``max_batch``
-sequences, and each chunk goes to the least-loaded ready replica of the pool (attention
-chunks go to the replica holding the sequences' KV cache). Replicas of a pool work on
-their chunks in parallel; each is a worker thread with its own queue and device.
+Sequences are grouped by the attention replica holding their KV cache and cut into lanes
+of at most attn ``max_batch`` sequences. A lane whose attention replica shares its
+placement slot with a ready replica of every other group runs the whole step as one
+fused work item (:class:`Lane`, :func:`_run_lane`; each group still sees at most its own
+``max_batch`` sequences per call). Other lanes go operator by operator: at every stage
+the rows are cut into chunks of at most the group's ``max_batch`` sequences, and each
+chunk goes to the least-loaded ready replica of the pool (attention chunks go to the
+replica holding the sequences' KV cache). Replicas of a pool work on their chunks in
+parallel; each is a worker thread with its own queue and device.
 
 Admission control lives with the attention pool: a request reserves KV blocks for
 ``prompt + max_tokens`` tokens on one attention replica before it starts, so a running
