@@ -8,6 +8,12 @@ admission queue or is rejected with a reason (see :class:`runtime.engine.Engine`
 
 Sizes: ``block_tokens`` tokens per block; bytes per token are
 ``2 x n_layers x n_kv_heads x head_dim x element_size`` (K and V over all layers).
+
+Serving reads and writes the cache through one :class:`StepIndex` per iteration
+(:meth:`PagedKVCache.index_step`): the flat cache row of every new token
+(``block * block_tokens + offset``, written with ``index_copy_``) and the rows of every
+decoding sequence's context (read with ``index_select``), built on the host in numpy and
+copied to the device once, then used by every layer.
 """
 from __future__ import annotations
 
@@ -54,26 +60,6 @@ class KVLayout:
     def blocks_for(self, tokens: int) -> int:
         """Blocks needed to hold ``tokens`` tokens."""
         return math.ceil(max(tokens, 0) / self.block_tokens)
-
-
-@dataclass(frozen=True)
-class RowIndex:
-    """Where the new rows of one iteration go (see :meth:`PagedKVCache.index_rows`).
-
-    Attributes:
-        positions: token position of each row ``[rows]``.
-        block, offset: block and slot in the block of each row ``[rows]``.
-        tables: padded block tables ``[seqs, width]``.
-        lengths: cached tokens of each sequence after this iteration's write ``[seqs]``.
-        slot: ``block * block_tokens + offset`` of each row ``[rows]`` (row of the flat cache).
-    """
-
-    positions: torch.Tensor
-    block: torch.Tensor
-    offset: torch.Tensor
-    tables: torch.Tensor
-    lengths: torch.Tensor
-    slot: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -229,38 +215,6 @@ class PagedKVCache:
         v = self.v[layer][idx].reshape(shape)[:, :max_len]
         return k, v
 
-    def index_rows(self, seqs: list[tuple[int, int, int]]) -> "RowIndex":
-        """Block/offset of every new row and the padded block tables of ``seqs``.
-
-        ``seqs`` lists ``(seq_id, n_new, start_pos)`` in row order. The result is valid for
-        every layer of one iteration (tables do not change within an iteration).
-        """
-        bt = self.layout.block_tokens
-        tables = [self._table(sid) for sid, _, _ in seqs]
-        width = max(len(t) for t in tables)
-        mat = np.zeros((len(seqs), width), dtype=np.int64)
-        for i, t in enumerate(tables):
-            mat[i, :len(t)] = t
-        n_new = np.array([n for _, n, _ in seqs], dtype=np.int64)
-        starts = np.array([p for _, _, p in seqs], dtype=np.int64)
-        seq_of_row = np.repeat(np.arange(len(seqs)), n_new)
-        first_row = np.cumsum(n_new) - n_new
-        pos = starts[seq_of_row] + np.arange(int(n_new.sum())) - first_row[seq_of_row]
-        limit = np.array([len(t) * bt for t in tables], dtype=np.int64)[seq_of_row]
-        over = np.flatnonzero(pos >= limit)
-        if over.size:
-            r = int(over[0])
-            raise KVCacheError(f"sequence {seqs[int(seq_of_row[r])][0]}: position {int(pos[r])} beyond its "
-                               f"reservation of {int(limit[r])} tokens")
-        blk = mat[seq_of_row, pos // bt]
-        off = pos % bt
-        # one host-to-device copy for every index of the iteration
-        packed = torch.from_numpy(np.concatenate([pos, blk, off, blk * bt + off, starts + n_new, mat.reshape(-1)]))
-        if self.device.type == "cuda":
-            packed = packed.pin_memory()
-        parts = packed.to(self.device, non_blocking=True).split([len(pos)] * 4 + [len(seqs), mat.size])
-        return RowIndex(parts[0], parts[1], parts[2], parts[5].view(mat.shape), parts[4], parts[3])
-
     def index_step(self, seqs: list[tuple[int, int, int]]) -> StepIndex:
         """The :class:`StepIndex` of ``seqs`` = ``(seq_id, n_new, start_pos)`` in row order.
 
@@ -308,39 +262,6 @@ class PagedKVCache:
         """Store K/V ``[rows, n_kv_heads, head_dim]`` (cache dtype, cache device) at flat cache rows ``slot``."""
         self._kf[layer].index_copy_(0, slot, k)
         self._vf[layer].index_copy_(0, slot, v)
-
-    def write_rows(self, layer: int, ix: "RowIndex", k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store K/V ``[rows, n_kv_heads, head_dim]`` at the rows of ``ix``."""
-        k, v = k.to(self.device, self.layout.dtype), v.to(self.device, self.layout.dtype)
-        if ix.slot is None:
-            self.k[layer][ix.block, ix.offset] = k
-            self.v[layer][ix.block, ix.offset] = v
-        else:
-            self._kf[layer].index_copy_(0, ix.slot, k)
-            self._vf[layer].index_copy_(0, ix.slot, v)
-
-    def gather_rows(self, layer: int, ix: "RowIndex", which: torch.Tensor, max_len: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V ``[len(which), max_len, KV, hd]`` of the sequences ``which`` (indices into ``ix``)."""
-        return self.gather_blocks(layer, self.block_index(ix.tables[which], max_len), max_len)
-
-    def block_index(self, tables: torch.Tensor, max_len: int) -> torch.Tensor:
-        """The first blocks of padded block ``tables`` ``[B, width]`` that hold ``max_len`` tokens.
-
-        Built once per iteration and passed to :meth:`gather_blocks` for every layer
-        (block tables do not change within an iteration). Returns ``[B, blocks_for(max_len)]``;
-        missing columns point at block 0 (padding, masked by the caller's lengths).
-        """
-        nblk = self.layout.blocks_for(max_len)
-        idx = tables[:, :nblk]
-        if idx.shape[1] < nblk:
-            idx = torch.nn.functional.pad(idx, (0, nblk - idx.shape[1]))
-        return idx
-
-    def gather_blocks(self, layer: int, idx: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V ``[B, max_len, KV, hd]`` read from the blocks ``idx`` (see :meth:`block_index`) of ``layer``."""
-        shape = (idx.shape[0], idx.shape[1] * self.layout.block_tokens, self.layout.n_kv_heads, self.layout.head_dim)
-        return self.k[layer][idx].reshape(shape)[:, :max_len], self.v[layer][idx].reshape(shape)[:, :max_len]
 
     def gather_tokens(self, layer: int, rows: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V ``[batch, len(rows) // batch, KV, hd]`` of ``layer`` at flat cache rows (``StepIndex.gather``)."""
