@@ -375,6 +375,26 @@ def test_fused_lane_cuts_each_group_at_its_max_batch(model):
         eng.stop()
 
 
+def test_fused_lane_samples_where_temperature_is_positive(model):
+    ps = prompts(4, base=40)
+    greedy = [generate_split(model, p, 6) for p in ps]
+
+    def run() -> list[list[int]]:
+        eng = Engine(model, Plan.model_level(1, 8, 1)).start()
+        try:
+            seqs = [eng.submit(p, 6, temperature=t) for p, t in zip(ps, (0.0, 1.5, 0.0, 1.5))]
+            wait_all(seqs)
+            assert eng.replicas["mlp"][0].items_done == 0  # fused
+            return [s.generated for s in seqs]
+        finally:
+            eng.stop()
+
+    out = run()
+    assert out[0] == greedy[0] and out[2] == greedy[2]  # temperature 0 stays greedy in a sampled batch
+    # near-uniform logits of random weights: a sampled sequence equal to greedy has p ~ 256^-6
+    assert all(0 <= t < TINY.vocab_size for g in out for t in g) and out[1] != greedy[1] and out[3] != greedy[3]
+
+
 def _load_bench():
     import importlib.util
     from pathlib import Path
