@@ -58,7 +58,7 @@ from runtime.kvcache import KVLayout, PagedKVCache
 from runtime.metrics import RuntimeMetrics, pct
 from runtime.model import LlamaModel
 from runtime.models import OPERATOR_GROUPS
-from runtime.pools import (DEAD, DRAINING, LOADING, READY, Replica, WorkerDied, WorkItem, assign_slots, clone_to,
+from runtime.pools import (DRAINING, LOADING, READY, Replica, WorkerDied, WorkItem, assign_slots, clone_to,
                            pin_host, slot_devices)
 
 log = logging.getLogger("opscale.runtime")
@@ -361,12 +361,13 @@ class _GroupClock:
         self.start = time.perf_counter()
         self.marks: list[tuple[str, Any]] = []
         if self.events:
+            self.stream = torch.cuda.current_stream(rep.device)  # where the replica's kernels go
             self.mark("")
 
     def mark(self, group: str) -> None:
         """(CUDA event timing) the work queued since the previous mark belonged to ``group``."""
         e = torch.cuda.Event(enable_timing=True)
-        e.record()
+        e.record(self.stream)
         self.marks.append((group, e))
 
     def split(self) -> dict[str, float]:
