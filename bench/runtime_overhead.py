@@ -9,7 +9,8 @@
    ``--hops`` also measures the engine with fusion off (every operator call a hand-off to
    its pool's worker thread: what groups on different GPUs pay), as ``split_hops``.
    Both run ``batch`` sequences of ``prompt`` tokens generating ``tokens`` tokens each;
-   tokens/s counts decode tokens only (the prefill step is excluded from both).
+   tokens/s counts decode tokens only (the prefill step is excluded from both). Each is
+   run ``--warmup`` times untimed first (default 1), then ``--repeats`` times (medians).
 2. Scale-up time-to-serve per operator group: from ``apply(plan with one more replica)``
    until the new replica is ready (weights copied to its device) and until it has served
    its first batch under load.
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
     p.add_argument("--tokens", type=int, default=32, help="generated tokens per sequence")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs of each before the repeats (on CUDA the first run of a shape pays "
+                        "cuDNN attention graph builds)")
     p.add_argument("--no-scale-up", action="store_true", help="skip part 2 (scale-up time per group)")
     p.add_argument("--hops", action="store_true",
                    help="also measure the engine with fused lanes off (key split_hops)")
@@ -214,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     model = clone_to(mono_model, torch.device("cpu")) if args.device == "cuda" else build_model(cfg, dtype=dtype, seed=0)
     prompts = [[(11 * b + 3 * j) % cfg.vocab_size for j in range(args.prompt)] for b in range(args.batch)]
     mono, spl, hops = [], [], []
+    for _ in range(args.warmup):
+        monolithic(mono_model, prompts, args.tokens, "cpu" if args.device == "cpu" else "cuda:0")
+        split(model, prompts, args.tokens, args.device, args.batch)
     for _ in range(args.repeats):
         mono.append(monolithic(mono_model, prompts, args.tokens, "cpu" if args.device == "cpu" else "cuda:0"))
         spl.append(split(model, prompts, args.tokens, args.device, args.batch))
@@ -224,14 +231,15 @@ def main(argv: list[str] | None = None) -> int:
         "model": cfg.name, "device": args.device,
         "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "prompt": args.prompt, "tokens": args.tokens,
+        "warmup": args.warmup,
         "torch_threads": torch.get_num_threads(),
         "monolithic": {k: med(mono, k) for k in ("tokens_per_s", "tbt_p50_s", "tbt_p99_s")},
         "split": {k: med(spl, k) for k in ("tokens_per_s", "tbt_p50_s", "tbt_p99_s")},
     }
     result["split_over_monolithic_tokens_per_s"] = result["split"]["tokens_per_s"] / result["monolithic"]["tokens_per_s"]
-    # per repeat, in order: on CUDA the first repeat also pays cuDNN attention graph builds for
-    # every attention shape it meets (the monolithic loop: one per decode step; the engine: one
-    # per 64-token bucket), so later repeats are the warm numbers
+    # per repeat, in order; without --warmup the first repeat on CUDA also pays cuDNN attention
+    # graph builds for every attention shape it meets (the monolithic loop: one per decode
+    # step; the engine: one per 64-token bucket)
     result["monolithic_runs_tokens_per_s"] = [r["tokens_per_s"] for r in mono]
     result["split_runs_tokens_per_s"] = [r["tokens_per_s"] for r in spl]
     result["split_over_monolithic_tbt_p50"] = result["split"]["tbt_p50_s"] / result["monolithic"]["tbt_p50_s"]
