@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.control import OperatorPlan, Plan
+from runtime.control import Plan
 from runtime.models import OPERATOR_GROUPS
 
 from envs.scenario import Scenario
