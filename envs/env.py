@@ -7,6 +7,7 @@ gives sb3-contrib's MaskablePPO the codec's mask. The observation is
 ``runtime.codec.ObservationEncoder``'s vector of the simulator's ClusterState. Reward:
 
     w_slo * attainment - w_gpu * gpus / max_gpus - w_energy * joules / (max_gpus * peak_w * interval_s)
+    - w_miss * max(0, attainment_target - attainment)
 
 Episodes are windows of ``episode_intervals`` intervals drawn uniformly from the chosen
 split of the scenario's trace (``train`` for training, ``test`` = held-out for evaluation).
@@ -52,7 +53,7 @@ class OperatorScalingEnv(gym.Env):
         trace_obj: a traces.Trace to draw windows from instead of the scenario's trace.
         sim_kwargs: extra arguments for the simulator.
         **overrides: Scenario fields (e.g. ``model``, ``gpu``, ``trace``, ``interval_s``,
-            ``slo_ttft_s``, ``slo_tbt_s``, ``w_gpu``, ``w_energy``, ``episode_intervals``).
+            ``slo_ttft_s``, ``slo_tbt_s``, ``w_gpu``, ``w_energy``, ``w_miss``, ``episode_intervals``).
     """
 
     metadata = {"render_modes": []}
@@ -152,7 +153,9 @@ class OperatorScalingEnv(gym.Env):
         sc = self.scenario
         gpu_term = s.gpus_in_use / sc.max_gpus
         energy_term = s.energy_j / (sc.max_gpus * self.pred.gpu.peak_w * sc.interval_s)
-        return float(sc.w_slo * s.slo_attainment - sc.w_gpu * gpu_term - sc.w_energy * energy_term)
+        shortfall = max(0.0, sc.attainment_target - s.slo_attainment)
+        return float(sc.w_slo * s.slo_attainment - sc.w_gpu * gpu_term - sc.w_energy * energy_term
+                     - sc.w_miss * shortfall)
 
     def _plan_dict(self, plan: Plan) -> dict:
         """``plan.to_dict()``, cached while the plan object stays the same (a fresh copy each call)."""

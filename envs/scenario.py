@@ -54,8 +54,10 @@ class Scenario:
         slo_ttft_s, slo_tbt_s: explicit targets (seconds); override the scales when set.
         slo_ref_prompt_tokens: prompt length the unloaded latency is measured at (tokens).
         attainment_target: share of requests that must meet both targets.
-        w_slo, w_gpu, w_energy: reward = w_slo * attainment - w_gpu * GPUs / max_gpus
-            - w_energy * energy / (max_gpus * peak power * interval).
+        w_slo, w_gpu, w_energy, w_miss: reward = w_slo * attainment - w_gpu * GPUs / max_gpus
+            - w_energy * energy / (max_gpus * peak power * interval)
+            - w_miss * max(0, attainment_target - attainment) (the interval's shortfall below
+            the target; 0 turns the term off).
         prefill_chunk_tokens: most prompt tokens one iteration prefills (chunked prefill).
         micro_batches: micro-batches that ping-pong between disaggregated pools.
         kv_reserve_tokens: KV tokens per batch slot a ``pack`` attention replica reserves.
@@ -93,6 +95,7 @@ class Scenario:
     w_slo: float = 1.0
     w_gpu: float = 0.5
     w_energy: float = 0.1
+    w_miss: float = 0.0
     prefill_chunk_tokens: int = 1024
     micro_batches: int = 2
     kv_reserve_tokens: int = 2048

@@ -84,6 +84,27 @@ def test_reward_is_the_documented_weighted_sum():
     assert r == pytest.approx(want)
 
 
+def test_reward_charges_the_shortfall_below_the_attainment_target():
+    base = make_env()
+    miss = make_env(w_miss=3.0)
+    rewards = []
+    for env in (base, miss):
+        env.reset(seed=4)
+        keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
+        # sub-action 0 everywhere: the largest replica cuts, so that intervals miss the SLO
+        worst = env.action_space.sample() * 0
+        rs, infos = [], []
+        for _ in range(12):
+            _, r, _, _, info = env.step(worst if len(rs) < 3 else keep)
+            rs.append(r)
+            infos.append(info)
+        rewards.append((rs, infos))
+    target = miss.scenario.attainment_target
+    assert any(i["slo_attainment"] < target for i in rewards[1][1])  # the term was exercised
+    for r0, r1, info in zip(rewards[0][0], rewards[1][0], rewards[1][1]):
+        assert r1 == pytest.approx(r0 - 3.0 * max(0.0, target - info["slo_attainment"]))
+
+
 def test_train_and_test_splits_are_disjoint_windows():
     tr = make_env(split="train")
     te = make_env(split="test")
