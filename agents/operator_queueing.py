@@ -56,6 +56,8 @@ HOPS_PER_LAYER = 4
 POOLS = tuple(g for g in OPERATOR_GROUPS if g != "attn")
 #: Least GPU cost charged for a greedy move (a tiny replica is not free: it may open a GPU).
 MIN_MOVE_GPUS = 0.05
+#: Least violation reduction (relative) a greedy move must bring.
+MIN_REL_GAIN = 1e-3
 #: Rounds of the damped fixed point of :meth:`PlanModel.predict`.
 ROUNDS = 12
 #: z-score of the 99th percentile of a normal (binomial tails).
@@ -509,7 +511,15 @@ class OperatorQueueingController(Controller):
         ``attn_batch`` pins the attention batch limit (None: the greedy chooses it)."""
         key = (_q(rate), _q(prompt), _q(output), attn_batch)
         hit = self._memo.get(key)
-        if hit is None:
+        if hit is None and attn_batch is None:
+            # batch choice: the greedy at every attention batch level that fits memory,
+            # keeping the feasible plan on the fewest GPUs (ties: fewer GPU-fractions)
+            context = prompt + output / 2
+            levels = [b for b in self.levels if self.attn_batch_fits(b, context)] or list(self.levels[:1])
+            plans = [self.plan_for(rate, prompt, output, b) for b in levels]
+            hit = min(plans, key=lambda qp: (not qp.feasible, qp.gpus, self.violation(qp.prediction)
+                                             if qp.prediction else 0.0))
+        elif hit is None:
             hit = self._greedy(*key)
             if len(self._memo) > 4096:
                 self._memo.clear()
@@ -572,8 +582,8 @@ class OperatorQueueingController(Controller):
                         if cfg.max_gpus is not None and p.gpus > cfg.max_gpus:
                             continue
                         gain = v - self.violation(p)
-                        if gain <= 1e-12:
-                            continue
+                        if gain <= MIN_REL_GAIN * max(v, 1.0):
+                            continue  # e.g. a replica of an idle pool: no real help
                         extra = n * mem(g, b) - reps[g] * mem(g, batch[g])
                         score = gain / max(extra, MIN_MOVE_GPUS)
                         if best is None or score > best[0]:
