@@ -26,15 +26,22 @@ uses (docs/SIMULATOR.md, "Step model"), computed from the same latency model (pr
   simulator's ``pack`` rule: largest replicas first, least free memory first, ties to GPUs
   already hosting the group); co-located groups slow each other by
   ``1 + contention x peer busy share`` (the same contention assumption).
-* **Greedy.** From the cheapest stable plan (every pool within ``max_utilisation``, KV for
-  the sequences in flight) it adds the replica, or changes the attention batch, with the
-  largest SLO-violation reduction per GPU of memory it costs, until the TTFT and TBT
-  estimates are within ``headroom`` x SLO.
+* **Greedy.** From the utilisation floors (every pool's unmerged work within
+  ``max_utilisation``, attention slots for the sequences in flight) it adds the replica,
+  or changes the attention batch, with the largest SLO-violation reduction per GPU of
+  memory it costs, until the TTFT and TBT estimates are within ``headroom`` x SLO and
+  every load factor (prefill servers, batch slots) is within ``max_utilisation``. The
+  attention batch is chosen by running the greedy at each level and keeping the plan on
+  the fewest GPUs; once running, the batch in force is kept (a new batch limit replaces
+  every attention replica).
 
-Scale-up takes effect at once; the replicas set are the largest target of the last
-``downscale_delay_s`` seconds. A multiplicative margin on the planned rate grows while
-the observed SLO is missed and decays back to 1 while it is met; requests queued for
-admission add ``queued / queue_drain_s`` to the planned rate.
+The planned rate is the load estimate, or, with ``peak_window_s``, the highest
+``peak_smooth_s``-mean arrival rate of the last ``peak_window_s`` (bursts end before a new
+MLP replica has loaded), never below ``min_rate_rps``. Scale-up takes effect at once; the
+replicas set are the largest target of the last ``downscale_delay_s`` seconds. A
+multiplicative margin on the planned rate grows while the observed SLO is missed and
+decays back to 1 while it is met; requests queued for admission add
+``queued / queue_drain_s`` to the planned rate.
 
 Units: seconds, requests per second, tokens, bytes.
 """

@@ -190,3 +190,37 @@ def test_config_rejects_bad_values():
         OperatorQueueingConfig(wait_quantile=1.0)
     with pytest.raises(ValueError, match="micro_batches"):
         OperatorQueueingConfig(micro_batches=0)
+
+
+# ----------------------------------------------------------------------------- control loop
+def _state(t: float, rate: float, plan: Plan, slo: SLO) -> "ClusterState":
+    from runtime.control import ClusterState, OperatorState
+
+    ops = {g: OperatorState(plan[g].replicas, plan[g].max_batch, plan[g].placement, plan[g].tp)
+           for g in OPERATOR_GROUPS}
+    return ClusterState(t, 5.0, ops, slo, plan, request_rate_history=np.array([rate]),
+                        prompt_tokens_mean=500.0, output_tokens_mean=100.0)
+
+
+def test_peak_window_holds_the_burst_rate_then_forgets_it():
+    ctx = linear_ctx()
+    cfg = OperatorQueueingConfig(peak_window_s=30.0, peak_smooth_s=5.0, downscale_delay_s=0.0, margin_up=1.0,
+                                 batch_levels=(32,))
+    ctl = OperatorQueueingController(ctx, cfg)
+    plan = Plan.model_level(1, 32, 1)
+    rates = [2.0, 2.0, 40.0] + [2.0] * 10
+    planned = []
+    for i, r in enumerate(rates):
+        plan = ctl.decide(_state(5.0 * (i + 1), r, plan, ctx.slo))
+        planned.append(ctl.peak_load(5.0 * (i + 1), 5.0)[0])
+    # the 40 req/s interval (t = 15 s) is planned for while it is inside the 30 s window
+    assert planned[2:8] == [40.0] * 6
+    assert planned[8] == 2.0
+    with_floor = OperatorQueueingController(ctx, OperatorQueueingConfig(min_rate_rps=25.0, batch_levels=(32,)))
+    low = OperatorQueueingController(ctx, OperatorQueueingConfig(batch_levels=(32,)))
+    p_floor = with_floor.decide(_state(5.0, 1.0, Plan.model_level(1, 32, 1), ctx.slo))
+    p_low = low.decide(_state(5.0, 1.0, Plan.model_level(1, 32, 1), ctx.slo))
+    assert p_floor["mlp"].replicas > p_low["mlp"].replicas
+    est = with_floor.estimator  # request shape: EWMA from the defaults towards what was seen
+    assert with_floor.last is with_floor.plan_for(25.0, est.prompt, est.output, 32)
+    assert p_floor["mlp"].replicas == with_floor.last.replicas["mlp"]
