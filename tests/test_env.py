@@ -74,7 +74,7 @@ def test_tp_follows_placement_when_a_group_leaves_the_instance():
 
 
 def test_reward_is_the_documented_weighted_sum():
-    env = make_env(w_slo=2.0, w_gpu=0.25, w_energy=0.5)
+    env = make_env(w_slo=2.0, w_gpu=0.25, w_energy=0.5, w_miss=0.0)
     env.reset(seed=2)
     zero = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
     _, r, _, _, info = env.step(zero)
@@ -85,7 +85,7 @@ def test_reward_is_the_documented_weighted_sum():
 
 
 def test_reward_charges_the_shortfall_below_the_attainment_target():
-    base = make_env()
+    base = make_env(w_miss=0.0)
     miss = make_env(w_miss=3.0)
     rewards = []
     for env in (base, miss):
