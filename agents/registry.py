@@ -115,7 +115,7 @@ def make_controller(name: str, scenario: Any, *, slo: SLO | None = None, trace: 
         checkpoint: checkpoint folder (``ppo`` only).
         settings: per-controller settings; default ``agents/configs/controllers.yaml``.
         budget_gpus: cap on GPUs (fixed-budget runs): whole-model controllers never ask for
-            more than ``budget_gpus // model_tp`` instances.
+            more than ``budget_gpus // model_tp`` instances; operator-queueing plans within it.
         fidelity, seed: the simulator that sizes ``static`` (search on ``trace``) and
             calibrates ``model-level`` (on the training split).
     """
@@ -167,5 +167,7 @@ def make_controller(name: str, scenario: Any, *, slo: SLO | None = None, trace: 
         return ml, scenario.initial_plan()
     own.pop("max_batch", None)
     cfg_q = _dataclass_from(OperatorQueueingConfig, own, f"controllers: {name}")
+    if budget_gpus is not None:  # plan within a fixed budget instead of being cut to it
+        cfg_q.max_gpus = int(budget_gpus) if cfg_q.max_gpus is None else min(cfg_q.max_gpus, int(budget_gpus))
     oq = OperatorQueueingController(ctx, cfg_q)
     return oq, scenario.initial_plan()

@@ -184,3 +184,14 @@ def test_operator_queueing_margin_grows_on_slo_miss():
         plan = ctl.decide(state(float(t), 30.0, plan, ctx.slo, ttft_p99_s=5.0, slo_attainment=0.5))
     assert ctl.margin > 1.5
     assert plan["mlp"].replicas > base["mlp"].replicas
+
+
+def test_registry_gives_operator_queueing_the_fixed_budget():
+    from agents.envtools import load_scenario
+    from agents.registry import make_controller
+
+    sc = load_scenario()
+    free, _ = make_controller("operator-queueing", sc)
+    capped, _ = make_controller("operator-queueing", sc, budget_gpus=24)
+    assert capped.config.max_gpus == 24
+    assert free.config.max_gpus != 24
