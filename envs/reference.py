@@ -46,11 +46,12 @@ class Unit:
     """An attention unit: its batch, its KV and its iteration in flight."""
 
     __slots__ = ("uid", "kv_cap", "kv", "pre", "n_dec", "ctx_sum", "order", "finish_at", "it", "busy_until",
-                 "draining", "gone", "iter_plan", "last_tokens", "last_seqs", "pre_tokens")
+                 "draining", "gone", "iter_plan", "last_tokens", "last_seqs", "pre_tokens", "cap_next")
 
     def __init__(self, uid: int, kv_cap: float) -> None:
         self.uid = uid
         self.kv_cap = kv_cap
+        self.cap_next: float | None = None  # a smaller KV capacity taking effect at the next iteration
         self.kv = 0.0
         self.pre: deque[list] = deque()   # [rid, remaining prefill tokens, total prefill tokens]
         self.n_dec = 0
@@ -91,7 +92,8 @@ class ReferenceSimulator(Simulator):
         self.first_t = np.full(n, np.nan)
         self.finish_t = np.full(n, np.nan)
         self.last_tok = np.full(n, np.nan)
-        self.gen = np.zeros(n, dtype=np.int64)
+        self.gen = np.zeros(n, dtype=np.int64)   # tokens generated, as of the last prefill (decodes: see dec_it0)
+        self.dec_it0 = np.zeros(n, dtype=np.int64)  # the unit's iteration count when the request began decoding
         self.epoch = np.zeros(n, dtype=np.int64)
         self.preemptions = np.zeros(n, dtype=np.int64)
         self.queue: deque[int] = deque()
@@ -152,7 +154,15 @@ class ReferenceSimulator(Simulator):
                 self._start_drain(u, t, counted=True)
             live = live[len(live) - want:]
         for u in live:
-            u.kv_cap = layout.unit_kv_tokens
+            cap = layout.unit_kv_tokens
+            if cap >= u.kv:
+                u.kv_cap, u.cap_next = cap, None
+            else:
+                # The new layout leaves this unit less KV memory than its sequences hold (e.g.
+                # a replica packed onto its GPUs): it keeps them until its next iteration
+                # boundary, where the newest are preempted to fit (the replica taking the
+                # memory is still loading its weights then); no new admissions meanwhile.
+                u.cap_next = cap
         self._dispatch(t)
 
     def _start_drain(self, u: Unit, t: float, counted: bool) -> None:
@@ -200,7 +210,8 @@ class ReferenceSimulator(Simulator):
             best = None
             best_load = 0.0
             for u in live:
-                if u.seqs < B and u.kv + need + 1 <= u.kv_cap:
+                cap = u.kv_cap if u.cap_next is None else min(u.kv_cap, u.cap_next)
+                if u.seqs < B and u.kv + need + 1 <= cap:
                     load = u.pre_tokens + 32.0 * u.seqs
                     if best is None or load < best_load:
                         best, best_load = u, load
@@ -224,17 +235,29 @@ class ReferenceSimulator(Simulator):
 
     # ------------------------------------------------------------------ iterations
     def _preempt(self, u: Unit, t: float) -> None:
-        """Free KV for the coming iteration by preempting the newest decoding sequences."""
+        """Free KV for the coming iteration by preempting the newest decoding sequences, then
+        (when a plan change shrank the unit's KV capacity) the newest prefilling ones."""
+        if u.cap_next is not None:
+            u.kv_cap, u.cap_next = u.cap_next, None
         while u.kv + u.n_dec > u.kv_cap and u.order:
             rid, ep = u.order.pop()
             if self.epoch[rid] != ep or self.state[rid] != DECODE:
                 continue
             self.epoch[rid] += 1
             self.preemptions[rid] += 1
+            # tokens decoded since its prefill are cached too: count them before freeing
+            self.gen[rid] += u.it - self.dec_it0[rid]
             ctx = self._need(rid)
             u.kv -= ctx
             u.ctx_sum -= ctx
             u.n_dec -= 1
+            self.state[rid] = WAITING
+            self.queue.appendleft(rid)
+        while u.kv + u.n_dec > u.kv_cap and u.pre:
+            rid, remaining, total = u.pre.pop()  # newest prefill; its progress is recomputed later
+            u.kv -= total
+            u.pre_tokens -= remaining
+            self.preemptions[rid] += 1
             self.state[rid] = WAITING
             self.queue.appendleft(rid)
 
@@ -343,6 +366,7 @@ class ReferenceSimulator(Simulator):
         u.ctx_sum += self._need(rid)
         ep = int(self.epoch[rid])
         u.order.append((rid, ep))
+        self.dec_it0[rid] = u.it
         # decoded tokens come at the ends of iterations u.it, u.it + 1, ...
         last = u.it + int(self.output[rid] - self.gen[rid]) - 1
         u.finish_at.setdefault(last, []).append((rid, ep))
