@@ -92,7 +92,7 @@ def test_reward_charges_the_shortfall_below_the_attainment_target():
         env.reset(seed=4)
         keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
         # sub-action 0 everywhere: the largest replica cuts, so that intervals miss the SLO
-        worst = env.action_space.sample() * 0
+        worst = np.zeros(len(env.action_space.nvec), dtype=np.int64)
         rs, infos = [], []
         for _ in range(12):
             _, r, _, _, info = env.step(worst if len(rs) < 3 else keep)
