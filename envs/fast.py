@@ -91,6 +91,7 @@ class FastSimulator(Simulator):
         self.d_units = 0.0    # draining units holding them
         self._U = 0.0         # serving units in the last sub-step
         self._unit_sig = None  # (attention placement, unit tp) of the serving units
+        self._ukey: tuple = (None, None, ())  # (layout, util dict, the memo key's busy shares)
         if not hasattr(self, "sub_index"):
             h = self.dt / self.sub_steps
             self.sub_index = TraceIndex(self.arrival, self.prompt, self.output, h, self.n_intervals * self.sub_steps,
@@ -122,8 +123,12 @@ class FastSimulator(Simulator):
         ``chunk``-token prefill, while every unit's iteration carries ``n_dec`` decodes and
         ``bg_chunk`` prefill tokens on average (the load the shared remote pools see), plus
         ``extra`` decode tokens of draining units on the shared pools."""
-        peers = any(layout.peers.values())
-        ukey = tuple(round(v, 1) for v in self.util.values()) if peers else ()
+        uk = self._ukey
+        if uk[0] is not layout or uk[1] is not self.util:
+            # (self.util is replaced, never mutated, once per interval)
+            peers = any(layout.peers.values())
+            uk = self._ukey = (layout, self.util, tuple(round(v, 1) for v in self.util.values()) if peers else ())
+        ukey = uk[2]
         remote = sm.remote
         key = (sm.signature, int(round(n_dec)), quantise(ctx), quantise(chunk), int(math.ceil(n_pre)),
                quantise(prompt), quantise(bg_chunk) if remote else 0, ukey, layout.units if remote else 0,

@@ -218,7 +218,9 @@ class Placer:
                 repairs.append(f"whole-model instance needs {self.instance_need(mono, tp, mb) / gb:.1f} GB per GPU "
                                f"at tp={tp}, more than {self.cap / gb:.1f} GB usable: tp -> {new_tp}")
             for g in mono:
-                ops[g] = OperatorPlan(n, ops[g].max_batch, "model", new_tp)
+                o = ops[g]
+                if o.replicas != n or o.tp != new_tp:
+                    ops[g] = OperatorPlan(n, o.max_batch, "model", new_tp)
         for g in OPERATOR_GROUPS:
             op = ops[g]
             if g in mono:
@@ -239,6 +241,8 @@ class Placer:
                                f"max_batch={op.max_batch}, more than {self.cap / gb:.1f} GB usable: "
                                f"tp -> {tp}, max_batch -> {mb}")
                 ops[g] = OperatorPlan(op.replicas, mb, op.placement, tp)
+        if all(ops[g] is plan.ops[g] for g in OPERATOR_GROUPS):
+            return plan  # fits as given (the Plan is immutable)
         return Plan(ops)
 
     def _layout(self, plan: Plan, repairs: list[str]) -> Layout:
@@ -434,16 +438,42 @@ class StepModel:
             tuple((self.replicas[g], self.max_batch[g]) for g in OPERATOR_GROUPS if self.site[g] != "local"),
             self.m, self.local_proc,
             tuple(sorted((k, tuple(sorted(v.items()))) for k, v in layout.peers.items() if v)))
-        # precomputed per-call tables for iteration() (speed; same arithmetic as written there)
+        # tables for iteration(): the ring's distinct groups in first-use order, each timed once
+        # per call as (kind, group, tp, replicas, max_batch) with kind 0 = attention, 1 = on the
+        # unit's GPUs, 2 = a shared remote pool; the stages as (process, ((index of the group,
+        # fraction of its time), ...)); embed and head as (group, local, process, tp, replicas)
         self._peers = {proc: tuple(v.items()) for proc, v in layout.peers.items() if v}
-        spec = []
-        for site, ops in self.stages:
-            proc = self.local_proc if site == "local" else site
-            spec.append((proc, site == "local", tuple((g, frac, self.tp[g], self.replicas[g], self.max_batch[g])
-                                                      for g, frac in ops)))
-        self._stage_spec = tuple(spec)
-        self._ends = tuple((g, self.site[g] == "local", self.local_proc if self.site[g] == "local" else layout.proc_of(g),
-                            self.tp[g], self.replicas[g]) for g in ("embed", "head"))
+        order: dict[str, int] = {}
+        groups = []
+        stage_tab = []
+        procs: dict[str, None] = {}
+        for site, ops in stages:
+            local = site == "local"
+            proc = self.local_proc if local else site
+            procs[proc] = None
+            row = []
+            for g, frac in ops:
+                i = order.get(g)
+                if i is None:
+                    i = order[g] = len(groups)
+                    groups.append((0 if g == "attn" else (1 if local else 2), g, self.tp[g], self.replicas[g],
+                                   self.max_batch[g]))
+                row.append((i, frac))
+            stage_tab.append((proc, tuple(row)))
+        self._groups = tuple(groups)
+        self._stages = tuple(stage_tab)
+        ends = []
+        for g in ("embed", "head"):
+            local = self.site[g] == "local"
+            proc = self.local_proc if local else layout.proc_of(g)
+            procs[proc] = None
+            ends.append((g, local, proc, self.tp[g], self.replicas[g]))
+        self._ends = tuple(ends)
+        #: whether any process shares GPUs with another (else every slowdown is exactly 1)
+        self._has_peers = bool(self._peers)
+        self._slow_cache: tuple = (None, {})  # (util items, {process: slowdown}) of the last call
+        #: every process a stage or an end runs in (the slowdown table's keys)
+        self._procs = tuple(procs)
 
     def contention(self, proc: str, util: Mapping[str, float]) -> float:
         """Slowdown factor of ``proc`` given the busy share of the processes it shares GPUs with."""
@@ -468,60 +498,62 @@ class StepModel:
             util: busy share of each process last interval (contention); None = no contention.
         """
         util = util or {}
-        p = self.p
-        m = self.m
         tokens = n_dec + p_tok
         if tokens <= 0:
             return StepResult(0.0, {})
-        tot_tokens = max(tot_tokens, tokens)
-        tot_seqs = max(tot_seqs, n_dec + n_pre)
+        p = self.p
+        m = self.m
+        if tot_tokens < tokens:
+            tot_tokens = tokens
+        if tot_seqs < n_dec + n_pre:
+            tot_seqs = n_dec + n_pre
         L = self.layers
-        busy_ms: dict[str, float] = {}
         group = p._group  # memoised (group, tokens, context, batch, tp, phase) -> ms, as in group_ms
-        peers_of = self._peers
-        cont = self.sc.contention
-        memo: dict[str, float] = {}
         tok_m = tokens / m
-        q_tok_m = quantise(tok_m) if tok_m > 0 else 0
-
-        slow_memo: dict[str, float] = {}
-
-        def slowdown(proc: str) -> float:
-            """contention(proc, util), once per process and call."""
-            f = slow_memo.get(proc)
-            if f is None:
-                peers = peers_of.get(proc)
-                if not peers:
-                    f = 1.0
-                else:
-                    f = 1.0 + cont * sum(share * min(max(util.get(o, 0.0), 0.0), 1.0) for o, share in peers)
-                slow_memo[proc] = f
-            return f
-
+        # slowdown of each process: contention(proc, util), computed once per util snapshot
+        if self._has_peers:
+            items = tuple(util.items())
+            cached = self._slow_cache
+            if cached[0] == items:
+                slow = cached[1]
+            else:
+                cont = self.sc.contention
+                slow = {}
+                for proc in self._procs:
+                    peers = self._peers.get(proc)
+                    slow[proc] = 1.0 + cont * sum(share * min(max(util.get(o, 0.0), 0.0), 1.0)
+                                                  for o, share in peers) if peers else 1.0
+                self._slow_cache = (items, slow)
+        else:
+            slow = None
+        # ms of each group (all layers) for one micro-batch as this unit sees it
+        gts = []
+        q_tok_m = -1
+        for kind, g, tp, r, mb in self._groups:
+            if kind == 0:  # attention: decode kernel over the decodes, prefill kernel over the chunk
+                gt = 0.0
+                if n_dec > 0:
+                    gt += p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, tp, "decode")
+                if p_tok > 0:
+                    gt += p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), tp, "prefill")
+            elif kind == 1:  # on the unit's own GPUs, at the unit's micro-batch
+                if q_tok_m < 0:
+                    q_tok_m = quantise(tok_m)
+                gt = group(g, q_tok_m, 0, 1, tp, "decode")
+            else:  # a shared remote pool: every unit's tokens, in calls of at most max_batch sequences
+                seqs = tot_seqs / r
+                calls = max(1.0, seqs / mb)
+                per_call = tot_tokens / r / calls / m
+                gt = (group(g, quantise(per_call), 0, 1, tp, "decode") if per_call > 0 else 0.0) * calls
+            gts.append(gt)
+        busy_ms: dict[str, float] = {}
         stage_ms = []
-        for proc, local, ops in self._stage_spec:
-            slow = slowdown(proc)
+        for proc, ops in self._stages:
             t = 0
-            for g, frac, tp, r, mb in ops:
-                gt = memo.get(g)
-                if gt is None:
-                    # ms of group g (all layers) for one micro-batch as this unit sees it
-                    if g == "attn":
-                        gt = 0.0
-                        if n_dec > 0:
-                            gt += p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, tp, "decode")
-                        if p_tok > 0:
-                            gt += p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), tp, "prefill")
-                    elif local:
-                        gt = group(g, q_tok_m, 0, 1, tp, "decode") if tok_m > 0 else 0.0
-                    else:
-                        seqs = tot_seqs / r
-                        calls = max(1.0, seqs / mb)
-                        per_call = tot_tokens / r / calls / m
-                        gt = (group(g, quantise(per_call), 0, 1, tp, "decode") if per_call > 0 else 0.0) * calls
-                    memo[g] = gt
-                t += frac * gt / L
-            t *= slow
+            for i, frac in ops:
+                t += frac * gts[i] / L
+            if slow is not None:
+                t *= slow[proc]
             stage_ms.append(t)
             busy_ms[proc] = busy_ms.get(proc, 0.0) + t * m * L
         if self.hops:
@@ -535,9 +567,12 @@ class StepModel:
         for g, local, proc, tp, r in self._ends:
             tok = tokens if g == "embed" else n_dec + n_pre
             if local:
-                t = p.group_ms(g, tok, tp=tp) * slowdown(proc)
+                t = p.group_ms(g, tok, tp=tp)
             else:
-                t = p.group_ms(g, tot_tokens / r if g == "embed" else tot_seqs / r, tp=tp) * slowdown(proc)
+                t = p.group_ms(g, tot_tokens / r if g == "embed" else tot_seqs / r, tp=tp)
+            if slow is not None:
+                t *= slow[proc]
+            if not local:
                 t += p.send_ms(tok)
             total += t
             busy_ms[proc] = busy_ms.get(proc, 0.0) + t

@@ -1,0 +1,100 @@
+"""Do two checkouts' fast-model envs compute the same thing? Bit-for-bit trajectory comparison.
+
+Usage: ``python bench/env_equivalence.py --baseline DIR [--steps 1500] [--seeds 0,1,2]
+[--scenario YAML]``
+
+For each seed and each action stream (``random``: uniformly random actions, a new plan every
+step; ``kept``: zero-delta actions; ``mixed``: a random action every 4th step, kept otherwise;
+``walk``: one group's replica delta per step, the rest kept) the env runs ``--steps`` steps
+(episodes reset on truncation) in a fresh process for the current tree and for ``DIR`` (e.g.
+``git archive HEAD | tar -x -C DIR``), and the observations (float32 bytes), rewards (float64)
+and the info values (repr) are compared. Both trees use the same scenario file (default: this
+tree's envs/configs/default.yaml), so a config edit in one tree does not count as a change.
+Prints one line per (seed, stream) and exits 1 on any difference.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+STREAMS = ("random", "kept", "mixed", "walk")
+
+
+def trajectory_digest(stream: str, steps: int, seed: int, scenario: str) -> dict:
+    """sha256 of observations, rewards and info of one run (worker side), plus the first step that
+    differs can be found from the per-step digests returned."""
+    from envs import make_env
+
+    env = make_env(scenario, seed=seed)
+    obs, _ = env.reset(seed=seed)
+    rng = np.random.default_rng(seed + 1000)
+    nvec = env.action_space.nvec
+    keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
+    per_step = []
+    h_all = hashlib.sha256()
+    for i in range(steps):
+        if stream == "random" or (stream == "mixed" and i % 4 == 0):
+            a = rng.integers(0, nvec)
+        elif stream == "walk":
+            a = np.array(keep)
+            g = int(rng.integers(0, len(nvec) // 3))
+            a[3 * g] = int(rng.integers(0, nvec[3 * g]))
+        else:
+            a = keep
+        obs, r, term, trunc, info = env.step(a)
+        h = hashlib.sha256()
+        h.update(np.asarray(obs, dtype=np.float32).tobytes())
+        h.update(np.float64(r).tobytes())
+        h.update(repr(sorted(info.items())).encode())
+        d = h.hexdigest()[:16]
+        per_step.append(d)
+        h_all.update(d.encode())
+        if term or trunc:
+            obs, _ = env.reset()
+        keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
+    return {"digest": h_all.hexdigest()[:16], "steps": per_step}
+
+
+def _run(root: Path, stream: str, steps: int, seed: int, scenario: str) -> dict:
+    code = (f"import sys, json; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
+            f"import env_equivalence as e; print(json.dumps(e.trajectory_digest({stream!r}, {steps}, {seed}, "
+            f"{scenario!r})))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"{stream} seed {seed} in {root} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--baseline", type=Path, required=True, help="the other checkout")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--streams", default=",".join(STREAMS))
+    p.add_argument("--scenario", default=str(ROOT / "envs" / "configs" / "default.yaml"))
+    a = p.parse_args()
+    if not (a.baseline / "envs" / "fast.py").is_file():
+        p.error(f"--baseline {a.baseline}: no envs/fast.py there")
+    bad = 0
+    for seed in [int(s) for s in a.seeds.split(",") if s]:
+        for stream in [s for s in a.streams.split(",") if s]:
+            cur = _run(ROOT, stream, a.steps, seed, a.scenario)
+            base = _run(a.baseline.resolve(), stream, a.steps, seed, a.scenario)
+            if cur["digest"] == base["digest"]:
+                print(f"seed {seed} {stream:7s} {a.steps} steps: identical")
+            else:
+                first = next(i for i, (x, y) in enumerate(zip(cur["steps"], base["steps"])) if x != y)
+                print(f"seed {seed} {stream:7s} {a.steps} steps: DIFFERENT from step {first}")
+                bad += 1
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
