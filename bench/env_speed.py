@@ -1,6 +1,7 @@
 """Fast-model env steps per second against a PPO MlpPolicy's action-prediction rate.
 
-Usage: ``python bench/env_speed.py [--steps 3000] [--rounds 3] [--baseline DIR] [--json]``
+Usage: ``python bench/env_speed.py [--steps 3000] [--rounds 3] [--warmup 0] [--baseline DIR] [--learner]
+[--json]``
 
 Measures, on the same machine in one run:
 * env steps/s of ``opscale/OperatorScaling-v0`` (fast fidelity) under four action streams:
@@ -8,9 +9,18 @@ Measures, on the same machine in one run:
   (uniformly random actions: a new plan every step, the worst case), ``ppo`` (actions
   sampled from a freshly initialised ``PPO("MlpPolicy")``: what early training sends) and
   ``oq`` (the operator-queueing controller's plans encoded as actions: a realistic
-  autoscaler that changes the plan now and then). Only ``env.step`` is timed;
+  autoscaler that changes the plan now and then), and ``train`` (what ``train.py``'s envs
+  receive early in training: the env under ``agents.wrappers.PlanRestriction`` with the
+  initial plan and frozen layout of agents/configs/ppo.yaml, uniformly random actions among
+  the allowed ones, i.e. replica deltas only). Only ``env.step`` is timed; ``--warmup N``
+  first runs N untimed steps of the same stream (the profile and placement caches fill in a
+  long training run; 0 = the session-1 method);
 * ``PPO("MlpPolicy").predict`` calls/s on one observation (torch with one thread);
 * their ratios (the env must not be the bottleneck of training: ratio >= 5);
+* with ``--learner``: the samples per second PPO training itself consumes when the env costs
+  nothing (MaskablePPO with agents/configs/ppo.yaml's hyperparameters and n_envs, on an env
+  with the same spaces that returns a fixed observation), i.e. the learner's side of the
+  "not the bottleneck" question (predict on one observation leaves out the gradient updates);
 * how much faster than real time the reference simulator replays azure-conv.
 
 Each round runs every stream in a fresh process (so no run inherits another's caches),
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-STREAMS = ("keep", "random", "ppo", "oq")
+STREAMS = ("keep", "random", "ppo", "oq", "train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,12 +56,36 @@ def _policy(env):  # noqa: ANN001, ANN202
     return PPO("MlpPolicy", env, device="cpu", n_steps=64, seed=0)
 
 
-def env_rate(stream: str, steps: int, seed: int = 0) -> float:
-    """Env steps per second of ``env.step`` alone under an action stream (see module doc)."""
+def _train_env(seed: int):  # noqa: ANN202
+    """The env as train.py builds it: PlanRestriction with ppo.yaml's initial plan and frozen layout."""
+    from agents.hyperparams import load_hyperparams
+    from agents.wrappers import PlanRestriction
     from envs import make_env
 
-    env = make_env(seed=seed)
-    obs, _ = env.reset(seed=seed)
+    hp = load_hyperparams()
+    return PlanRestriction(make_env(seed=seed), hp.initial_plan or None, hp.freeze_layout)
+
+
+def _masked_random(rng: np.random.Generator, mask: np.ndarray, nvec: np.ndarray) -> np.ndarray:
+    """A uniformly random action among the sub-actions ``mask`` allows (flat MaskablePPO layout)."""
+    out = np.empty(len(nvec), dtype=np.int64)
+    o = 0
+    for i, n in enumerate(nvec):
+        allowed = np.flatnonzero(mask[o:o + n])
+        out[i] = allowed[rng.integers(0, len(allowed))]
+        o += n
+    return out
+
+
+def env_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0) -> float:
+    """Env steps per second of ``env.step`` alone under an action stream (see module doc), after
+    ``warmup`` untimed steps of the same stream."""
+    from envs import make_env
+
+    wrapped = _train_env(seed) if stream == "train" else None
+    env = wrapped.unwrapped if wrapped is not None else make_env(seed=seed)
+    stepper = wrapped if wrapped is not None else env
+    obs, _ = stepper.reset(seed=seed)
     rng = np.random.default_rng(seed)
     nvec = env.action_space.nvec
     model = _policy(env) if stream == "ppo" else None
@@ -63,25 +98,28 @@ def env_rate(stream: str, steps: int, seed: int = 0) -> float:
     keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
     n = 0
     spent = 0.0
-    while n < steps:
+    while n < steps + warmup:
         if stream == "keep":
             a = keep
         elif stream == "random":
             a = rng.integers(0, nvec)
         elif stream == "ppo":
             a, _ = model.predict(obs, deterministic=False)
+        elif stream == "train":
+            a = _masked_random(rng, wrapped.action_masks(), nvec)
         else:
             tgt = env.sim.timeline.target_plan
             a = env.decoder.encode(ctl.decide(env.state), tgt)
         t0 = time.perf_counter()
-        obs, _, term, trunc, _ = env.step(a)
-        spent += time.perf_counter() - t0
+        obs, _, term, trunc, _ = stepper.step(a)
+        if n >= warmup:
+            spent += time.perf_counter() - t0
         n += 1
         if term or trunc:
-            obs, _ = env.reset()
+            obs, _ = stepper.reset()
             if ctl is not None:
                 ctl.reset(env.state)
-    return n / spent
+    return steps / spent
 
 
 def ppo_rate(calls: int) -> float:
@@ -97,6 +135,55 @@ def ppo_rate(calls: int) -> float:
     for _ in range(calls):
         model.predict(obs, deterministic=True)
     return calls / (time.perf_counter() - t0)
+
+
+def learner_rate(rollouts: int = 2) -> float:
+    """Samples per second ``learn()`` of train.py's algorithm consumes when the env costs nothing.
+
+    MaskablePPO (or PPO) with agents/configs/ppo.yaml's hyperparameters, n_envs DummyVecEnv copies
+    of an env with the opscale spaces that returns one fixed observation, under VecNormalize as in
+    training; ``rollouts`` rollouts of n_steps x n_envs samples (each followed by its n_epochs of
+    gradient steps) after one untimed rollout.
+    """
+    import gymnasium as gym
+    import torch
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from agents.hyperparams import load_hyperparams
+    from envs import make_env
+
+    torch.set_num_threads(1)
+    hp = load_hyperparams()
+    real = make_env(seed=0)
+    obs0, _ = real.reset(seed=0)
+
+    class Fixed(gym.Env):
+        observation_space = real.observation_space
+        action_space = real.action_space
+
+        def reset(self, *, seed=None, options=None):  # noqa: ANN001, ANN202
+            super().reset(seed=seed)
+            self.t = 0
+            return obs0, {}
+
+        def step(self, action):  # noqa: ANN001, ANN202
+            self.t += 1
+            return obs0, 0.0, False, self.t >= 120, {}
+
+        def action_masks(self):  # noqa: ANN202
+            return np.ones(int(np.sum(self.action_space.nvec)), dtype=bool)
+
+    venv = VecNormalize(DummyVecEnv([Fixed for _ in range(hp.n_envs)]), gamma=hp.gamma, **dict(hp.normalize))
+    if hp.algo == "MaskablePPO":
+        from sb3_contrib import MaskablePPO as Algo
+    else:
+        from stable_baselines3 import PPO as Algo
+    model = Algo(hp.policy, venv, seed=0, device="cpu", verbose=0, **hp.ppo_kwargs())
+    per = hp.n_steps * hp.n_envs
+    model.learn(total_timesteps=per)
+    t0 = time.perf_counter()
+    model.learn(total_timesteps=per * rollouts, reset_num_timesteps=False)
+    return per * rollouts / (time.perf_counter() - t0)
 
 
 def reference_speedup() -> dict:
@@ -117,8 +204,13 @@ def reference_speedup() -> dict:
             "requests": out["requests"]}
 
 
-def _worker(what: str, steps: int) -> None:
-    out = ppo_rate(steps) if what == "predict" else env_rate(what, steps)
+def _worker(what: str, steps: int, warmup: int = 0) -> None:
+    if what == "predict":
+        out = ppo_rate(steps)
+    elif what == "learner":
+        out = learner_rate()
+    else:
+        out = env_rate(what, steps, warmup=warmup)
     print(json.dumps({what: out}))
 
 
@@ -126,10 +218,10 @@ def _worker(what: str, steps: int) -> None:
 # driver
 # ---------------------------------------------------------------------------------------------
 
-def _run(root: Path, what: str, steps: int) -> float:
+def _run(root: Path, what: str, steps: int, warmup: int = 0) -> float:
     """One measurement in a fresh process with ``root`` first on sys.path."""
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
-            f"import env_speed; env_speed._worker({what!r}, {steps})")
+            f"import env_speed; env_speed._worker({what!r}, {steps}, {warmup})")
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{what} in {root} failed:\n{res.stderr[-2000:]}")
@@ -147,6 +239,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     p.add_argument("--streams", default=",".join(STREAMS), help=f"comma-separated subset of {STREAMS}")
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to measure interleaved")
+    p.add_argument("--warmup", type=int, default=0, help="untimed env steps before timing (0: session-1 method)")
+    p.add_argument("--learner", action="store_true", help="also measure PPO training's own samples/s")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-simulator replay")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
@@ -161,15 +255,21 @@ def main() -> int:
         trees["baseline"] = a.baseline.resolve()
     rates: dict[str, dict[str, list[float]]] = {t: {s: [] for s in streams} for t in trees}
     preds: list[float] = []
+    learns: list[float] = []
     for _ in range(a.rounds):
         preds.append(_run(ROOT, "predict", a.steps))
+        if a.learner:
+            learns.append(_run(ROOT, "learner", a.steps))
         for s in streams:
             for t, root in trees.items():
-                rates[t][s].append(_run(root, s, _steps_for(s, a.steps)))
+                rates[t][s].append(_run(root, s, _steps_for(s, a.steps), a.warmup))
     pred = float(np.median(preds))
-    out: dict = {"ppo_predict_per_s": pred, "rounds": a.rounds, "steps": a.steps}
+    learn = float(np.median(learns)) if learns else None
+    out: dict = {"ppo_predict_per_s": pred, "rounds": a.rounds, "steps": a.steps, "warmup": a.warmup,
+                 "learner_samples_per_s": learn, "load_avg": list(os.getloadavg())}
     for t in trees:
         out[t] = {s: {"steps_per_s": float(np.median(v)), "ratio_to_predict": float(np.median(v)) / pred,
+                      "ratio_to_learner": float(np.median(v)) / learn if learn else None,
                       "rounds": [round(x, 1) for x in v]} for s, v in rates[t].items()}
     if a.baseline is not None:
         out["speedup"] = {s: out["current"][s]["steps_per_s"] / out["baseline"][s]["steps_per_s"] for s in streams}
@@ -179,11 +279,16 @@ def main() -> int:
         print(json.dumps(out, indent=2))
         return 0
     names = {"keep": "plan kept", "random": "uniformly random", "ppo": "fresh PPO policy",
-             "oq": "operator-queueing plans"}
-    print(f"PPO MlpPolicy predict: {pred:8.0f} calls/s (median of {a.rounds} rounds)")
+             "oq": "operator-queueing plans", "train": "train.py (frozen layout)"}
+    print(f"PPO MlpPolicy predict: {pred:8.0f} calls/s (median of {a.rounds} rounds; load average "
+          f"{out['load_avg'][0]:.1f} at the end; warm-up {a.warmup} steps)")
+    if learn:
+        print(f"PPO training (learner side, env cost removed): {learn:8.0f} samples/s")
     for s in streams:
         cur = out["current"][s]
         line = f"fast env, {names[s]:24s} {cur['steps_per_s']:8.0f} steps/s  ratio {cur['ratio_to_predict']:5.2f}"
+        if learn:
+            line += f"  to learner {cur['ratio_to_learner']:5.2f}"
         if a.baseline is not None:
             base = out["baseline"][s]
             line += f"   baseline {base['steps_per_s']:8.0f} steps/s  speed-up {out['speedup'][s]:.2f}x"
