@@ -474,6 +474,8 @@ class StepModel:
         self._slow_cache: tuple = (None, {})  # (util items, {process: slowdown}) of the last call
         #: every process a stage or an end runs in (the slowdown table's keys)
         self._procs = tuple(procs)
+        #: bytes of one token's hidden state (send_ms's transfer size per token)
+        self._bytes_per_token = pred.cfg.d_model * pred.cfg.dtype_bytes
 
     def contention(self, proc: str, util: Mapping[str, float]) -> float:
         """Slowdown factor of ``proc`` given the busy share of the processes it shares GPUs with."""
@@ -508,7 +510,10 @@ class StepModel:
         if tot_seqs < n_dec + n_pre:
             tot_seqs = n_dec + n_pre
         L = self.layers
-        group = p._group  # memoised (group, tokens, context, batch, tp, phase) -> ms, as in group_ms
+        # the predictor's memo tables, called as group_ms / send_ms call them (tokens > 0 there)
+        group = p._group  # (group, quantised tokens, context, batch, tp, phase) -> ms
+        send = p._send  # bytes -> ms
+        bpt = self._bytes_per_token
         tok_m = tokens / m
         # slowdown of each process: contention(proc, util), computed once per util snapshot
         if self._has_peers:
@@ -533,9 +538,11 @@ class StepModel:
             if kind == 0:  # attention: decode kernel over the decodes, prefill kernel over the chunk
                 gt = 0.0
                 if n_dec > 0:
-                    gt += p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, tp, "decode")
+                    q = quantise(n_dec / m)  # = p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, tp, "decode")
+                    gt += group("attn", q, quantise(ctx_dec), q, tp, "decode")
                 if p_tok > 0:
-                    gt += p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), tp, "prefill")
+                    gt += group("attn", quantise(p_tok / m), quantise(ctx_pre), quantise(max(n_pre / m, 1)), tp,
+                                "prefill")  # = p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), tp, "prefill")
             elif kind == 1:  # on the unit's own GPUs, at the unit's micro-batch
                 if q_tok_m < 0:
                     q_tok_m = quantise(tok_m)
@@ -557,7 +564,7 @@ class StepModel:
             stage_ms.append(t)
             busy_ms[proc] = busy_ms.get(proc, 0.0) + t * m * L
         if self.hops:
-            hop_ms = p.send_ms(tok_m)
+            hop_ms = send(quantise(tok_m) * bpt)  # = p.send_ms(tok_m)
             ring = stage_ms + [hop_ms] * self.hops
             layer_ms = max(m * max(ring), sum(ring))
         else:
@@ -567,13 +574,14 @@ class StepModel:
         for g, local, proc, tp, r in self._ends:
             tok = tokens if g == "embed" else n_dec + n_pre
             if local:
-                t = p.group_ms(g, tok, tp=tp)
+                t = group(g, quantise(tok), 0, 1, tp, "decode") if tok > 0 else 0.0  # = p.group_ms(g, tok, tp=tp)
             else:
-                t = p.group_ms(g, tot_tokens / r if g == "embed" else tot_seqs / r, tp=tp)
+                x = tot_tokens / r if g == "embed" else tot_seqs / r
+                t = group(g, quantise(x), 0, 1, tp, "decode") if x > 0 else 0.0
             if slow is not None:
                 t *= slow[proc]
             if not local:
-                t += p.send_ms(tok)
+                t += send(quantise(tok) * bpt) if tok > 0 else 0.0  # = p.send_ms(tok)
             total += t
             busy_ms[proc] = busy_ms.get(proc, 0.0) + t
         kernel = total
