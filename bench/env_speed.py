@@ -12,7 +12,7 @@ Measures, on the same machine in one run:
   autoscaler that changes the plan now and then), and ``train`` (what ``train.py``'s envs
   receive early in training: the env under ``agents.wrappers.PlanRestriction`` with the
   initial plan and frozen layout of agents/configs/ppo.yaml, uniformly random actions among
-  the allowed ones, i.e. replica deltas only). Only ``env.step`` is timed; ``--warmup N``
+  the allowed ones: only the replica sub-action varies). Only ``env.step`` is timed; ``--warmup N``
   first runs N untimed steps of the same stream (the profile and placement caches fill in a
   long training run; 0 = the session-1 method);
 * ``PPO("MlpPolicy").predict`` calls/s on one observation (torch with one thread);

@@ -162,7 +162,7 @@ def test_bench_train_stream_sends_what_train_py_envs_receive(monkeypatch):  # no
     for _ in range(15):
         env.step(env_speed._masked_random(rng, env.action_masks(), env.action_space.nvec))
     target = env.unwrapped.sim.timeline.target_plan
-    # replica deltas only: batch limits and placements stay as ppo.yaml's initial plan sets them
+    # only the replica sub-action varies: batch limits and placements stay as ppo.yaml sets them
     assert all((target[g].max_batch, target[g].placement) == (first[g].max_batch, first[g].placement)
                for g in OPERATOR_GROUPS)
     assert env_speed.env_rate("train", 10, warmup=5) > 0
