@@ -48,18 +48,16 @@ def teacher_action(decoder: ActionDecoder, plan: Plan, prev: Plan) -> np.ndarray
     Per group: the allowed replica delta that lands nearest the teacher's replica count
     (ties: the smaller move), the nearest batch level, and the teacher's placement.
     """
-    c = decoder.config
     action = decoder.encode(plan, prev)
     mask = decoder.action_mask(prev)
-    nd = len(c.replica_deltas)
+    nd = decoder.n_replica_choices
     offset = 0
     for k, g in enumerate(OPERATOR_GROUPS):
         allowed = mask[offset:offset + nd]
         r = prev[g].replicas
         want = plan[g].replicas
         best = min((i for i in range(nd) if allowed[i]),
-                   key=lambda i: (abs(int(np.clip(r + c.replica_deltas[i], c.min_replicas, c.max_replicas)) - want),
-                                  abs(c.replica_deltas[i])))
+                   key=lambda i: (abs(decoder.replicas_for(i, r) - want), abs(decoder.replicas_for(i, r) - r)))
         action[3 * k] = best
         offset += int(decoder.nvec[3 * k] + decoder.nvec[3 * k + 1] + decoder.nvec[3 * k + 2])
     return action

@@ -23,7 +23,7 @@ def frozen_mask(decoder: ActionDecoder, prev: Plan) -> np.ndarray:
     c = decoder.config
     mask = decoder.action_mask(prev).copy()
     levels = np.asarray(c.batch_levels)
-    nd, nb, npl = len(c.replica_deltas), len(c.batch_levels), len(PLACEMENTS)
+    nd, nb, npl = decoder.n_replica_choices, len(c.batch_levels), len(PLACEMENTS)
     per = nd + nb + npl
     for k, g in enumerate(OPERATOR_GROUPS):
         base = k * per

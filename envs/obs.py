@@ -91,6 +91,7 @@ class FastActionDecoder:
         self._cache: dict[tuple, tuple[object, object]] = {}
         self._hi = tuple(n - 1 for n in self.nvec)
         self._deltas = tuple(int(d) for d in config.replica_deltas)
+        self._rlevels = tuple(int(r) for r in config.replica_levels)
         self._levels = tuple(int(b) for b in config.batch_levels)
 
     def decode(self, action, prev):  # noqa: ANN001 - same signature as the codec
@@ -119,6 +120,7 @@ class FastActionDecoder:
             b_idx = min(max(a[i + 1], 0), hi[i + 1])
             p_idx = min(max(a[i + 2], 0), hi[i + 2])
             old = prev[g]
-            replicas = min(max(old.replicas + self._deltas[d_idx], lo), hi_r)
+            r = self._rlevels[d_idx] if self._rlevels else old.replicas + self._deltas[d_idx]
+            replicas = min(max(r, lo), hi_r)
             ops[g] = OperatorPlan(replicas, self._levels[b_idx], PLACEMENTS[p_idx], old.tp)
         return Plan(ops)

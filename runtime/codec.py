@@ -25,7 +25,11 @@ class CodecConfig:
     """Limits and levels that fix the observation and action layout.
 
     Attributes:
-        replica_deltas: replica changes an action may pick per group per interval.
+        replica_deltas: replica changes an action may pick per group per interval (delta mode).
+        replica_levels: when non-empty, the replica sub-action picks an absolute replica count
+            from these levels (level mode) instead of a change from ``replica_deltas``. A delta
+            action space lets a policy cycle (+1 per interval, then -4) without reading the
+            state; levels map a state to a plan directly (docs/TRAINING.md).
         batch_levels: max_batch values an action may pick (sequences per iteration).
         max_replicas: upper bound on replicas per group (the decoder clips to it).
         min_replicas: lower bound on replicas per group.
@@ -36,6 +40,7 @@ class CodecConfig:
     """
 
     replica_deltas: tuple[int, ...] = (-4, -1, 0, 1, 4)
+    replica_levels: tuple[int, ...] = ()
     batch_levels: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
     max_replicas: int = 32
     min_replicas: int = 1
@@ -133,7 +138,8 @@ class ObservationEncoder:
 class ActionDecoder:
     """MultiDiscrete action -> Plan, as a change to the previous plan.
 
-    Per group three sub-actions: replica delta index into ``replica_deltas``, batch level
+    Per group three sub-actions: replica index (into ``replica_deltas``, or into
+    ``replica_levels`` when the config has levels: an absolute count), batch level
     index into ``batch_levels``, placement index into :data:`PLACEMENTS`. Replicas are
     clipped to [min_replicas, max_replicas]; tensor parallelism is kept from the previous
     plan (it is a property of the scenario, not of the interval). Every action decodes to
@@ -146,8 +152,20 @@ class ActionDecoder:
     def nvec(self) -> np.ndarray:
         """Sizes of the MultiDiscrete sub-actions, group-major."""
         c = self.config
-        return np.array([len(c.replica_deltas), len(c.batch_levels), len(PLACEMENTS)] * len(OPERATOR_GROUPS),
+        return np.array([self.n_replica_choices, len(c.batch_levels), len(PLACEMENTS)] * len(OPERATOR_GROUPS),
                         dtype=np.int64)
+
+    @property
+    def n_replica_choices(self) -> int:
+        """Choices of the replica sub-action (levels in level mode, deltas otherwise)."""
+        c = self.config
+        return len(c.replica_levels) if c.replica_levels else len(c.replica_deltas)
+
+    def replicas_for(self, index: int, current: int) -> int:
+        """Replica count the replica sub-action ``index`` gives a group now at ``current``."""
+        c = self.config
+        r = c.replica_levels[index] if c.replica_levels else current + c.replica_deltas[index]
+        return int(min(max(r, c.min_replicas), c.max_replicas))
 
     def decode(self, action: np.ndarray, prev: Plan) -> Plan:
         """Apply ``action`` to ``prev``; raises ValueError if the action has the wrong shape."""
@@ -160,7 +178,7 @@ class ActionDecoder:
         for k, g in enumerate(OPERATOR_GROUPS):
             d_idx, b_idx, p_idx = a[3 * k:3 * k + 3]
             old = prev[g]
-            replicas = int(np.clip(old.replicas + c.replica_deltas[d_idx], c.min_replicas, c.max_replicas))
+            replicas = self.replicas_for(int(d_idx), old.replicas)
             ops[g] = OperatorPlan(replicas, int(c.batch_levels[b_idx]), PLACEMENTS[p_idx], old.tp)
         return Plan(ops)
 
@@ -170,9 +188,12 @@ class ActionDecoder:
         out = []
         levels = np.asarray(c.batch_levels)
         deltas = np.asarray(c.replica_deltas)
+        rlevels = np.asarray(c.replica_levels)
         for g in OPERATOR_GROUPS:
-            want = plan[g].replicas - prev[g].replicas
-            out.append(int(np.argmin(np.abs(deltas - want))))
+            if c.replica_levels:
+                out.append(int(np.argmin(np.abs(rlevels - plan[g].replicas))))
+            else:
+                out.append(int(np.argmin(np.abs(deltas - (plan[g].replicas - prev[g].replicas)))))
             out.append(int(np.argmin(np.abs(levels - plan[g].max_batch))))
             out.append(PLACEMENTS.index(plan[g].placement))
         return np.array(out, dtype=np.int64)
@@ -181,14 +202,22 @@ class ActionDecoder:
         """Flat boolean mask over all sub-action choices (MaskablePPO layout).
 
         Replica deltas that would leave [min_replicas, max_replicas] are masked, except the
-        zero delta which is always allowed.
+        zero delta which is always allowed; in level mode, levels outside that range are masked
+        (the level nearest the range stays allowed, so a group always has a choice).
         """
         c = self.config
         parts: list[np.ndarray] = []
         for g in OPERATOR_GROUPS:
             r = prev[g].replicas
-            parts.append(np.array([(c.min_replicas <= r + d <= c.max_replicas) or d == 0
-                                   for d in c.replica_deltas]))
+            if c.replica_levels:
+                ok = np.array([c.min_replicas <= lv <= c.max_replicas for lv in c.replica_levels])
+                if not ok.any():
+                    mid = (c.min_replicas + c.max_replicas) / 2
+                    ok[int(np.argmin([abs(lv - mid) for lv in c.replica_levels]))] = True
+                parts.append(ok)
+            else:
+                parts.append(np.array([(c.min_replicas <= r + d <= c.max_replicas) or d == 0
+                                       for d in c.replica_deltas]))
             parts.append(np.ones(len(c.batch_levels), dtype=bool))
             parts.append(np.ones(len(PLACEMENTS), dtype=bool))
         return np.concatenate(parts)

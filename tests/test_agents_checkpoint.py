@@ -100,6 +100,20 @@ def test_wrong_codec_and_scenario_are_refused(checkpoint_dir):
         load_checkpoint(checkpoint_dir, scenario={"gpu": "a100"})
 
 
+def test_codec_fields_added_later_compare_at_their_defaults(checkpoint_dir, tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in ("policy.zip", "vecnormalize.pkl"):
+        (old / f).write_bytes((checkpoint_dir / f).read_bytes())
+    meta = json.loads((checkpoint_dir / "metadata.json").read_text())
+    meta["codec"].pop("replica_levels")          # written before level mode existed: delta mode
+    (old / "metadata.json").write_text(json.dumps(meta))
+    codec = CodecConfig.from_dict(meta["codec"])
+    load_checkpoint(old, codec=codec)
+    with pytest.raises(CheckpointError, match="replica_levels: checkpoint \\[\\] vs expected \\[1, 2\\]"):
+        load_checkpoint(old, codec=CodecConfig.from_dict({**meta["codec"], "replica_levels": [1, 2]}))
+
+
 def test_missing_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")

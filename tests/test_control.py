@@ -105,6 +105,21 @@ def test_action_mask_forbids_leaving_bounds():
     assert list(mask[:5]) == [False, False, True, True, True]
 
 
+def test_level_mode_picks_absolute_replica_counts():
+    dec = ActionDecoder(CodecConfig(replica_levels=(1, 2, 4, 8, 16), max_replicas=10))
+    assert list(dec.nvec[:3]) == [5, 6, 3]
+    prev = Plan({g: OperatorPlan(3, 32, "pack", 2) for g in OPERATOR_GROUPS})
+    a = np.array([2, 2, 2] * len(OPERATOR_GROUPS))     # level 4, batch 32, pack
+    nxt = dec.decode(a, prev)
+    assert all(nxt[g].replicas == 4 and nxt[g].tp == 2 for g in OPERATOR_GROUPS)
+    # the same action from another plan gives the same count: no cycles through deltas
+    assert dec.decode(a, nxt) == nxt
+    assert dec.decode(np.array([4, 2, 2] * 5), prev)["mlp"].replicas == 10   # 16 clipped to max
+    assert dec.decode(dec.encode(nxt, prev), prev) == nxt
+    # 16 > max_replicas is masked; every other level is allowed whatever the current count
+    assert list(dec.action_mask(prev)[:5]) == [True, True, True, True, False]
+
+
 def test_tp_follows_placement_only_for_moved_groups():
     from runtime.codec import tp_follows_placement
 
