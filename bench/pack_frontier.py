@@ -8,6 +8,7 @@ Unlike the controllers this knows the whole split in advance, so it is a bound o
 fixed operator-level layout can do, not a controller.
 
     python bench/pack_frontier.py --split test --attn 8x32,12x16,16x16 --proj 2,3,4 --mlp 3,4,5,6
+    python bench/pack_frontier.py --split test --rate-mult 1.6 --attn 10x32 --proj 4,5 --mlp 9,10
 
 Units: GPUs (average over the run), attainment as a share of requests.
 """
@@ -42,10 +43,13 @@ def main(argv=None) -> int:
     ap.add_argument("--attn", default="8x32,12x16,16x16", help="attention REPLICASxBATCH, comma-separated")
     ap.add_argument("--proj", default="2,3,4")
     ap.add_argument("--mlp", default="3,4,5,6")
+    ap.add_argument("--rate-mult", type=float, default=1.0,
+                    help="multiplier of the scenario's request rate (the fixed-budget view)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     sc = load_scenario()
+    sc = sc.replace(rate_scale=sc.rate_scale * args.rate_mult)
     trace = load_split(sc, args.split)
     attn = [tuple(int(x) for x in a.split("x")) for a in args.attn.split(",")]
     rows = []
@@ -63,10 +67,10 @@ def main(argv=None) -> int:
     ok = [r for r in rows if r["attainment"] >= sc.attainment_target]
     if ok:
         r = ok[0]
-        print(f"frontier ({args.split}): {r['gpus']:.0f} GPUs at {r['attainment']:.4f} attainment "
+        print(f"frontier ({args.split}, rate x{args.rate_mult:g}): {r['gpus']:.0f} GPUs at {r['attainment']:.4f} attainment "
               f"(attn {r['attn']}x{r['attn_batch']}, proj {r['proj']}, mlp {r['mlp']})")
     else:
-        print(f"frontier ({args.split}): no plan of the grid reaches {sc.attainment_target}")
+        print(f"frontier ({args.split}, rate x{args.rate_mult:g}): no plan of the grid reaches {sc.attainment_target}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
