@@ -39,11 +39,13 @@ def make_sim(scenario: Any, trace: Any, fidelity: str = "reference", seed: int =
     return make_simulator(scenario, trace, fidelity=fidelity, seed=seed)
 
 
-def make_env(scenario: Any, split: str = "train", seed: int = 0, fidelity: str = "fast") -> Any:
-    """The Gymnasium env of ``scenario`` on ``split`` with the given simulator fidelity."""
+def make_env(scenario: Any, split: str = "train", seed: int = 0, fidelity: str = "fast",
+             rate_mults: Any = None) -> Any:
+    """The Gymnasium env of ``scenario`` on ``split`` with the given simulator fidelity
+    (``rate_mults``: per-episode request-rate multipliers, see ``envs.env.OperatorScalingEnv``)."""
     from envs import make_env as _make_env
 
-    return _make_env(scenario, split=split, seed=seed, fidelity=fidelity)
+    return _make_env(scenario, split=split, seed=seed, fidelity=fidelity, rate_mults=rate_mults)
 
 
 def env_state(env: Any) -> ClusterState:

@@ -59,6 +59,7 @@ class PPOHyperparams:
     fidelity: str = "fast"
     initial_plan: dict[str, Any] = field(default_factory=dict)
     freeze_layout: bool = False
+    rate_mults: list[float] = field(default_factory=lambda: [1.0])
     eval_freq: int = 20_000
     eval_episodes: int = 2
     checkpoint_freq: int = 50_000

@@ -65,7 +65,8 @@ def _env_factory(scenario: Any, split: str, seed: int, threads: int | None,
     def make() -> gym.Env:
         if threads is not None:
             th.set_num_threads(threads)
-        env = make_env(scenario, split=split, seed=seed, fidelity=(restrict or {}).get("fidelity", "fast"))
+        env = make_env(scenario, split=split, seed=seed, fidelity=(restrict or {}).get("fidelity", "fast"),
+                       rate_mults=(restrict or {}).get("rate_mults"))
         if restrict:
             env = PlanRestriction(env, restrict.get("initial_plan") or None, bool(restrict.get("freeze_layout")))
         return Monitor(env)
@@ -138,7 +139,9 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
     t0 = time.time()
 
     restrict = {"initial_plan": hp.initial_plan, "freeze_layout": hp.freeze_layout, "fidelity": hp.fidelity}
-    venv_raw = make_vec_env(scenario, "train", hp.n_envs, args.seed, hp.vec_env, restrict)
+    # training episodes draw their rate multiplier from hp.rate_mults; evaluation stays at x1
+    venv_raw = make_vec_env(scenario, "train", hp.n_envs, args.seed, hp.vec_env,
+                            {**restrict, "rate_mults": list(hp.rate_mults)})
     norm = dict(hp.normalize)
     if args.resume:
         meta = read_metadata(Path(args.resume))

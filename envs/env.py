@@ -14,8 +14,9 @@ split of the scenario's trace (``train`` for training, ``test`` = held-out for e
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -51,6 +52,11 @@ class OperatorScalingEnv(gym.Env):
         fidelity: ``fast`` (default) or ``reference``.
         seed: seeds the window sampler (reset(seed=...) reseeds).
         trace_obj: a traces.Trace to draw windows from instead of the scenario's trace.
+        rate_mults: request-rate multipliers; with more than one, each episode draws one
+            uniformly and replays ``episode_s x k`` seconds of the split compressed into
+            ``episode_s`` (``Trace.scale_rate``), so a policy sees loads beyond the recorded
+            rate. None or one value: that multiplier for every episode (the default keeps the
+            recorded rate and draws nothing extra from the seeded generator).
         sim_kwargs: extra arguments for the simulator.
         **overrides: Scenario fields (e.g. ``model``, ``gpu``, ``trace``, ``interval_s``,
             ``slo_ttft_s``, ``slo_tbt_s``, ``w_gpu``, ``w_energy``, ``w_miss``, ``episode_intervals``).
@@ -60,6 +66,7 @@ class OperatorScalingEnv(gym.Env):
 
     def __init__(self, scenario: Scenario | Mapping[str, Any] | str | Path | None = None, split: str = "train",
                  fidelity: str = "fast", seed: int | None = None, trace_obj: Any = None,
+                 rate_mults: Sequence[float] | None = None,
                  sim_kwargs: Mapping[str, Any] | None = None, **overrides: Any) -> None:
         from envs import default_slo, predictor_for, scenario_trace
 
@@ -87,6 +94,10 @@ class OperatorScalingEnv(gym.Env):
         self.t = 0
         self._seed_rng = np.random.default_rng(seed)
         self.window_start_s = 0.0
+        self.rate_mults = tuple(float(k) for k in (rate_mults or (1.0,)))
+        if not self.rate_mults or any(not (math.isfinite(k) and k > 0) for k in self.rate_mults):
+            raise ValueError(f"rate_mults must be finite numbers > 0, got {rate_mults!r}")
+        self.rate_mult = self.rate_mults[0]
 
     # ------------------------------------------------------------------ gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -101,11 +112,17 @@ class OperatorScalingEnv(gym.Env):
         from envs import make_simulator
 
         options = options or {}
+        k = self.rate_mults[0]
+        if len(self.rate_mults) > 1:
+            k = self.rate_mults[int(self._seed_rng.integers(len(self.rate_mults)))]
+        self.rate_mult = k
         dur = float(self.trace.duration_s or 0.0)
-        span = max(dur - self.episode_s, 0.0)
+        span = max(dur - self.episode_s * k, 0.0)
         start = float(options.get("start_s", self._seed_rng.uniform(0.0, span) if span > 0 else 0.0))
         self.window_start_s = start
-        window = self.trace.window(start, start + self.episode_s)
+        window = self.trace.window(start, start + self.episode_s * k)
+        if k != 1.0:
+            window = window.scale_rate(k)
         self.sim = make_simulator(self.scenario, window, fidelity=self.fidelity,
                                   seed=int(self._seed_rng.integers(2**31 - 1)), slo=self.slo,
                                   cache=self._cache, **self.sim_kwargs)
@@ -173,4 +190,5 @@ class OperatorScalingEnv(gym.Env):
             "requests_rejected": float(m.rejected), "requests_running": float(m.running),
             "repairs": list(self.sim.last_repairs), "time_s": s.time_s,
             "window_start_s": self.window_start_s,
+            "rate_mult": self.rate_mult,
         }

@@ -162,3 +162,30 @@ def test_reference_fidelity_env_passes_check_env_and_reports_the_same_keys():
     env.reset(seed=0)
     _, _, _, _, info = env.step(env.action_space.sample())
     assert INFO_KEYS <= set(info) and env.sim.fidelity == "reference"
+
+
+def test_rate_multiplier_replays_a_longer_window_compressed_into_the_episode():
+    env = make_env(seed=3, rate_mults=(2.0,))
+    _, info = env.reset(seed=3)
+    assert info["rate_mult"] == 2.0
+    start = info["window_start_s"]
+    # 2 x episode_s seconds of the split, arrivals divided by 2: twice the recorded rate
+    src = env.trace.window(start, start + 2 * env.episode_s)
+    assert len(env.sim.trace) == len(src) > 0
+    np.testing.assert_allclose(env.sim.trace.arrival_s, src.arrival_s / 2.0)
+    assert env.sim.trace.duration_s == pytest.approx(env.episode_s)
+    np.testing.assert_array_equal(env.sim.trace.prompt_tokens, src.prompt_tokens)
+
+
+def test_rate_multipliers_are_drawn_per_episode_and_default_to_the_recorded_rate():
+    mixed = make_env(seed=0, rate_mults=(1.0, 2.0))
+    drawn = {mixed.reset()[1]["rate_mult"] for _ in range(12)}
+    assert drawn == {1.0, 2.0}
+    # default = one multiplier 1.0, and the same episodes as before the option existed
+    a, b = make_env(seed=5), make_env(seed=5, rate_mults=(1.0,))
+    oa, ia = a.reset(seed=5)
+    ob, ib = b.reset(seed=5)
+    assert ia["rate_mult"] == 1.0 and ia["window_start_s"] == ib["window_start_s"]
+    np.testing.assert_array_equal(oa, ob)
+    with pytest.raises(ValueError, match="rate_mults must be finite numbers > 0"):
+        make_env(seed=0, rate_mults=(1.0, 0.0))

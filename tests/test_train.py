@@ -106,3 +106,12 @@ def test_evaluation_json_has_every_field(trained, tmp_path):
     tl = data["timelines"]["operator-queueing"]
     assert len(tl["time_s"]) == len(tl["gpus"]) == len(tl["replicas"]["mlp"]) > 0
     assert np.all(np.diff(tl["time_s"]) > 0)
+
+
+def test_rate_multipliers_reach_the_training_envs_only_when_configured():
+    from agents.training import make_vec_env
+
+    sc = load_scenario()
+    venv = make_vec_env(sc, "train", 1, 0, "dummy", {"rate_mults": [2.0]})
+    assert venv.envs[0].unwrapped.rate_mults == (2.0,)
+    assert make_vec_env(sc, "test", 1, 0, "dummy", {}).envs[0].unwrapped.rate_mults == (1.0,)
