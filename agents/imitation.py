@@ -45,8 +45,9 @@ class Demonstrations:
 def teacher_action(decoder: ActionDecoder, plan: Plan, prev: Plan) -> np.ndarray:
     """The unmasked action whose decoded plan comes closest to ``plan`` from ``prev``.
 
-    Per group: the allowed replica delta that lands nearest the teacher's replica count
-    (ties: the smaller move), the nearest batch level, and the teacher's placement.
+    Per group: the allowed replica choice (a delta, or a level in level mode) that lands
+    nearest the teacher's replica count (ties: the smaller move), the nearest batch level, and
+    the teacher's placement.
     """
     action = decoder.encode(plan, prev)
     mask = decoder.action_mask(prev)
