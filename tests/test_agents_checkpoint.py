@@ -81,14 +81,20 @@ def test_normaliser_matches_vecnormalize(checkpoint_dir):
     assert norm.mean.mean() > 1.0  # statistics were fitted to the +3-shifted observations
 
 
+def _copy_with_metadata(src, dst, edit) -> dict:
+    """Copy the checkpoint ``src`` to ``dst`` with its metadata changed by ``edit(meta)``."""
+    dst.mkdir()
+    for f in ("policy.zip", "vecnormalize.pkl"):
+        (dst / f).write_bytes((src / f).read_bytes())
+    meta = json.loads((src / "metadata.json").read_text())
+    edit(meta)
+    (dst / "metadata.json").write_text(json.dumps(meta))
+    return meta
+
+
 def test_wrong_spec_version_is_refused(checkpoint_dir, tmp_path):
     bad = tmp_path / "old"
-    bad.mkdir()
-    for f in ("policy.zip", "vecnormalize.pkl"):
-        (bad / f).write_bytes((checkpoint_dir / f).read_bytes())
-    meta = json.loads((checkpoint_dir / "metadata.json").read_text())
-    meta["spec_version"] = "opscale-codec-0"
-    (bad / "metadata.json").write_text(json.dumps(meta))
+    _copy_with_metadata(checkpoint_dir, bad, lambda m: m.update(spec_version="opscale-codec-0"))
     with pytest.raises(CheckpointError, match="opscale-codec-0.*" + SPEC_VERSION):
         PPOController(bad)
 
@@ -102,12 +108,8 @@ def test_wrong_codec_and_scenario_are_refused(checkpoint_dir):
 
 def test_codec_fields_added_later_compare_at_their_defaults(checkpoint_dir, tmp_path):
     old = tmp_path / "old"
-    old.mkdir()
-    for f in ("policy.zip", "vecnormalize.pkl"):
-        (old / f).write_bytes((checkpoint_dir / f).read_bytes())
-    meta = json.loads((checkpoint_dir / "metadata.json").read_text())
-    meta["codec"].pop("replica_levels")          # written before level mode existed: delta mode
-    (old / "metadata.json").write_text(json.dumps(meta))
+    # written before level mode existed: no replica_levels field, i.e. delta mode
+    meta = _copy_with_metadata(checkpoint_dir, old, lambda m: m["codec"].pop("replica_levels"))
     codec = CodecConfig.from_dict(meta["codec"])
     load_checkpoint(old, codec=codec)
     with pytest.raises(CheckpointError, match="replica_levels: checkpoint \\[\\] vs expected \\[1, 2\\]"):
