@@ -103,11 +103,8 @@ def check_compatible(meta: Mapping[str, Any], folder: Path, codec: CodecConfig |
             f"{folder}: checkpoint was written for observation/action spec {meta['spec_version']!r}, "
             f"this code uses {SPEC_VERSION!r}; retrain with train.py or use a matching opscale version")
     if codec is not None:
-        want, got = codec.to_dict(), dict(meta["codec"])
-        try:  # fields added since the checkpoint was written compare at their defaults
-            got = {**CodecConfig.from_dict({k: v for k, v in got.items() if k in want}).to_dict(), **got}
-        except (TypeError, ValueError):
-            pass
+        # fields added since the checkpoint was written compare at their defaults
+        want, got = codec.to_dict(), {**CodecConfig().to_dict(), **dict(meta["codec"])}
         diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         if diff:
             parts = ", ".join(f"{k}: checkpoint {got.get(k)!r} vs expected {want.get(k)!r}" for k in diff)

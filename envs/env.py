@@ -95,7 +95,7 @@ class OperatorScalingEnv(gym.Env):
         self._seed_rng = np.random.default_rng(seed)
         self.window_start_s = 0.0
         self.rate_mults = tuple(float(k) for k in (rate_mults or (1.0,)))
-        if not self.rate_mults or any(not (math.isfinite(k) and k > 0) for k in self.rate_mults):
+        if any(not (math.isfinite(k) and k > 0) for k in self.rate_mults):
             raise ValueError(f"rate_mults must be finite numbers > 0, got {rate_mults!r}")
         self.rate_mult = self.rate_mults[0]
 
