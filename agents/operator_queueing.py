@@ -8,7 +8,8 @@ uses (docs/SIMULATOR.md, "Step model"), computed from the same latency model (pr
   sequences' KV) passes, per layer, QKV projection -> attention -> O projection -> MLP.
   With every group on its own pool that is a ring of 4 stages and 4 hops; with ``m``
   micro-batches a layer takes ``max(m x slowest stage, sum of stages and hops)``, stage
-  times at the micro-batch size. A stateless pool of ``c`` replicas serves the concurrent
+  times at the micro-batch size; with ``micro_batching: adaptive`` (the simulator's default)
+  each iteration takes the fastest m in 1..micro_batches. A stateless pool of ``c`` replicas serves the concurrent
   micro-batches of all units merged: per replica ``total tokens / c`` tokens in calls of
   at most ``max_batch`` sequences. Embedding and LM head run once per step, one hop away.
   The latency model's per-iteration overhead is added once.
@@ -86,6 +87,8 @@ class OperatorQueueingConfig:
         pool_wait: ``merged`` (stateless pools batch concurrent work, as the simulator
             does) or ``erlang`` (add an M/M/c wait per pool, c = replicas).
         micro_batches: micro-batches ping-ponging between pools (the scenario's).
+        micro_batching: ``adaptive`` (each iteration at the count in 1..micro_batches that
+            finishes it soonest, ties to fewer) or ``fixed`` (the scenario's).
         contention: slowdown per unit of co-located busy share (the scenario's).
         downscale_delay_s: a lower target must persist this long before replicas shrink (s).
         margin_up, margin_down, margin_max: growth per interval with an SLO miss, decay per
@@ -115,6 +118,7 @@ class OperatorQueueingConfig:
     tail_prompt_tokens: int | None = None
     pool_wait: str = "merged"
     micro_batches: int = 2
+    micro_batching: str = "adaptive"
     contention: float = 0.5
     downscale_delay_s: float = 5.0
     margin_up: float = 1.15
@@ -143,6 +147,8 @@ class OperatorQueueingConfig:
             raise ValueError(f"pool_wait must be 'merged' or 'erlang', got {self.pool_wait!r}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
+        if self.micro_batching not in ("adaptive", "fixed"):
+            raise ValueError(f"micro_batching must be 'adaptive' or 'fixed', got {self.micro_batching!r}")
         if self.contention < 0:
             raise ValueError(f"contention must be >= 0, got {self.contention}")
         if self.pool_batch < 1:
@@ -243,6 +249,9 @@ class PlanModel:
         self.chunk = int(ctx.prefill_chunk_tokens)
         self.tp = {g: ctx.tp_of(g) for g in OPERATOR_GROUPS}
         self._pack_memo: dict[tuple, Packing] = {}
+        #: micro-batch counts an iteration may run as (the fastest is taken, ties to fewer)
+        M = config.micro_batches
+        self.m_choices = tuple(range(1, M + 1)) if config.micro_batching == "adaptive" else (M,)
 
     # ------------------------------------------------------------------ memory and placement
     def replica_bytes_per_gpu(self, group: str, batch: int, context: float = 0.0) -> float:
@@ -308,32 +317,36 @@ class PlanModel:
                 whose micro-batches the stateless pools merge.
             slow: contention slowdown per group (1 = none).
         """
-        lat, m, L = self.ctx.latency, self.cfg.micro_batches, self.layers
+        lat, L = self.ctx.latency, self.layers
         tokens = n_dec + p_tok
         if tokens <= 0:
             return 0.0, {}
         tot_tokens, tot_seqs = max(tot_tokens, tokens), max(tot_seqs, n_dec + n_pre)
 
-        def pool_s(g: str) -> float:
-            r = max(replicas[g], 1)
-            calls = max(1.0, tot_seqs / r / batch[g])
-            per_call = tot_tokens / r / calls / m
-            return lat.group_s(g, max(1, int(round(per_call))), 0, 1, self.tp[g], "decode") * calls
+        def layers(m: int) -> tuple[float, dict[str, float]]:
+            """(seconds of all layers, busy seconds per group) cut into ``m`` micro-batches."""
+            def pool_s(g: str) -> float:
+                r = max(replicas[g], 1)
+                calls = max(1.0, tot_seqs / r / batch[g])
+                per_call = tot_tokens / r / calls / m
+                return lat.group_s(g, max(1, int(round(per_call))), 0, 1, self.tp[g], "decode") * calls
 
-        attn = 0.0
-        if n_dec > 0:
-            b = max(1, int(round(n_dec / m)))
-            attn += lat.group_s("attn", b, int(ctx_dec), b, self.tp["attn"], "decode")
-        if p_tok > 0:
-            attn += lat.group_s("attn", max(1, int(round(p_tok / m))), int(ctx_pre), max(1, int(round(n_pre / m))),
-                                self.tp["attn"], "prefill")
-        proj, mlp = pool_s("proj"), pool_s("mlp")
-        stages = [self.qkv_frac * proj / L * slow["proj"], attn / L * slow["attn"],
-                  (1 - self.qkv_frac) * proj / L * slow["proj"], mlp / L * slow["mlp"]]
-        hop = lat.send_s(max(1, int(round(tokens / m))))
-        ring = stages + [hop] * HOPS_PER_LAYER
-        total = L * max(m * max(ring), sum(ring))
-        busy = {"attn": stages[1] * m * L, "proj": (stages[0] + stages[2]) * m * L, "mlp": stages[3] * m * L}
+            attn = 0.0
+            if n_dec > 0:
+                b = max(1, int(round(n_dec / m)))
+                attn += lat.group_s("attn", b, int(ctx_dec), b, self.tp["attn"], "decode")
+            if p_tok > 0:
+                attn += lat.group_s("attn", max(1, int(round(p_tok / m))), int(ctx_pre), max(1, int(round(n_pre / m))),
+                                    self.tp["attn"], "prefill")
+            proj, mlp = pool_s("proj"), pool_s("mlp")
+            stages = [self.qkv_frac * proj / L * slow["proj"], attn / L * slow["attn"],
+                      (1 - self.qkv_frac) * proj / L * slow["proj"], mlp / L * slow["mlp"]]
+            hop = lat.send_s(max(1, int(round(tokens / m))))
+            ring = stages + [hop] * HOPS_PER_LAYER
+            busy = {"attn": stages[1] * m * L, "proj": (stages[0] + stages[2]) * m * L, "mlp": stages[3] * m * L}
+            return L * max(m * max(ring), sum(ring)), busy
+
+        total, busy = min((layers(m) for m in self.m_choices), key=lambda r: r[0])
         r_e, r_h = max(replicas["embed"], 1), max(replicas["head"], 1)
         emb = lat.group_s("embed", max(1, int(round(tot_tokens / r_e))), 0, 1, self.tp["embed"], "decode") * slow["embed"]
         head = lat.group_s("head", max(1, int(round(tot_seqs / r_h))), 0, 1, self.tp["head"], "decode") * slow["head"]

@@ -166,6 +166,9 @@ def make_controller(name: str, scenario: Any, *, slo: SLO | None = None, trace: 
         ml.name = name
         return ml, scenario.initial_plan()
     own.pop("max_batch", None)
+    # the planning model mirrors the scenario's step model unless the settings say otherwise
+    for key in ("micro_batches", "micro_batching", "contention"):
+        own.setdefault(key, getattr(scenario, key))
     cfg_q = _dataclass_from(OperatorQueueingConfig, own, f"controllers: {name}")
     if budget_gpus is not None:  # plan within a fixed budget instead of being cut to it
         cfg_q.max_gpus = int(budget_gpus) if cfg_q.max_gpus is None else min(cfg_q.max_gpus, int(budget_gpus))

@@ -1,8 +1,9 @@
 """Where a fixed plan's energy goes: GPU-seconds, joules, watts per GPU and busy GPU-seconds.
 
 Runs static whole-model instances and the pack oracle's operator-level plan over a trace split
-in the reference simulator, at the scenario's settings and with the contention factor or the
-micro-batch count changed (docs/RESULTS.md, "Energy").
+in the reference simulator, at the scenario's settings and with the contention factor, the
+micro-batch choice (fixed at 2 instead of adaptive) or the micro-batch count changed
+(docs/RESULTS.md, "Energy").
 
     python bench/energy_breakdown.py --split test
 
@@ -35,7 +36,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     (a, b), proj, mlp = args.pack.split(",")[0].split("x"), *args.pack.split(",")[1:]
-    variants = [("scenario", {}), ("contention 0", {"contention": 0.0}), ("micro_batches 1", {"micro_batches": 1})]
+    variants = [("scenario", {}), ("contention 0", {"contention": 0.0}),
+                ("fixed 2 micro-b.", {"micro_batching": "fixed"}), ("micro_batches 1", {"micro_batches": 1})]
     for label, over in variants:
         sc = load_scenario(None, **over)
         trace = load_split(sc, args.split)

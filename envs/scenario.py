@@ -59,7 +59,12 @@ class Scenario:
             - w_miss * max(0, attainment_target - attainment) (the interval's shortfall below
             the target; 0 turns the term off).
         prefill_chunk_tokens: most prompt tokens one iteration prefills (chunked prefill).
-        micro_batches: micro-batches that ping-pong between disaggregated pools.
+        micro_batches: micro-batches that ping-pong between disaggregated pools (the most,
+            with ``micro_batching: adaptive``).
+        micro_batching: ``adaptive`` (each iteration runs as the number of micro-batches in
+            1..micro_batches that finishes it soonest, ties to fewer: a decode-only iteration
+            of memory-bound GEMMs runs whole, a prefill chunk is split to overlap the pools)
+            or ``fixed`` (always ``micro_batches``).
         kv_reserve_tokens: KV tokens per batch slot a ``pack`` attention replica reserves.
         gpu_mem_util: share of GPU memory the server may use (vLLM gpu_memory_utilization).
         load_bw_bytes_per_s: weight-load bandwidth per GPU when a replica starts (bytes/s).
@@ -98,6 +103,7 @@ class Scenario:
     w_miss: float = 0.0
     prefill_chunk_tokens: int = 1024
     micro_batches: int = 2
+    micro_batching: str = "adaptive"
     kv_reserve_tokens: int = 2048
     gpu_mem_util: float = 0.9
     load_bw_bytes_per_s: float = 3.0e9
@@ -120,6 +126,9 @@ class Scenario:
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ScenarioError(f"scenario field {name!r} must be an integer >= 1, got {v!r}")
+        if self.micro_batching not in ("adaptive", "fixed"):
+            raise ScenarioError(f"scenario field 'micro_batching' must be 'adaptive' or 'fixed', "
+                                f"got {self.micro_batching!r}")
         missing = set(OPERATOR_GROUPS) - set(self.tp)
         if missing or set(self.tp) - set(OPERATOR_GROUPS):
             raise ScenarioError(f"scenario field 'tp' must give each of {OPERATOR_GROUPS}, got {dict(self.tp)}")

@@ -380,11 +380,15 @@ class StepModel:
 
     Per layer a token passes QKV projection -> attention -> O projection -> MLP. Operators
     on the unit's own GPUs ("local") run back to back; operators on other pools are
-    "sites" reached by a send/recv hop each way. With ``micro_batches`` m the batch is cut
+    "sites" reached by a send/recv hop each way. With m micro-batches the batch is cut
     into m micro-batches that ping-pong around the ring of stages (compute stages and
     hops), so one layer takes max(m * slowest stage, sum of stages) with stage times at
     the micro-batch size: balanced pools hide transfers and idle time, unbalanced ones
-    expose them. Stateless remote pools merge the concurrent micro-batches of all units
+    expose them. m is the scenario's ``micro_batches``, or with ``micro_batching:
+    adaptive`` the count in 1..micro_batches with the shortest iteration (ties to fewer):
+    a memory-bound GEMM takes about as long for half the tokens, so splitting a decode-only
+    batch gains no overlap and reads the weights m times, while a prefill chunk's
+    compute-bound stages overlap. Stateless remote pools merge the concurrent micro-batches of all units
     (per replica: total tokens / replicas, split into calls of at most max_batch
     sequences). Co-located processes slow each other by ``1 + contention * peer busy``.
     """
@@ -428,7 +432,10 @@ class StepModel:
         self.hops = len(stages) if len(stages) > 1 else 0
         #: whether any group runs outside the unit (then the load of other units matters)
         self.remote = any(site != "local" for site in self.site.values())
+        #: the most micro-batches an iteration is cut into, and the counts it may choose from
         self.m = scenario.micro_batches if self.hops else 1
+        adaptive = getattr(scenario, "micro_batching", "fixed") == "adaptive"
+        self.m_choices = tuple(range(1, self.m + 1)) if adaptive else (self.m,)
         self.replicas = {g: max(plan[g].replicas, 1) for g in OPERATOR_GROUPS}
         self.max_batch = {g: plan[g].max_batch for g in OPERATOR_GROUPS}
         #: everything the iteration time depends on besides the load (for memo keys shared
@@ -436,7 +443,7 @@ class StepModel:
         self.signature = (
             tuple(self.site[g] for g in OPERATOR_GROUPS), tuple(self.tp[g] for g in OPERATOR_GROUPS),
             tuple((self.replicas[g], self.max_batch[g]) for g in OPERATOR_GROUPS if self.site[g] != "local"),
-            self.m, self.local_proc,
+            self.m_choices, self.local_proc,
             tuple(sorted((k, tuple(sorted(v.items()))) for k, v in layout.peers.items() if v)))
         # tables for iteration(): the ring's distinct groups in first-use order, each timed once
         # per call as (kind, group, tp, replicas, max_batch) with kind 0 = attention, 1 = on the
@@ -504,17 +511,10 @@ class StepModel:
         if tokens <= 0:
             return StepResult(0.0, {})
         p = self.p
-        m = self.m
         if tot_tokens < tokens:
             tot_tokens = tokens
         if tot_seqs < n_dec + n_pre:
             tot_seqs = n_dec + n_pre
-        L = self.layers
-        # the predictor's memo tables, called as group_ms / send_ms call them (tokens > 0 there)
-        group = p._group  # (group, quantised tokens, context, batch, tp, phase) -> ms
-        send = p._send  # bytes -> ms
-        bpt = self._bytes_per_token
-        tok_m = tokens / m
         # slowdown of each process: contention(proc, util), computed once per util snapshot
         if self._has_peers:
             items = tuple(util.items())
@@ -531,6 +531,45 @@ class StepModel:
                 self._slow_cache = (items, slow)
         else:
             slow = None
+        # the layers at each allowed micro-batch count; the fastest wins (ties: fewer)
+        best_ms, busy_ms = -1.0, {}
+        for m in self.m_choices:
+            layers_ms, busy = self._layers(m, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tokens, tot_tokens, tot_seqs,
+                                           slow)
+            if best_ms < 0 or layers_ms < best_ms:
+                best_ms, busy_ms = layers_ms, busy
+        total = best_ms
+        send = p._send  # bytes -> ms
+        bpt = self._bytes_per_token
+        group = p._group
+        # embed and head, once per step: local or one hop away
+        for g, local, proc, tp, r in self._ends:
+            tok = tokens if g == "embed" else n_dec + n_pre
+            if local:
+                t = group(g, quantise(tok), 0, 1, tp, "decode") if tok > 0 else 0.0  # = p.group_ms(g, tok, tp=tp)
+            else:
+                x = tot_tokens / r if g == "embed" else tot_seqs / r
+                t = group(g, quantise(x), 0, 1, tp, "decode") if x > 0 else 0.0
+            if slow is not None:
+                t *= slow[proc]
+            if not local:
+                t += send(quantise(tok) * bpt) if tok > 0 else 0.0  # = p.send_ms(tok)
+            total += t
+            busy_ms[proc] = busy_ms.get(proc, 0.0) + t
+        kernel = total
+        total = p.step_ms(kernel, n_dec, kernel * p_tok / tokens)
+        busy = {k: min(v / total, 1.0) for k, v in busy_ms.items()}
+        return StepResult(total, busy)
+
+    def _layers(self, m: int, n_dec: float, ctx_dec: float, p_tok: float, ctx_pre: float, n_pre: float,
+                tokens: float, tot_tokens: float, tot_seqs: float,
+                slow: dict[str, float] | None) -> tuple[float, dict[str, float]]:
+        """(ms of all layers, busy ms per process) of one iteration cut into ``m`` micro-batches."""
+        p = self.p
+        L = self.layers
+        # the predictor's memo tables, called as group_ms / send_ms call them (tokens > 0 there)
+        group = p._group  # (group, quantised tokens, context, batch, tp, phase) -> ms
+        tok_m = tokens / m
         # ms of each group (all layers) for one micro-batch as this unit sees it
         gts = []
         q_tok_m = -1
@@ -564,27 +603,9 @@ class StepModel:
             stage_ms.append(t)
             busy_ms[proc] = busy_ms.get(proc, 0.0) + t * m * L
         if self.hops:
-            hop_ms = send(quantise(tok_m) * bpt)  # = p.send_ms(tok_m)
+            hop_ms = p._send(quantise(tok_m) * self._bytes_per_token)  # = p.send_ms(tok_m)
             ring = stage_ms + [hop_ms] * self.hops
             layer_ms = max(m * max(ring), sum(ring))
         else:
             layer_ms = sum(stage_ms)
-        total = L * layer_ms
-        # embed and head, once per step: local or one hop away
-        for g, local, proc, tp, r in self._ends:
-            tok = tokens if g == "embed" else n_dec + n_pre
-            if local:
-                t = group(g, quantise(tok), 0, 1, tp, "decode") if tok > 0 else 0.0  # = p.group_ms(g, tok, tp=tp)
-            else:
-                x = tot_tokens / r if g == "embed" else tot_seqs / r
-                t = group(g, quantise(x), 0, 1, tp, "decode") if x > 0 else 0.0
-            if slow is not None:
-                t *= slow[proc]
-            if not local:
-                t += send(quantise(tok) * bpt) if tok > 0 else 0.0  # = p.send_ms(tok)
-            total += t
-            busy_ms[proc] = busy_ms.get(proc, 0.0) + t
-        kernel = total
-        total = p.step_ms(kernel, n_dec, kernel * p_tok / tokens)
-        busy = {k: min(v / total, 1.0) for k, v in busy_ms.items()}
-        return StepResult(total, busy)
+        return L * layer_ms, busy_ms

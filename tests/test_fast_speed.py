@@ -23,35 +23,39 @@ def formula(sm: StepModel, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tot_tokens, to
     tokens = n_dec + p_tok
     tot_tokens = max(tot_tokens, tokens)
     tot_seqs = max(tot_seqs, n_dec + n_pre)
-    m, L = sm.m, sm.layers
+    L = sm.layers
 
-    def group_time(g: str) -> float:  # ms of group g (all layers) for one micro-batch
-        if g == "attn":
-            t = 0.0
-            if n_dec > 0:
-                t += p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, sm.tp[g], "decode")
-            if p_tok > 0:
-                t += p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), sm.tp[g], "prefill")
-            return t
-        if sm.site[g] == "local":
-            return p.group_ms(g, tokens / m, tp=sm.tp[g])
-        r, mb = sm.replicas[g], sm.max_batch[g]
-        calls = max(1.0, tot_seqs / r / mb)
-        return p.group_ms(g, tot_tokens / r / calls / m, tp=sm.tp[g]) * calls
+    def layers(m: int) -> tuple[float, dict[str, float]]:  # all layers cut into m micro-batches
+        def group_time(g: str) -> float:  # ms of group g (all layers) for one micro-batch
+            if g == "attn":
+                t = 0.0
+                if n_dec > 0:
+                    t += p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, sm.tp[g], "decode")
+                if p_tok > 0:
+                    t += p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), sm.tp[g], "prefill")
+                return t
+            if sm.site[g] == "local":
+                return p.group_ms(g, tokens / m, tp=sm.tp[g])
+            r, mb = sm.replicas[g], sm.max_batch[g]
+            calls = max(1.0, tot_seqs / r / mb)
+            return p.group_ms(g, tot_tokens / r / calls / m, tp=sm.tp[g]) * calls
 
-    busy: dict[str, float] = {}
-    stage_ms = []
-    for site, ops in sm.stages:
-        proc = sm.local_proc if site == "local" else site
-        t = sum(frac * group_time(g) / L for g, frac in ops) * sm.contention(proc, util)
-        stage_ms.append(t)
-        busy[proc] = busy.get(proc, 0.0) + t * m * L
-    if sm.hops:
-        ring = stage_ms + [p.send_ms(tokens / m)] * sm.hops
-        layer = max(m * max(ring), sum(ring))
-    else:
-        layer = sum(stage_ms)
-    total = L * layer
+        busy: dict[str, float] = {}
+        stage_ms = []
+        for site, ops in sm.stages:
+            proc = sm.local_proc if site == "local" else site
+            t = sum(frac * group_time(g) / L for g, frac in ops) * sm.contention(proc, util)
+            stage_ms.append(t)
+            busy[proc] = busy.get(proc, 0.0) + t * m * L
+        if sm.hops:
+            ring = stage_ms + [p.send_ms(tokens / m)] * sm.hops
+            layer = max(m * max(ring), sum(ring))
+        else:
+            layer = sum(stage_ms)
+        return L * layer, busy
+
+    # the fastest allowed micro-batch count (the first of equals: fewer)
+    total, busy = min((layers(m) for m in sm.m_choices), key=lambda r: r[0])
     for g in ("embed", "head"):
         tok = tokens if g == "embed" else n_dec + n_pre
         if sm.site[g] == "local":

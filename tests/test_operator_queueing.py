@@ -61,9 +61,13 @@ def test_iteration_hand_computed_ping_pong():
     assert busy["mlp"] == pytest.approx(1.0)
     # two micro-batches of 5 tokens ping-pong; the MLP is the only stage, so a layer takes
     # max(2 x stage, sum of stages) = 2 x (10 + 0.5) ms
-    m2 = PlanModel(linear_ctx(), OperatorQueueingConfig(micro_batches=2))
+    m2 = PlanModel(linear_ctx(), OperatorQueueingConfig(micro_batches=2, micro_batching="fixed"))
     t2, _ = m2.iteration(reps, batch, 10, 100, 0, 0, 0, 10, 10, ONE)
     assert t2 == pytest.approx(0.021)
+    # adaptive: the faster of the two, the unsplit 11 ms (as the simulator's step model does)
+    ma = PlanModel(linear_ctx(), OperatorQueueingConfig(micro_batches=2))
+    assert ma.m_choices == (1, 2)
+    assert ma.iteration(reps, batch, 10, 100, 0, 0, 0, 10, 10, ONE)[0] == pytest.approx(0.011)
     # a pool of 2 replicas merging 40 tokens from all units: 20 per replica, 10 per micro-batch
     reps2 = dict(reps, mlp=2)
     t3, _ = m2.iteration(reps2, batch, 10, 100, 0, 0, 0, 40, 40, ONE)
@@ -134,7 +138,7 @@ def test_iteration_time_matches_the_simulator_step_model(sim_world, reps, attn_b
 
     sc, pred, placer, ctx = sim_world
     sm = StepModel(placer.place(pack_plan(sc, reps, attn_batch)), pred, sc)
-    model = PlanModel(ctx, OperatorQueueingConfig(micro_batches=sc.micro_batches))
+    model = PlanModel(ctx, OperatorQueueingConfig(micro_batches=sc.micro_batches, micro_batching=sc.micro_batching))
     batch = {g: attn_batch if g == "attn" else 256 for g in OPERATOR_GROUPS}
     a = reps["attn"]
     with warnings.catch_warnings():

@@ -182,3 +182,43 @@ def test_switching_placement_is_blue_green_and_switching_back_cancels():
     tl2.apply(moved, now=0.0)
     tl2.apply(base, now=1.0)  # back to what still serves: no reload
     assert tl2.serving_plan(1.5) == tl2.target_plan and tl2.pending("mlp", 1.5) == 0
+
+
+def test_adaptive_micro_batching_picks_the_faster_count_per_iteration():
+    """A decode-only batch of a memory-bound pool runs whole (a half batch costs about as much
+    as a whole one), a big prefill chunk is split so the pools overlap; the busy shares are
+    those of the count chosen, so an unsplit decode reads each pool's weights once."""
+    class WeightBoundDB(FakeDB):
+        """A proj call costs 0.5 ms per layer, an MLP call 2 ms per layer whatever the tokens,
+        plus 0.5 ms per token (all 80 layers): a small batch reads weights, a big chunk computes."""
+
+        def group_latency(self, group, gpu, model, tokens, context=0, batch=1, tp=1, phase="decode"):
+            if group in ("proj", "mlp"):
+                return (40.0 if group == "proj" else 160.0) + 0.5 * tokens
+            return super().group_latency(group, gpu, model, tokens, context, batch, tp, phase)
+
+    pred = ExecutionPredictor(WeightBoundDB(), "llama-2-70b", "h100")
+    plan = Scenario().disaggregated_plan({"embed": 1, "attn": 2, "proj": 1, "mlp": 1, "head": 1}, 8, "dedicated")
+
+    def model(mode: str, m: int) -> StepModel:
+        sc = Scenario(micro_batches=m, micro_batching=mode)
+        return StepModel(Placer(sc, pred).place(plan), pred, sc)
+
+    adaptive, one, two = model("adaptive", 2), model("fixed", 1), model("fixed", 2)
+    assert adaptive.m_choices == (1, 2) and one.m_choices == (1,) and two.m_choices == (2,)
+    # decode, 8 sequences per unit, 2 units: one layer takes ~2.5 ms whole, 2 x 2 ms split
+    dec = (8, 1000, 0, 0, 0, 16, 16)
+    d1, d2, da = one.iteration(*dec), two.iteration(*dec), adaptive.iteration(*dec)
+    assert d1.ms < d2.ms and (da.ms, da.busy) == (d1.ms, d1.busy)
+    assert da.busy["mlp"] < d2.busy["mlp"]
+    # prefill: a 1024-token chunk on each unit; the per-token cost dominates, splitting overlaps the pools
+    pre = (0, 0, 1024, 1024, 1, 2048, 2)
+    p1, p2, pa = one.iteration(*pre), two.iteration(*pre), adaptive.iteration(*pre)
+    assert p2.ms < p1.ms and (pa.ms, pa.busy) == (p2.ms, p2.busy)
+
+
+def test_scenario_rejects_an_unknown_micro_batching_mode():
+    from envs.scenario import ScenarioError
+
+    with pytest.raises(ScenarioError, match="micro_batching.*'sometimes'"):
+        Scenario(micro_batching="sometimes")
