@@ -196,3 +196,16 @@ def test_registry_gives_operator_queueing_the_fixed_budget():
     capped, _ = make_controller("operator-queueing", sc, budget_gpus=24)
     assert capped.config.max_gpus == 24
     assert free.config.max_gpus != 24
+
+
+def test_registry_mirrors_the_scenarios_step_model_in_operator_queueing():
+    from agents.envtools import load_scenario
+    from agents.registry import make_controller
+
+    sc = load_scenario(micro_batches=3, micro_batching="fixed", contention=0.25)
+    ctl, _ = make_controller("operator-queueing", sc)
+    assert (ctl.config.micro_batches, ctl.config.micro_batching, ctl.config.contention) == (3, "fixed", 0.25)
+    assert ctl.model.m_choices == (3,)
+    # settings still win over the scenario
+    ctl, _ = make_controller("operator-queueing", sc, settings={"operator-queueing": {"micro_batching": "adaptive"}})
+    assert ctl.config.micro_batching == "adaptive"
