@@ -434,8 +434,7 @@ class StepModel:
         self.remote = any(site != "local" for site in self.site.values())
         #: the most micro-batches an iteration is cut into, and the counts it may choose from
         self.m = scenario.micro_batches if self.hops else 1
-        adaptive = getattr(scenario, "micro_batching", "fixed") == "adaptive"
-        self.m_choices = tuple(range(1, self.m + 1)) if adaptive else (self.m,)
+        self.m_choices = tuple(range(1, self.m + 1)) if scenario.micro_batching == "adaptive" else (self.m,)
         self.replicas = {g: max(plan[g].replicas, 1) for g in OPERATOR_GROUPS}
         self.max_batch = {g: plan[g].max_batch for g in OPERATOR_GROUPS}
         #: everything the iteration time depends on besides the load (for memo keys shared
