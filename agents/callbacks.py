@@ -98,3 +98,70 @@ class EpisodeMetricsCallback(BaseCallback):
                 self.logger.record_mean(f"episode/{k}", v)
             self.logger.record("episode/count", self.episodes)
         return True
+
+
+class SLOConstraintCallback(BaseCallback):
+    """Holds the training rollouts' SLO attainment at a target with a Lagrange multiplier.
+
+    The env's reward prices an SLO miss at a fixed weight, so where a policy settles on the
+    attainment / GPU trade-off depends on the seed. This callback treats attainment as a
+    constraint instead (the Lagrangian method of constrained PPO): after every rollout it
+    measures the rollout's attainment (finished requests meeting both SLOs over finished
+    requests, from the intervals' ``info``) and moves the multiplier ``weight`` of the reward's
+    SLO terms by ``lr x (target - attainment)``, the step clipped to ``max_step`` and the
+    weight to ``[min_weight, max_weight]``; the envs get it via ``set_slo_weight``. Logged as
+    ``train/slo_weight`` and ``train/rollout_slo_attainment``.
+
+    Args:
+        target: attainment (0..1) the training rollouts should reach.
+        lr: weight change per unit of attainment below (above) the target.
+        init: starting weight (1 = the scenario's own reward).
+        min_weight, max_weight: bounds of the weight.
+        max_step: largest change of the weight per rollout.
+    """
+
+    def __init__(self, target: float, lr: float = 5.0, init: float = 1.0, min_weight: float = 1.0,
+                 max_weight: float = 3.0, max_step: float = 0.25, verbose: int = 0) -> None:
+        super().__init__(verbose)
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"slo_constraint target must be in (0, 1], got {target!r}")
+        if not 0.0 <= min_weight <= init <= max_weight:
+            raise ValueError(f"slo_constraint needs 0 <= min_weight <= init <= max_weight, got "
+                             f"{min_weight!r}, {init!r}, {max_weight!r}")
+        if lr < 0 or max_step < 0:
+            raise ValueError(f"slo_constraint lr and max_step must be >= 0, got {lr!r}, {max_step!r}")
+        self.target = float(target)
+        self.lr = float(lr)
+        self.weight = float(init)
+        self.min_weight = float(min_weight)
+        self.max_weight = float(max_weight)
+        self.max_step = float(max_step)
+        self._met = self._finished = 0.0
+        self.history: list[tuple[float, float]] = []  # (rollout attainment, weight after the update)
+
+    def _on_training_start(self) -> None:
+        self.training_env.env_method("set_slo_weight", self.weight)
+
+    def _on_step(self) -> bool:
+        for info in self.locals.get("infos", []):
+            n = float(info.get("requests_finished", 0.0) or 0.0)
+            self._finished += n
+            self._met += n * float(info.get("slo_attainment", 1.0))
+        return True
+
+    def update(self, attainment: float) -> float:
+        """The weight after a rollout that attained ``attainment``."""
+        step = min(max(self.lr * (self.target - attainment), -self.max_step), self.max_step)
+        self.weight = min(max(self.weight + step, self.min_weight), self.max_weight)
+        return self.weight
+
+    def _on_rollout_end(self) -> None:
+        if self._finished <= 0:
+            return
+        att = self._met / self._finished
+        self._met = self._finished = 0.0
+        self.update(att)
+        self.history.append((att, self.weight))
+        self.training_env.env_method("set_slo_weight", self.weight)
+        self.logger.record("train/slo_weight", self.weight)
+        self.logger.record("train/rollout_slo_attainment", att)

@@ -35,6 +35,25 @@ class BCConfig:
 
 
 @dataclass
+class SLOConstraintConfig:
+    """The Lagrangian SLO constraint of :class:`agents.callbacks.SLOConstraintCallback`.
+
+    Attributes:
+        target: attainment (0..1) the training rollouts are held at; None turns it off.
+        lr: multiplier change per unit of attainment below / above the target.
+        init, min_weight, max_weight: starting value and bounds of the multiplier.
+        max_step: largest change of the multiplier per rollout.
+    """
+
+    target: float | None = None
+    lr: float = 5.0
+    init: float = 1.0
+    min_weight: float = 1.0
+    max_weight: float = 3.0
+    max_step: float = 0.25
+
+
+@dataclass
 class PPOHyperparams:
     """One env's training block (see agents/configs/ppo.yaml for the meaning of each key)."""
 
@@ -56,6 +75,7 @@ class PPOHyperparams:
     policy_kwargs: dict[str, Any] = field(default_factory=dict)
     normalize: dict[str, Any] = field(default_factory=lambda: {"norm_obs": True, "norm_reward": True})
     bc: BCConfig = field(default_factory=BCConfig)
+    slo_constraint: SLOConstraintConfig = field(default_factory=SLOConstraintConfig)
     fidelity: str = "fast"
     initial_plan: dict[str, Any] = field(default_factory=dict)
     freeze_layout: bool = False
@@ -73,6 +93,14 @@ class PPOHyperparams:
             raise ValueError(f"vec_env must be dummy or subproc, got {self.vec_env!r}")
         if isinstance(self.bc, dict):
             self.bc = BCConfig(**self.bc)
+        if self.slo_constraint is None:
+            self.slo_constraint = SLOConstraintConfig()
+        if isinstance(self.slo_constraint, dict):
+            known = {f.name for f in fields(SLOConstraintConfig)}
+            unknown = sorted(set(self.slo_constraint) - known)
+            if unknown:
+                raise ValueError(f"slo_constraint: unknown keys {unknown}; known: {sorted(known)}")
+            self.slo_constraint = SLOConstraintConfig(**self.slo_constraint)
         for name in ("n_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -29,7 +29,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecNormalize
 
-from agents.callbacks import EpisodeMetricsCallback
+from agents.callbacks import EpisodeMetricsCallback, SLOConstraintCallback
 from agents.checkpoint import (METADATA_FILE, POLICY_FILE, VECNORM_FILE, check_compatible, read_metadata,
                                write_metadata)
 from agents.envtools import env_prev_plan, env_state, load_scenario, make_env
@@ -191,8 +191,19 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
     hparams = {**hp.flat(), "seed": args.seed, "trace": scenario.trace, "model": scenario.model,
                "gpu": scenario.gpu}
     metrics_cb = EpisodeMetricsCallback(hparams)
+    callbacks: list[BaseCallback] = [metrics_cb, eval_cb, ckpt_cb]
+    slo_cb: SLOConstraintCallback | None = None
+    sc_cfg = hp.slo_constraint
+    if sc_cfg.target is not None:
+        init = sc_cfg.init
+        if args.resume:  # carry on from the multiplier the resumed run ended with
+            init = float(read_metadata(Path(args.resume)).get("slo_weight", init))
+            init = min(max(init, sc_cfg.min_weight), sc_cfg.max_weight)
+        slo_cb = SLOConstraintCallback(sc_cfg.target, sc_cfg.lr, init, sc_cfg.min_weight, sc_cfg.max_weight,
+                                       sc_cfg.max_step)
+        callbacks.append(slo_cb)
     run_name = f"{hp.algo}_{scenario.model}_{scenario.gpu}_s{args.seed}"
-    model.learn(total_timesteps=hp.n_timesteps, callback=[metrics_cb, eval_cb, ckpt_cb],
+    model.learn(total_timesteps=hp.n_timesteps, callback=callbacks,
                 progress_bar=args.progress_bar and sys.stderr.isatty(), tb_log_name=run_name,
                 reset_num_timesteps=not args.resume)
     train_s = time.time() - t0
@@ -200,6 +211,8 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
     extra = {"timesteps": int(model.num_timesteps), "seed": args.seed, "hyperparams": hp.flat(),
              "initial_plan": hp.initial_plan or None, "freeze_layout": hp.freeze_layout,
              "bc": bc_stats, "train_seconds": round(train_s, 1), "command": " ".join(sys.argv)}
+    if slo_cb is not None:
+        extra["slo_weight"] = slo_cb.weight
     final_dir = save_checkpoint(model, venv, save / "final", scenario, hp.algo, extra)
 
     # The shipped folder: the best held-out policy when EvalCallback found one, else the final one.

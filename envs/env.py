@@ -6,8 +6,12 @@ that do not fit are repaired by the simulator (never a crash), and ``action_mask
 gives sb3-contrib's MaskablePPO the codec's mask. The observation is
 ``runtime.codec.ObservationEncoder``'s vector of the simulator's ClusterState. Reward:
 
-    w_slo * attainment - w_gpu * gpus / max_gpus - w_energy * joules / (max_gpus * peak_w * interval_s)
-    - w_miss * max(0, attainment_target - attainment)
+    slo_weight * (w_slo * attainment - w_miss * max(0, attainment_target - attainment))
+    - w_gpu * gpus / max_gpus - w_energy * joules / (max_gpus * peak_w * interval_s)
+
+``slo_weight`` is 1 unless a trainer sets it (``set_slo_weight``): the Lagrange multiplier of
+:class:`agents.callbacks.SLOConstraintCallback`, which raises the price of SLO misses while
+training episodes fall short of an attainment target.
 
 Episodes are windows of ``episode_intervals`` intervals drawn uniformly from the chosen
 split of the scenario's trace (``train`` for training, ``test`` = held-out for evaluation).
@@ -95,6 +99,8 @@ class OperatorScalingEnv(gym.Env):
         self._seed_rng = np.random.default_rng(seed)
         self.window_start_s = 0.0
         self.rate_mults = tuple(float(k) for k in (rate_mults or (1.0,)))
+        #: multiplier of the reward's SLO terms (see the module docstring); 1 = the scenario's weights
+        self.slo_weight = 1.0
         if any(not (math.isfinite(k) and k > 0) for k in self.rate_mults):
             raise ValueError(f"rate_mults must be finite numbers > 0, got {rate_mults!r}")
         self.rate_mult = self.rate_mults[0]
@@ -166,13 +172,24 @@ class OperatorScalingEnv(gym.Env):
             obs = np.nan_to_num(obs, nan=0.0)
         return np.clip(obs, 0.0, OBS_HIGH)
 
+    def set_slo_weight(self, weight: float) -> None:
+        """Scale the reward's SLO terms (attainment and shortfall) by ``weight`` (>= 0) from now on."""
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"slo_weight must be a finite number >= 0, got {weight!r}")
+        self.slo_weight = weight
+
     def _reward(self, s: ClusterState) -> float:
         sc = self.scenario
         gpu_term = s.gpus_in_use / sc.max_gpus
         energy_term = s.energy_j / (sc.max_gpus * self.pred.gpu.peak_w * sc.interval_s)
         shortfall = max(0.0, sc.attainment_target - s.slo_attainment)
-        return float(sc.w_slo * s.slo_attainment - sc.w_gpu * gpu_term - sc.w_energy * energy_term
-                     - sc.w_miss * shortfall)
+        lam = self.slo_weight
+        if lam == 1.0:  # (the scenario's reward, summed in the order it always was)
+            return float(sc.w_slo * s.slo_attainment - sc.w_gpu * gpu_term - sc.w_energy * energy_term
+                         - sc.w_miss * shortfall)
+        return float(lam * (sc.w_slo * s.slo_attainment - sc.w_miss * shortfall) - sc.w_gpu * gpu_term
+                     - sc.w_energy * energy_term)
 
     def _plan_dict(self, plan: Plan) -> dict:
         """``plan.to_dict()``, cached while the plan object stays the same (a fresh copy each call)."""
