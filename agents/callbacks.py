@@ -110,7 +110,9 @@ class SLOConstraintCallback(BaseCallback):
     requests, from the intervals' ``info``) and moves the multiplier ``weight`` of the reward's
     SLO terms by ``lr x (target - attainment)``, the step clipped to ``max_step`` and the
     weight to ``[min_weight, max_weight]``; the envs get it via ``set_slo_weight``. Logged as
-    ``train/slo_weight`` and ``train/rollout_slo_attainment``.
+    ``train/slo_weight`` and ``train/rollout_slo_attainment``. The weight stays at ``init``
+    for the first ``warmup_steps`` env steps: an untrained policy misses the SLO whatever
+    its price, and pricing those misses drove the weight to its bound for most of a run.
 
     Args:
         target: attainment (0..1) the training rollouts should reach.
@@ -118,10 +120,12 @@ class SLOConstraintCallback(BaseCallback):
         init: starting weight (1 = the scenario's own reward).
         min_weight, max_weight: bounds of the weight.
         max_step: largest change of the weight per rollout.
+        warmup_steps: env steps (all envs together) before the first update.
     """
 
     def __init__(self, target: float, lr: float = 5.0, init: float = 1.0, min_weight: float = 1.0,
-                 max_weight: float = 3.0, max_step: float = 0.25, verbose: int = 0) -> None:
+                 max_weight: float = 3.0, max_step: float = 0.25, warmup_steps: int = 0,
+                 verbose: int = 0) -> None:
         super().__init__(verbose)
         if not 0.0 < target <= 1.0:
             raise ValueError(f"slo_constraint target must be in (0, 1], got {target!r}")
@@ -136,6 +140,7 @@ class SLOConstraintCallback(BaseCallback):
         self.min_weight = float(min_weight)
         self.max_weight = float(max_weight)
         self.max_step = float(max_step)
+        self.warmup_steps = int(warmup_steps)
         self._met = self._finished = 0.0
         self.history: list[tuple[float, float]] = []  # (rollout attainment, weight after the update)
 
@@ -160,6 +165,9 @@ class SLOConstraintCallback(BaseCallback):
             return
         att = self._met / self._finished
         self._met = self._finished = 0.0
+        if self.num_timesteps < self.warmup_steps:
+            self.logger.record("train/rollout_slo_attainment", att)
+            return
         self.update(att)
         self.history.append((att, self.weight))
         self.training_env.env_method("set_slo_weight", self.weight)

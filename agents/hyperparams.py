@@ -43,6 +43,7 @@ class SLOConstraintConfig:
         lr: multiplier change per unit of attainment below / above the target.
         init, min_weight, max_weight: starting value and bounds of the multiplier.
         max_step: largest change of the multiplier per rollout.
+        warmup_steps: env steps before the first change (the multiplier stays at ``init``).
     """
 
     target: float | None = None
@@ -51,6 +52,7 @@ class SLOConstraintConfig:
     min_weight: float = 1.0
     max_weight: float = 3.0
     max_step: float = 0.25
+    warmup_steps: int = 0
 
 
 @dataclass

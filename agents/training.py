@@ -200,7 +200,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
             init = float(read_metadata(Path(args.resume)).get("slo_weight", init))
             init = min(max(init, sc_cfg.min_weight), sc_cfg.max_weight)
         slo_cb = SLOConstraintCallback(sc_cfg.target, sc_cfg.lr, init, sc_cfg.min_weight, sc_cfg.max_weight,
-                                       sc_cfg.max_step)
+                                       sc_cfg.max_step, sc_cfg.warmup_steps)
         callbacks.append(slo_cb)
     run_name = f"{hp.algo}_{scenario.model}_{scenario.gpu}_s{args.seed}"
     model.learn(total_timesteps=hp.n_timesteps, callback=callbacks,

@@ -80,3 +80,16 @@ def test_callback_drives_the_training_envs_weight():
         w = min(w + min(50.0 * (1.0 - att), 0.25), 3.0)
         assert after == pytest.approx(w)
     assert venv.envs[0].unwrapped.slo_weight == pytest.approx(cb.weight)
+
+
+def test_no_update_before_the_warmup_ends():
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    venv = DummyVecEnv([lambda: make_env(episode_intervals=16)])
+    model = MaskablePPO("MlpPolicy", venv, n_steps=32, batch_size=32, n_epochs=1, seed=0, device="cpu")
+    cb = SLOConstraintCallback(target=1.0, lr=50.0, max_weight=3.0, max_step=0.25, warmup_steps=64)
+    model.learn(total_timesteps=96, callback=cb)
+    # rollouts end at 32, 64 and 96 steps: the first falls inside the warm-up
+    assert len(cb.history) == 2 and cb.weight == pytest.approx(1.5)
+    assert venv.envs[0].unwrapped.slo_weight == pytest.approx(1.5)
