@@ -133,7 +133,16 @@ def make_controller(name: str, scenario: Any, *, slo: SLO | None = None, trace: 
         if checkpoint is None:
             raise ValueError("the ppo controller needs --checkpoint DIR (a folder written by train.py)")
         ctl = PPOController(checkpoint, codec=codec, scenario={"model": scenario.model, "gpu": scenario.gpu})
-        return ctl, ctl.initial_plan or scenario.initial_plan()
+        plan0 = ctl.initial_plan or scenario.initial_plan()
+        bad = sorted(set(own) - {"downscale_window_s"})
+        if bad:
+            raise ValueError(f"controllers: ppo: unknown settings {bad}; known: ['downscale_window_s']")
+        window = float(own.get("downscale_window_s", 0.0))
+        if window > 0:
+            from agents.stabilize import DownscaleStabilizer
+
+            return DownscaleStabilizer(ctl, window, float(scenario.interval_s)), plan0
+        return ctl, plan0
     if slo is None:
         from envs import default_slo
 
