@@ -111,8 +111,10 @@ class SLOConstraintCallback(BaseCallback):
     SLO terms by ``lr x (target - attainment)``, the step clipped to ``max_step`` and the
     weight to ``[min_weight, max_weight]``; the envs get it via ``set_slo_weight``. Logged as
     ``train/slo_weight`` and ``train/rollout_slo_attainment``. The weight stays at ``init``
-    for the first ``warmup_steps`` env steps: an untrained policy misses the SLO whatever
-    its price, and pricing those misses drove the weight to its bound for most of a run.
+    for the first ``warmup_steps`` env steps (0 in agents/configs/ppo.yaml: an untrained
+    policy misses whatever the price, so without a warm-up the weight sits at its bound early
+    in a run; with a 40k-step warm-up one seed of two missed 0.99 on the held-out split,
+    docs/TRAINING.md "Session 6").
 
     Args:
         target: attainment (0..1) the training rollouts should reach.
