@@ -34,6 +34,19 @@ class BCConfig:
     teacher: str = "operator-queueing"
 
 
+def _nested(cls: type, value: Any, name: str) -> Any:
+    """A nested settings block as ``cls`` (None: the defaults), unknown keys refused by name."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{name}: unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**value)
+
+
 @dataclass
 class SLOConstraintConfig:
     """The Lagrangian SLO constraint of :class:`agents.callbacks.SLOConstraintCallback`.
@@ -93,16 +106,8 @@ class PPOHyperparams:
             raise ValueError(f"fidelity must be fast or reference, got {self.fidelity!r}")
         if self.vec_env not in ("dummy", "subproc"):
             raise ValueError(f"vec_env must be dummy or subproc, got {self.vec_env!r}")
-        if isinstance(self.bc, dict):
-            self.bc = BCConfig(**self.bc)
-        if self.slo_constraint is None:
-            self.slo_constraint = SLOConstraintConfig()
-        if isinstance(self.slo_constraint, dict):
-            known = {f.name for f in fields(SLOConstraintConfig)}
-            unknown = sorted(set(self.slo_constraint) - known)
-            if unknown:
-                raise ValueError(f"slo_constraint: unknown keys {unknown}; known: {sorted(known)}")
-            self.slo_constraint = SLOConstraintConfig(**self.slo_constraint)
+        self.bc = _nested(BCConfig, self.bc, "bc")
+        self.slo_constraint = _nested(SLOConstraintConfig, self.slo_constraint, "slo_constraint")
         for name in ("n_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -142,9 +147,7 @@ def load_hyperparams(path: str | Path = DEFAULT_CONFIG, env_id: str = ENV_ID) ->
     unknown = sorted(set(block) - known)
     if unknown:
         raise ValueError(f"{path}: unknown hyperparameters {unknown} in block {env_id!r}; known: {sorted(known)}")
-    bc = block.get("bc") or {}
-    bc_known = {f.name for f in fields(BCConfig)}
-    bad = sorted(set(bc) - bc_known)
-    if bad:
-        raise ValueError(f"{path}: unknown bc settings {bad} in block {env_id!r}; known: {sorted(bc_known)}")
-    return PPOHyperparams(**{**block, "bc": BCConfig(**bc)})
+    try:
+        return PPOHyperparams(**block)
+    except ValueError as e:
+        raise ValueError(f"{path}: block {env_id!r}: {e}") from None

@@ -41,11 +41,6 @@ class DownscaleStabilizer(Controller):
         self.n_past = int(math.ceil(self.window_s / float(interval_s) - 1e-9))
         self._past: deque[Plan] = deque(maxlen=max(self.n_past, 1))
 
-    @property
-    def initial_plan(self) -> Plan | None:
-        """The wrapped controller's starting plan, where it has one (the PPO controller)."""
-        return getattr(self.inner, "initial_plan", None)
-
     def reset(self, state: ClusterState | None = None) -> None:
         self.inner.reset(state)
         self._past.clear()

@@ -10,8 +10,8 @@ gives sb3-contrib's MaskablePPO the codec's mask. The observation is
     - w_gpu * gpus / max_gpus - w_energy * joules / (max_gpus * peak_w * interval_s)
 
 ``slo_weight`` is 1 unless a trainer sets it (``set_slo_weight``): the Lagrange multiplier of
-:class:`agents.callbacks.SLOConstraintCallback`, which raises the price of SLO misses while
-training episodes fall short of an attainment target.
+:class:`agents.callbacks.SLOConstraintCallback`, raised after training rollouts that fall short
+of an attainment target and lowered after those that exceed it.
 
 Episodes are windows of ``episode_intervals`` intervals drawn uniformly from the chosen
 split of the scenario's trace (``train`` for training, ``test`` = held-out for evaluation).

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from agents.callbacks import SLOConstraintCallback
-from agents.hyperparams import PPOHyperparams, SLOConstraintConfig
+from agents.hyperparams import PPOHyperparams, SLOConstraintConfig, load_hyperparams
 from envs import make_env
 
 
@@ -53,7 +53,7 @@ def test_multiplier_update_hand_computed():
     assert cb.weight == pytest.approx(1.0)              # and below
 
 
-def test_bad_constraint_settings_are_named():
+def test_bad_constraint_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="target must be in"):
         SLOConstraintCallback(target=1.5)
     with pytest.raises(ValueError, match="min_weight <= init <= max_weight"):
@@ -62,6 +62,11 @@ def test_bad_constraint_settings_are_named():
         PPOHyperparams(slo_constraint={"tgt": 0.9})
     assert PPOHyperparams(slo_constraint={"target": 0.97}).slo_constraint == SLOConstraintConfig(target=0.97)
     assert PPOHyperparams().slo_constraint.target is None  # off unless configured
+    bad = tmp_path / "ppo.yaml"
+    bad.write_text("opscale/OperatorScaling-v0:\n  slo_constraint: {target: 0.97, lrate: 1.0}\n")
+    with pytest.raises(ValueError, match=r"ppo.yaml: block 'opscale/OperatorScaling-v0': slo_constraint: "
+                                         r"unknown keys \['lrate'\]"):
+        load_hyperparams(bad)
 
 
 def test_callback_drives_the_training_envs_weight():

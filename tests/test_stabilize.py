@@ -87,4 +87,4 @@ def test_registry_refuses_unknown_ppo_settings(tmp_path):
                         settings={"ppo": {"window": 10}})
     ctl, plan0 = make_controller("ppo", Scenario.from_yaml(), checkpoint="checkpoints/ppo-default",
                                  settings={"ppo": {"downscale_window_s": 10}})
-    assert isinstance(ctl, DownscaleStabilizer) and ctl.name == "ppo" and plan0 == ctl.initial_plan
+    assert isinstance(ctl, DownscaleStabilizer) and ctl.name == "ppo" and plan0 == ctl.inner.initial_plan
