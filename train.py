@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="checkpoint folder to continue training from")
     p.add_argument("--bc-episodes", type=int, default=None,
                    help="teacher episodes for behaviour cloning before PPO (0: off; default from --config)")
-    p.add_argument("--eval-freq", type=int, default=None, help="env steps between held-out evaluations")
+    p.add_argument("--eval-freq", type=int, default=None, help="env steps between validation evaluations (EvalCallback on the val split)")
     p.add_argument("--final-eval", default="reference", choices=["reference", "fast", "none"],
                    help="simulator of the closing comparison with model-level on the held-out split")
     p.add_argument("--final-eval-window-s", type=float, default=None,

@@ -64,9 +64,10 @@ _CALIBRATION: dict[str, dict[str, float]] = {}
 
 def calibrate_instance(scenario: Any, max_batch: int, fidelity: str = "reference", seed: int = 0) -> dict[str, float]:
     """What one whole-model instance sustains at the SLO, measured in the simulator on the
-    training split (the way DynamoLLM-style autoscalers are profiled offline).
+    ``trainval`` split, all data before the held-out one (the way DynamoLLM-style autoscalers
+    are profiled offline).
 
-    The fewest fixed instances meeting the attainment target on the training split is
+    The fewest fixed instances meeting the attainment target on that split is
     found by bisection; per instance the capacity is then the split's peak 60 s arrival
     rate / instances (req/s), and the ongoing requests are the 95th percentile of
     running + queued per instance. Cached per scenario and fidelity.
@@ -79,7 +80,7 @@ def calibrate_instance(scenario: Any, max_batch: int, fidelity: str = "reference
     key = json.dumps([scenario.to_dict(), max_batch, fidelity, seed], sort_keys=True, default=str)
     if key in _CALIBRATION:
         return _CALIBRATION[key]
-    trace = load_split(scenario, "train")
+    trace = load_split(scenario, "trainval")
     tp = int(scenario.model_tp)
     runs: dict[int, float] = {}
     st = StaticController.search(lambda p: runs.setdefault(p["attn"].replicas,
@@ -117,7 +118,7 @@ def make_controller(name: str, scenario: Any, *, slo: SLO | None = None, trace: 
         budget_gpus: cap on GPUs (fixed-budget runs): whole-model controllers never ask for
             more than ``budget_gpus // model_tp`` instances; operator-queueing plans within it.
         fidelity, seed: the simulator that sizes ``static`` (search on ``trace``) and
-            calibrates ``model-level`` (on the training split).
+            calibrates ``model-level`` (on the ``trainval`` split).
     """
     if name not in CONTROLLER_NAMES:
         raise ValueError(f"unknown controller {name!r}; choose from {', '.join(CONTROLLER_NAMES)}")

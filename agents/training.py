@@ -7,8 +7,9 @@ One function, :func:`train`, does the whole run:
 2. optionally behaviour cloning from the operator-queueing controller
    (:mod:`agents.imitation`) before PPO;
 3. PPO or MaskablePPO with TensorBoard logging, :class:`EpisodeMetricsCallback`
-   (serving scalars + hyperparameters), an EvalCallback on the held-out split that saves
-   the best policy with its normalisation statistics, a CheckpointCallback, a progress bar;
+   (serving scalars + hyperparameters), an EvalCallback on the validation split (``val``)
+   that saves the best policy with its normalisation statistics (the held-out ``test`` split
+   is not seen before the closing table), a CheckpointCallback, a progress bar;
 4. checkpoint folders with ``policy.zip``, ``vecnormalize.pkl`` and ``metadata.json``.
 """
 from __future__ import annotations
@@ -174,7 +175,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
         log(f"behaviour cloning from {hp.bc.teacher}: {len(demos)} steps, "
             f"accuracy {bc_stats['accuracy']:.3f}, nll {bc_stats['nll']:.3f} ({time.time() - t0:.0f} s)")
 
-    eval_raw = make_vec_env(scenario, "test", 1, args.seed + 20_000, "dummy", restrict)
+    eval_raw = make_vec_env(scenario, "val", 1, args.seed + 20_000, "dummy", restrict)
     eval_env = VecNormalize(eval_raw, training=False, norm_reward=False, **{k: v for k, v in norm.items()
                                                                            if k not in ("norm_reward",)})
     best_dir = save / "best"
@@ -215,12 +216,12 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
         extra["slo_weight"] = slo_cb.weight
     final_dir = save_checkpoint(model, venv, save / "final", scenario, hp.algo, extra)
 
-    # The shipped folder: the best held-out policy when EvalCallback found one, else the final one.
+    # The shipped folder: the best policy on the validation split when EvalCallback found one, else the final one.
     chosen = final_dir
     if (best_dir / "best_model.zip").is_file() and (best_dir / VECNORM_FILE).is_file():
         shutil.move(str(best_dir / "best_model.zip"), str(best_dir / POLICY_FILE))
         write_metadata(best_dir, scenario.codec_config, scenario.to_dict(), hp.algo,
-                       {**extra, "selected": "best held-out eval", "best_mean_reward": float(eval_cb.best_mean_reward)})
+                       {**extra, "selected": "best validation eval", "best_mean_reward": float(eval_cb.best_mean_reward)})
         chosen = best_dir
     for name in (POLICY_FILE, VECNORM_FILE, METADATA_FILE):
         shutil.copy2(chosen / name, save / name)

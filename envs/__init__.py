@@ -58,17 +58,28 @@ def _base_trace(name: str, rate_scale: float):
     return tr.scale_rate(rate_scale) if rate_scale != 1.0 else tr
 
 
+SPLITS = ("all", "train", "val", "trainval", "test")
+
+
 def scenario_trace(scenario: Scenario, split: str = "all"):
-    """The scenario's trace at its rate scale: ``all``, ``train`` or ``test`` split (by time)."""
+    """The scenario's trace at its rate scale, whole (``all``) or one split by time.
+
+    ``train`` (PPO's episodes), ``val`` (checkpoint selection and recipe choices), ``trainval``
+    (both: what the non-learned controllers are calibrated and tuned on) and ``test`` (held
+    out, only reported on); boundaries in ``Scenario`` (``train_frac``, ``val_frac``).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     tr = _base_trace(scenario.trace, float(scenario.rate_scale))
     if split == "all":
         return tr
-    train, test = tr.split(scenario.train_frac)
-    if split == "train":
-        return train
+    trainval, test = tr.split(scenario.train_frac)
     if split == "test":
         return test
-    raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
+    if split == "trainval":
+        return trainval
+    train, val = trainval.split(1.0 - scenario.val_frac / scenario.train_frac)
+    return train if split == "train" else val
 
 
 def make_simulator(scenario: Scenario | None = None, trace: Any = None, fidelity: str = "fast", seed: int = 0,
@@ -111,4 +122,4 @@ _register()
 from envs.runner import make_env, run_controller  # noqa: E402
 
 __all__ = ["Scenario", "ScenarioError", "make_simulator", "make_env", "run_controller", "default_slo",
-           "predictor_for", "scenario_trace", "ENV_ID", "FIDELITIES"]
+           "predictor_for", "scenario_trace", "SPLITS", "ENV_ID", "FIDELITIES"]

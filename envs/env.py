@@ -14,7 +14,8 @@ gives sb3-contrib's MaskablePPO the codec's mask. The observation is
 of an attainment target and lowered after those that exceed it.
 
 Episodes are windows of ``episode_intervals`` intervals drawn uniformly from the chosen
-split of the scenario's trace (``train`` for training, ``test`` = held-out for evaluation).
+split of the scenario's trace (``train`` for training, ``val`` for checkpoint selection, ``test`` =
+held out for evaluation; envs.scenario_trace).
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ class OperatorScalingEnv(gym.Env):
 
     Args:
         scenario: a Scenario, a mapping of its fields, or a YAML path (default config if None).
-        split: ``train`` or ``test`` part of the trace episodes are drawn from (``all`` also works).
+        split: part of the trace episodes are drawn from: ``train``, ``val``, ``trainval``, ``test``
+                or ``all`` (envs.scenario_trace). A split shorter than an episode is one episode.
         fidelity: ``fast`` (default) or ``reference``.
         seed: seeds the window sampler (reset(seed=...) reseeds).
         trace_obj: a traces.Trace to draw windows from instead of the scenario's trace.

@@ -39,7 +39,12 @@ class Scenario:
         gpu: GPU name known to ProfileDB (``h100``, ``a100``, ...).
         trace: trace name or CSV path for traces.load_trace.
         rate_scale: arrival-rate multiplier applied to the trace (2 = twice the rate).
-        train_frac: share of the trace (by time) used for training; the rest is held out.
+        train_frac: share of the trace (by time) before the held-out ``test`` split; the rest
+            (the end of the trace) is held out and only reported on.
+        val_frac: share of the trace (by time) at the end of those ``train_frac``, kept out of
+            training for validation (checkpoint selection and recipe choices). Splits of a
+            trace of duration D: ``train`` [0, (train_frac - val_frac) D), ``val``
+            [(train_frac - val_frac) D, train_frac D), ``trainval`` = both, ``test`` the rest.
         interval_s: control interval (seconds of trace time per env step).
         episode_intervals: env steps per episode (episode = a window of this many intervals).
         max_gpus: GPUs the cluster may use; plans needing more are repaired.
@@ -83,6 +88,7 @@ class Scenario:
     trace: str = "azure"
     rate_scale: float = 1.0
     train_frac: float = 0.7
+    val_frac: float = 0.15
     interval_s: float = 5.0
     episode_intervals: int = 120
     max_gpus: int = 64
@@ -121,6 +127,9 @@ class Scenario:
                 raise ScenarioError(f"scenario field {name!r} must be > 0, got {v!r}")
         if not 0.0 < self.train_frac < 1.0:
             raise ScenarioError(f"scenario field 'train_frac' must be in (0, 1), got {self.train_frac!r}")
+        if not 0.0 < self.val_frac < self.train_frac:
+            raise ScenarioError(f"scenario field 'val_frac' must be in (0, train_frac={self.train_frac!r}), "
+                                f"got {self.val_frac!r}")
         for name in ("episode_intervals", "max_gpus", "prefill_chunk_tokens", "micro_batches",
                      "kv_reserve_tokens", "initial_replicas", "initial_max_batch"):
             v = getattr(self, name)

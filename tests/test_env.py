@@ -7,7 +7,7 @@ import gymnasium
 import numpy as np
 import pytest
 
-from envs import ENV_ID, Scenario, make_env
+from envs import ENV_ID, Scenario, ScenarioError, make_env, scenario_trace
 from runtime.codec import ObservationEncoder
 
 INFO_KEYS = {"slo_attainment", "gpus", "energy_j", "ttft_p99_s", "tbt_p99_s", "plan", "requests_finished",
@@ -105,15 +105,47 @@ def test_reward_charges_the_shortfall_below_the_attainment_target():
         assert r1 == pytest.approx(r0 - 3.0 * max(0.0, target - info["slo_attainment"]))
 
 
-def test_train_and_test_splits_are_disjoint_windows():
-    tr = make_env(split="train")
-    te = make_env(split="test")
-    assert len(tr.trace) > 0 and len(te.trace) > 0
-    total = tr.trace.duration_s + te.trace.duration_s
-    assert tr.trace.duration_s == pytest.approx(0.7 * total, rel=0.02)
+def test_splits_are_disjoint_windows_in_time_order():
+    """train [0, 55 %), val [55 %, 70 %), test [70 %, 100 %] of the trace; trainval = train + val."""
+    sc = Scenario.from_yaml()
+    whole = scenario_trace(sc, "all")
+    parts = {s: scenario_trace(sc, s) for s in ("train", "val", "trainval", "test")}
+    d = whole.duration_s
+    assert parts["train"].duration_s == pytest.approx(0.55 * d)
+    assert parts["val"].duration_s == pytest.approx(0.15 * d)
+    assert parts["trainval"].duration_s == pytest.approx(0.70 * d)
+    assert parts["test"].duration_s == pytest.approx(0.30 * d)
+    # every request in exactly one of train / val / test, in time order
+    assert len(parts["train"]) + len(parts["val"]) + len(parts["test"]) == len(whole)
+    assert len(parts["train"]) + len(parts["val"]) == len(parts["trainval"])
+    assert np.array_equal(np.concatenate([parts[s].prompt_tokens for s in ("train", "val", "test")]),
+                          whole.prompt_tokens)
+    assert parts["train"].arrival_s.max() < 0.55 * d
+    assert parts["val"].arrival_s.max() < 0.15 * d          # re-based at its start
     env = make_env(split="test", seed=5)
     env.reset(seed=5)
-    assert 0.0 <= env.window_start_s <= te.trace.duration_s
+    assert 0.0 <= env.window_start_s <= parts["test"].duration_s
+    with pytest.raises(ValueError, match="split must be one of"):
+        scenario_trace(sc, "validation")
+
+
+def test_val_frac_is_checked():
+    with pytest.raises(ScenarioError, match="val_frac"):
+        Scenario(val_frac=0.7)
+    with pytest.raises(ScenarioError, match="val_frac"):
+        Scenario(val_frac=0.0)
+
+
+def test_a_split_shorter_than_an_episode_is_one_episode():
+    env = make_env(split="val", seed=0)
+    assert env.trace.duration_s < env.episode_s
+    env.reset(seed=0)
+    assert env.window_start_s == 0.0
+    steps, done = 0, False
+    while not done:
+        _, _, term, trunc, _ = env.step(np.zeros(len(env.decoder.nvec), dtype=np.int64) + 2)
+        steps, done = steps + 1, term or trunc
+    assert env.trace.duration_s / env.scenario.interval_s <= steps <= env.scenario.episode_intervals
 
 
 def test_same_seed_same_episode():
