@@ -30,7 +30,7 @@ from runtime.control import Plan  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", default="test", choices=["train", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
     ap.add_argument("--instances", type=int, default=5, help="whole-model TP instances of the static plan")
     ap.add_argument("--pack", default="6x32,3,6", help="pack plan: ATTNxBATCH,PROJ,MLP")
     args = ap.parse_args(argv)

@@ -1,13 +1,14 @@
 """Calibration of the operator-queueing planning model against the reference simulator.
 
-For each arrival rate: a Poisson trace with the training split's request shapes, the plan
+For each arrival rate: a Poisson trace with the request shapes of the data
+before the held-out split (``trainval``), the plan
 the controller's greedy picks for that rate, its predictions (iteration times, TTFT and
 TBT tails), and what the reference simulator measures serving the trace with that plan
 fixed. Also each prediction for a few hand-picked plans (``--plans``).
 
     python bench/oq_calibration.py --rates 2,4,8,12 --duration 600 [--json OUT]
 
-Units: seconds, requests per second. Tuning uses only the training split.
+Units: seconds, requests per second. Tuning uses only data before the held-out split.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     sc = load_scenario()
-    train = load_split(sc, "train")
+    train = load_split(sc, "trainval")
     rows = []
     for rate in [float(r) for r in args.rates.split(",")]:
         tr = generate("poisson", train, args.duration, seed=args.seed, rate_per_s=rate)

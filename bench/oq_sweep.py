@@ -4,7 +4,7 @@ Each setting is the shipped ``agents/configs/controllers.yaml`` block with the g
 changed; prints attainment, average GPUs and energy per setting (the tuning tables of
 docs/RESULTS.md).
 
-    python bench/oq_sweep.py --split train '{"peak_window_s": 300}' '{"peak_window_s": 900}'
+    python bench/oq_sweep.py --split trainval '{"peak_window_s": 300}' '{"peak_window_s": 900}'
 
 Units: attainment as a share of requests, GPUs averaged over the run, energy in kWh.
 """
@@ -26,7 +26,7 @@ from agents.registry import load_controller_settings, make_controller  # noqa: E
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", default="train", choices=["train", "test"])
+    ap.add_argument("--split", default="trainval", choices=["train", "val", "trainval", "test"])
     ap.add_argument("settings", nargs="+", help='JSON objects of operator-queueing settings, e.g. \'{"peak_window_s": 300}\'')
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")

@@ -39,7 +39,7 @@ def pack_plan(scenario, attn: int, attn_batch: int, proj: int, mlp: int, embed: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", default="test", choices=["train", "test"])
+    ap.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
     ap.add_argument("--attn", default="8x32,12x16,16x16", help="attention REPLICASxBATCH, comma-separated")
     ap.add_argument("--proj", default="2,3,4")
     ap.add_argument("--mlp", default="3,4,5,6")

@@ -66,6 +66,20 @@ def test_checkpoint_loads_and_acts_in_the_simulator(trained):
         state = sim.step(plan)
 
 
+def test_checkpoint_is_selected_on_the_validation_split(trained):
+    """EvalCallback scores on ``val`` (527 s, shorter than a 600 s episode), never on ``test``."""
+    root, out = trained
+    meta = json.loads((Path(out["checkpoint"]) / "metadata.json").read_text())
+    assert meta["selected"] == "best validation eval"
+    ev = np.load(Path(out["checkpoint"]) / "eval" / "evaluations.npz")
+    scenario = load_scenario()
+    val_s = load_split(scenario, "val").duration_s
+    assert val_s < scenario.episode_intervals * scenario.interval_s
+    # an episode on val ends when its 527 s are served (a few intervals of drain at most)
+    assert np.all(ev["ep_lengths"] >= val_s / scenario.interval_s)
+    assert np.all(ev["ep_lengths"] < scenario.episode_intervals)
+
+
 def test_checkpoint_for_another_spec_is_refused(trained, tmp_path):
     _, out = trained
     src = Path(out["checkpoint"])
