@@ -98,6 +98,8 @@ class PPOHyperparams:
     eval_freq: int = 20_000
     eval_episodes: int = 2
     checkpoint_freq: int = 50_000
+    train_split: str = "train"
+    select: str = "best"
 
     def __post_init__(self) -> None:
         if self.algo not in ("PPO", "MaskablePPO"):
@@ -106,6 +108,13 @@ class PPOHyperparams:
             raise ValueError(f"fidelity must be fast or reference, got {self.fidelity!r}")
         if self.vec_env not in ("dummy", "subproc"):
             raise ValueError(f"vec_env must be dummy or subproc, got {self.vec_env!r}")
+        if self.train_split not in ("train", "trainval"):
+            raise ValueError(f"train_split must be train or trainval, got {self.train_split!r}")
+        if self.select not in ("best", "final"):
+            raise ValueError(f"select must be best or final, got {self.select!r}")
+        if self.train_split == "trainval" and self.select == "best":
+            raise ValueError("train_split trainval trains on the val split, so the best checkpoint on val "
+                             "would be chosen on training data: use select: final")
         self.bc = _nested(BCConfig, self.bc, "bc")
         self.slo_constraint = _nested(SLOConstraintConfig, self.slo_constraint, "slo_constraint")
         for name in ("n_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):

@@ -2,14 +2,16 @@
 
 One function, :func:`train`, does the whole run:
 
-1. vectorised training envs on the scenario's training split (DummyVecEnv or
+1. vectorised training envs on the scenario's training split (``train_split``: ``train``, or
+   ``trainval`` to refit a recipe chosen on val on all data before the held-out split; DummyVecEnv or
    SubprocVecEnv, one torch thread per subprocess) under VecNormalize;
 2. optionally behaviour cloning from the operator-queueing controller
    (:mod:`agents.imitation`) before PPO;
 3. PPO or MaskablePPO with TensorBoard logging, :class:`EpisodeMetricsCallback`
    (serving scalars + hyperparameters), an EvalCallback on the validation split (``val``)
    that saves the best policy with its normalisation statistics (the held-out ``test`` split
-   is not seen before the closing table), a CheckpointCallback, a progress bar;
+   is not seen before the closing table; with ``train_split: trainval`` it only draws the curve
+   and ``select: final`` ships the last checkpoint), a CheckpointCallback, a progress bar;
 4. checkpoint folders with ``policy.zip``, ``vecnormalize.pkl`` and ``metadata.json``.
 """
 from __future__ import annotations
@@ -141,7 +143,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
 
     restrict = {"initial_plan": hp.initial_plan, "freeze_layout": hp.freeze_layout, "fidelity": hp.fidelity}
     # training episodes draw their rate multiplier from hp.rate_mults; evaluation stays at x1
-    venv_raw = make_vec_env(scenario, "train", hp.n_envs, args.seed, hp.vec_env,
+    venv_raw = make_vec_env(scenario, hp.train_split, hp.n_envs, args.seed, hp.vec_env,
                             {**restrict, "rate_mults": list(hp.rate_mults)})
     norm = dict(hp.normalize)
     if args.resume:
@@ -161,7 +163,7 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
     if hp.bc.episodes > 0 and not args.resume:
         from agents.registry import make_controller
 
-        demo_env = make_env(scenario, split="train", seed=args.seed + 10_000)
+        demo_env = make_env(scenario, split=hp.train_split, seed=args.seed + 10_000)
         teacher, _ = make_controller(hp.bc.teacher, scenario)
         decoder = ActionDecoder(scenario.codec_config)
         demos = collect_demonstrations(demo_env, teacher, decoder, hp.bc.episodes, env_state, seed=args.seed,
@@ -214,11 +216,12 @@ def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]
              "bc": bc_stats, "train_seconds": round(train_s, 1), "command": " ".join(sys.argv)}
     if slo_cb is not None:
         extra["slo_weight"] = slo_cb.weight
-    final_dir = save_checkpoint(model, venv, save / "final", scenario, hp.algo, extra)
+    final_dir = save_checkpoint(model, venv, save / "final", scenario, hp.algo, {**extra, "selected": "final checkpoint"})
 
-    # The shipped folder: the best policy on the validation split when EvalCallback found one, else the final one.
+    # The shipped folder: the best policy on the validation split when EvalCallback found one
+    # (select: best), else the final one.
     chosen = final_dir
-    if (best_dir / "best_model.zip").is_file() and (best_dir / VECNORM_FILE).is_file():
+    if hp.select == "best" and (best_dir / "best_model.zip").is_file() and (best_dir / VECNORM_FILE).is_file():
         shutil.move(str(best_dir / "best_model.zip"), str(best_dir / POLICY_FILE))
         write_metadata(best_dir, scenario.codec_config, scenario.to_dict(), hp.algo,
                        {**extra, "selected": "best validation eval", "best_mean_reward": float(eval_cb.best_mean_reward)})

@@ -98,3 +98,20 @@ def test_no_update_before_the_warmup_ends():
     # rollouts end at 32, 64 and 96 steps: the first falls inside the warm-up
     assert len(cb.history) == 2 and cb.weight == pytest.approx(1.5)
     assert venv.envs[0].unwrapped.slo_weight == pytest.approx(1.5)
+
+
+def test_training_split_and_selection_settings_are_checked():
+    assert (PPOHyperparams().train_split, PPOHyperparams().select) == ("train", "best")
+    assert PPOHyperparams(train_split="trainval", select="final").train_split == "trainval"
+    with pytest.raises(ValueError, match="train_split must be train or trainval, got 'test'"):
+        PPOHyperparams(train_split="test")
+    with pytest.raises(ValueError, match="select must be best or final, got 'last'"):
+        PPOHyperparams(select="last")
+    with pytest.raises(ValueError, match="chosen on training data: use select: final"):
+        PPOHyperparams(train_split="trainval", select="best")
+    refit = load_hyperparams("agents/configs/ppo-refit.yaml")
+    default = load_hyperparams()
+    assert (refit.train_split, refit.select) == ("trainval", "final")
+    # the refit is the default recipe otherwise
+    refit.train_split, refit.select = default.train_split, default.select
+    assert refit == default

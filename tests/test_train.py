@@ -129,3 +129,30 @@ def test_rate_multipliers_reach_the_training_envs_only_when_configured():
     venv = make_vec_env(sc, "train", 1, 0, "dummy", {"rate_mults": [2.0]})
     assert venv.envs[0].unwrapped.rate_mults == (2.0,)
     assert make_vec_env(sc, "test", 1, 0, "dummy", {}).envs[0].unwrapped.rate_mults == (1.0,)
+
+
+def test_refit_trains_on_trainval_and_ships_the_final_checkpoint(tmp_path, monkeypatch):
+    import yaml
+
+    import agents.training as training
+
+    cfg = yaml.safe_load(Path("agents/configs/ppo-refit.yaml").read_text())
+    block = cfg["opscale/OperatorScaling-v0"]
+    block.update(n_steps=64, batch_size=64, n_epochs=1, eval_freq=128, eval_episodes=1)
+    (tmp_path / "refit.yaml").write_text(yaml.safe_dump(cfg))
+    splits: list[str] = []
+    real = training.make_vec_env
+
+    def spy(scenario, split, *a, **kw):
+        splits.append(split)
+        return real(scenario, split, *a, **kw)
+
+    monkeypatch.setattr(training, "make_vec_env", spy)
+    out = train(TrainArgs(timesteps=256, n_envs=2, config=str(tmp_path / "refit.yaml"), save=str(tmp_path / "ck"),
+                          logdir=str(tmp_path / "tb"), progress_bar=False), log=lambda s: None)
+    assert splits == ["trainval", "val"]          # training envs, then the (monitoring) evaluation env
+    folder = Path(out["checkpoint"])
+    assert out["chosen"] == out["final"]
+    assert (folder / "policy.zip").read_bytes() == (folder / "final" / "policy.zip").read_bytes()
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["selected"] == "final checkpoint" and meta["hyperparams"]["train_split"] == "trainval"
