@@ -22,8 +22,9 @@ def load_scenario(path: str | Path | None = None, **overrides: Any) -> Any:
 
 
 def load_split(scenario: Any, split: str, window_s: float | None = None) -> Any:
-    """The scenario's trace split (``train``, ``val``, ``trainval``, ``test``; envs.scenario_trace) as the simulator serves it
-    (rate scaled by ``scenario.rate_scale``), optionally only its first ``window_s`` seconds."""
+    """The scenario's trace split (``train``, ``val``, ``trainval``, ``test``; envs.scenario_trace)
+    as the simulator serves it (rate scaled by ``scenario.rate_scale``), optionally only its
+    first ``window_s`` seconds."""
     from envs import scenario_trace
 
     tr = scenario_trace(scenario, split)

@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from agents.envtools import load_scenario, load_split, make_sim
-from envs import SPLITS
 from agents.registry import CONTROLLER_NAMES, make_controller
+from envs import SPLITS
 from runtime.control import ClusterState, Controller, Plan
 from runtime.models import OPERATOR_GROUPS
 
@@ -217,7 +217,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenario", default=None, help="scenario YAML (default envs/configs/default.yaml)")
     p.add_argument("--model", default=None)
     p.add_argument("--gpu", default=None)
-    p.add_argument("--split", default="test", choices=[s for s in SPLITS if s != "all"])
+    p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--controllers", default="static,model-level,operator-queueing,ppo",
                    help=f"comma-separated, from {', '.join(CONTROLLER_NAMES)}")
     p.add_argument("--checkpoint", default="checkpoints/ppo-default", help="checkpoint folder of the ppo controller")

@@ -25,12 +25,13 @@ from pack_frontier import pack_plan  # noqa: E402
 from agents.baselines import StaticController  # noqa: E402
 from agents.envtools import load_scenario, load_split, make_sim  # noqa: E402
 from agents.evaluate import run_timeline  # noqa: E402
+from envs import SPLITS  # noqa: E402
 from runtime.control import Plan  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
+    ap.add_argument("--split", default="test", choices=SPLITS)
     ap.add_argument("--instances", type=int, default=5, help="whole-model TP instances of the static plan")
     ap.add_argument("--pack", default="6x32,3,6", help="pack plan: ATTNxBATCH,PROJ,MLP")
     args = ap.parse_args(argv)

@@ -22,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.envtools import load_scenario, load_split, make_sim  # noqa: E402
 from agents.evaluate import metrics, run_timeline  # noqa: E402
 from agents.registry import load_controller_settings, make_controller  # noqa: E402
+from envs import SPLITS  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", default="trainval", choices=["train", "val", "trainval", "test"])
+    ap.add_argument("--split", default="trainval", choices=SPLITS)
     ap.add_argument("settings", nargs="+", help='JSON objects of operator-queueing settings, e.g. \'{"peak_window_s": 300}\'')
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")

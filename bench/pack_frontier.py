@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.baselines import StaticController  # noqa: E402
 from agents.envtools import load_scenario, load_split, make_sim  # noqa: E402
 from agents.evaluate import run_timeline  # noqa: E402
+from envs import SPLITS  # noqa: E402
 from runtime.control import OperatorPlan, Plan  # noqa: E402
 from runtime.models import OPERATOR_GROUPS  # noqa: E402
 
@@ -39,7 +40,7 @@ def pack_plan(scenario, attn: int, attn_batch: int, proj: int, mlp: int, embed: 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", default="test", choices=["train", "val", "trainval", "test"])
+    ap.add_argument("--split", default="test", choices=SPLITS)
     ap.add_argument("--attn", default="8x32,12x16,16x16", help="attention REPLICASxBATCH, comma-separated")
     ap.add_argument("--proj", default="2,3,4")
     ap.add_argument("--mlp", default="3,4,5,6")

@@ -58,7 +58,8 @@ def _base_trace(name: str, rate_scale: float):
     return tr.scale_rate(rate_scale) if rate_scale != 1.0 else tr
 
 
-SPLITS = ("all", "train", "val", "trainval", "test")
+#: the trace splits by time (``scenario_trace`` also takes ``all``, the whole trace)
+SPLITS = ("train", "val", "trainval", "test")
 
 
 def scenario_trace(scenario: Scenario, split: str = "all"):
@@ -68,8 +69,8 @@ def scenario_trace(scenario: Scenario, split: str = "all"):
     (both: what the non-learned controllers are calibrated and tuned on) and ``test`` (held
     out, only reported on); boundaries in ``Scenario`` (``train_frac``, ``val_frac``).
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if split != "all" and split not in SPLITS:
+        raise ValueError(f"split must be one of all, {', '.join(SPLITS)}, got {split!r}")
     tr = _base_trace(scenario.trace, float(scenario.rate_scale))
     if split == "all":
         return tr

@@ -41,7 +41,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scenario", default=None, help="scenario YAML (default envs/configs/default.yaml)")
     p.add_argument("--fidelity", default="reference", choices=("reference", "fast"))
     p.add_argument("--rate-scale", type=float, default=None, help="arrival-rate multiplier")
-    p.add_argument("--split", default="all", choices=SPLITS)
+    p.add_argument("--split", default="all", choices=("all", *SPLITS))
     p.add_argument("--window", type=float, nargs=2, metavar=("T0", "T1"), help="only arrivals in [T0, T1) s")
     p.add_argument("--replicas", type=int, default=None, help="static: whole-model instances")
     p.add_argument("--plan", default=None, help="static: plan JSON file ({group: {replicas, ...}})")
