@@ -109,9 +109,10 @@ def test_training_split_and_selection_settings_are_checked():
         PPOHyperparams(select="last")
     with pytest.raises(ValueError, match="chosen on training data: use select: final"):
         PPOHyperparams(train_split="trainval", select="best")
-    refit = load_hyperparams("agents/configs/ppo-refit.yaml")
     default = load_hyperparams()
-    assert (refit.train_split, refit.select) == ("trainval", "final")
-    # the refit is the default recipe otherwise
-    refit.train_split, refit.select = default.train_split, default.select
-    assert refit == default
+    choice = load_hyperparams("agents/configs/ppo-valselect.yaml")
+    assert (default.train_split, default.select) == ("trainval", "final")
+    assert (choice.train_split, choice.select) == ("train", "best")
+    # the choice stage is the default recipe otherwise
+    choice.train_split, choice.select = default.train_split, default.select
+    assert choice == default

@@ -66,20 +66,6 @@ def test_checkpoint_loads_and_acts_in_the_simulator(trained):
         state = sim.step(plan)
 
 
-def test_checkpoint_is_selected_on_the_validation_split(trained):
-    """EvalCallback scores on ``val`` (527 s, shorter than a 600 s episode), never on ``test``."""
-    root, out = trained
-    meta = json.loads((Path(out["checkpoint"]) / "metadata.json").read_text())
-    assert meta["selected"] == "best validation eval"
-    ev = np.load(Path(out["checkpoint"]) / "eval" / "evaluations.npz")
-    scenario = load_scenario()
-    val_s = load_split(scenario, "val").duration_s
-    assert val_s < scenario.episode_intervals * scenario.interval_s
-    # an episode on val ends when its 527 s are served (a few intervals of drain at most)
-    assert np.all(ev["ep_lengths"] >= val_s / scenario.interval_s)
-    assert np.all(ev["ep_lengths"] < scenario.episode_intervals)
-
-
 def test_checkpoint_for_another_spec_is_refused(trained, tmp_path):
     _, out = trained
     src = Path(out["checkpoint"])
@@ -131,15 +117,16 @@ def test_rate_multipliers_reach_the_training_envs_only_when_configured():
     assert make_vec_env(sc, "test", 1, 0, "dummy", {}).envs[0].unwrapped.rate_mults == (1.0,)
 
 
-def test_refit_trains_on_trainval_and_ships_the_final_checkpoint(tmp_path, monkeypatch):
+def _small_run(tmp_path, monkeypatch, config: str) -> tuple[dict, list[str]]:
+    """A 256-step run of ``config`` (rollouts of 64, evaluations every 128 steps); returns the
+    training result and the splits the vectorised envs were built on."""
     import yaml
 
     import agents.training as training
 
-    cfg = yaml.safe_load(Path("agents/configs/ppo-refit.yaml").read_text())
-    block = cfg["opscale/OperatorScaling-v0"]
-    block.update(n_steps=64, batch_size=64, n_epochs=1, eval_freq=128, eval_episodes=1)
-    (tmp_path / "refit.yaml").write_text(yaml.safe_dump(cfg))
+    cfg = yaml.safe_load(Path(config).read_text())
+    cfg["opscale/OperatorScaling-v0"].update(n_steps=64, batch_size=64, n_epochs=1, eval_freq=128, eval_episodes=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     splits: list[str] = []
     real = training.make_vec_env
 
@@ -148,11 +135,33 @@ def test_refit_trains_on_trainval_and_ships_the_final_checkpoint(tmp_path, monke
         return real(scenario, split, *a, **kw)
 
     monkeypatch.setattr(training, "make_vec_env", spy)
-    out = train(TrainArgs(timesteps=256, n_envs=2, config=str(tmp_path / "refit.yaml"), save=str(tmp_path / "ck"),
+    out = train(TrainArgs(timesteps=256, n_envs=2, config=str(tmp_path / "cfg.yaml"), save=str(tmp_path / "ck"),
                           logdir=str(tmp_path / "tb"), progress_bar=False), log=lambda s: None)
+    return out, splits
+
+
+def test_default_refits_on_trainval_and_ships_the_final_checkpoint(tmp_path, monkeypatch):
+    out, splits = _small_run(tmp_path, monkeypatch, "agents/configs/ppo.yaml")
     assert splits == ["trainval", "val"]          # training envs, then the (monitoring) evaluation env
     folder = Path(out["checkpoint"])
     assert out["chosen"] == out["final"]
     assert (folder / "policy.zip").read_bytes() == (folder / "final" / "policy.zip").read_bytes()
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["selected"] == "final checkpoint" and meta["hyperparams"]["train_split"] == "trainval"
+
+
+def test_choice_stage_selects_on_the_validation_split(tmp_path, monkeypatch):
+    """ppo-valselect.yaml: episodes from ``train``; EvalCallback scores on ``val`` (527 s, shorter
+    than a 600 s episode), never on ``test``, and the best checkpoint is shipped."""
+    out, splits = _small_run(tmp_path, monkeypatch, "agents/configs/ppo-valselect.yaml")
+    assert splits == ["train", "val"]
+    folder = Path(out["checkpoint"])
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["selected"] == "best validation eval"
+    ev = np.load(folder / "eval" / "evaluations.npz")
+    scenario = load_scenario()
+    val_s = load_split(scenario, "val").duration_s
+    assert val_s < scenario.episode_intervals * scenario.interval_s
+    # an episode on val ends when its 527 s are served (a few intervals of drain at most)
+    assert np.all(ev["ep_lengths"] >= val_s / scenario.interval_s)
+    assert np.all(ev["ep_lengths"] < scenario.episode_intervals)
