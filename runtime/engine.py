@@ -110,6 +110,11 @@ class EngineConfig:
             on every n-th item of a replica (see :class:`_GroupClock`).
         pin_weights: on CUDA, move the master weights into pinned host memory at start so
             a new replica copies them at DMA speed.
+        respawn_backoff_s: after a replica of a group fails to load (out of device memory,
+            say), the next one of that group is spawned this many seconds later, doubling
+            with each further failure up to ``respawn_backoff_max_s``; a load that succeeds
+            resets it. Replicas that die serving are replaced at once.
+        respawn_backoff_max_s: the longest wait between load attempts (seconds).
     """
 
     device: str = "cpu"
@@ -126,6 +131,8 @@ class EngineConfig:
     fuse_colocated: bool = True
     fused_timing_every: int = 16
     pin_weights: bool = True
+    respawn_backoff_s: float = 0.5
+    respawn_backoff_max_s: float = 30.0
 
 
 #: Events a request's callback receives: ("token", token_id, index), ("done", reason, None),
@@ -518,6 +525,11 @@ class Engine:
         self._stop = threading.Event()
         self._driver: threading.Thread | None = None
         self._history: collections.deque[float] = collections.deque(maxlen=self.config.history_len)
+        #: group -> (consecutive load failures, perf_counter time before which none is spawned,
+        #: id of the last replica that failed)
+        self._load_failures: dict[str, tuple[int, float, int]] = {}
+        #: group -> the last load error, for wait_ready's message
+        self.last_load_error: dict[str, str] = {}
         self._energy_j = 0.0
         self._gens: dict[int, torch.Generator] = {}
         self.iterations = 0
@@ -554,7 +566,8 @@ class Engine:
                 if self._applied_version == self._plan_version and self._settled():
                     return
             time.sleep(0.005)
-        raise TimeoutError(f"replicas not ready after {timeout} s: {self.describe()}")
+        failed = "".join(f"; {g} failed to load: {msg}" for g, msg in self.last_load_error.items())
+        raise TimeoutError(f"replicas not ready after {timeout} s: {self.describe()}{failed}")
 
     def _settled(self) -> bool:
         want = assign_slots(self._plan)
@@ -584,6 +597,14 @@ class Engine:
             for reps in self.replicas.values():
                 for r in reps:
                     r.join(timeout)
+            # free device memory now (the engine and its replicas reference each other, so
+            # without this it waits for the garbage collector: on a GPU, engines started one
+            # after another then ran out of memory)
+            if self._driver is None or not self._driver.is_alive():
+                for reps in self.replicas.values():
+                    for r in reps:
+                        if r.exited:
+                            r.release()
 
     @property
     def running(self) -> bool:
@@ -738,10 +759,15 @@ class Engine:
             for r in [r for r in self.replicas[g] if not r.alive]:
                 self.replicas[g].remove(r)
                 self.metrics.worker_deaths.labels(group=g).inc()
+                if r.load_error is not None:
+                    self._note_load_failure(g, r)
                 log.warning("removed dead %r", r)
                 if g == "attn":
                     self._recover_from(r)
+                r.release()
             live = [r for r in self.replicas[g] if r.state in (LOADING, READY)]
+            if g in self._load_failures and any(r.ready and r.id > self._load_failures[g][2] for r in live):
+                del self._load_failures[g]  # a replica spawned after the last failure loaded
             todo = list(want[g])
             keep, extra = [], []
             for r in live:
@@ -750,6 +776,8 @@ class Engine:
                     keep.append(r)
                 else:
                     extra.append(r)
+            if todo and time.perf_counter() < self._load_failures.get(g, (0, 0.0, -1))[1]:
+                todo = []  # backing off after failed loads; the slots are filled later
             for slot in todo:
                 keep.append(self._spawn(g, slot, devices[slot]))
             if extra and all(r.ready for r in keep):
@@ -761,6 +789,14 @@ class Engine:
                     self.replicas[g].remove(r)
                     log.info("retired %r", r)
         self._applied_version = self._plan_version
+
+    def _note_load_failure(self, group: str, rep: Replica) -> None:
+        """Count a failed load of ``group`` and set when the next attempt may start."""
+        n = self._load_failures.get(group, (0, 0.0, -1))[0] + 1
+        wait = min(self.config.respawn_backoff_s * 2 ** (n - 1), self.config.respawn_backoff_max_s)
+        self._load_failures[group] = (n, time.perf_counter() + wait, rep.id)
+        self.last_load_error[group] = f"{type(rep.load_error).__name__}: {rep.load_error}"
+        log.warning("%s: %d failed load(s) in a row; next attempt in %.1f s", group, n, wait)
 
     def _retire(self, rep: Replica, keep: list[Replica]) -> None:
         """Stop routing to ``rep``; an attention replica first hands over its sequences' KV."""

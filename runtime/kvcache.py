@@ -96,6 +96,20 @@ class StepIndex:
     gather_len: int = 0
 
 
+def gather_unit(device: torch.device | str) -> int:
+    """Tokens to which decode attention rounds its context length on ``device``.
+
+    On CUDA, PyTorch's cuDNN attention builds a graph per input shape (~0.1 s each, measured
+    on an H200 as a 122 ms decode step against 27 ms once cached). A context that grows by
+    one token every step meets a new shape every step; on an H100 (2026-11-26) such a loop
+    still spent 1.25 ms of host time per attention call after a warm-up run over the same
+    lengths, against 0.12 ms at one shape per 64 tokens (cause not established). With 64 a
+    new shape comes once per 64 tokens, at the cost of attending over up to 63 masked
+    padding tokens. On CPU 1 (no padding).
+    """
+    return 64 if torch.device(device).type == "cuda" else 1
+
+
 class PagedKVCache:
     """Block pool plus per-sequence block tables for one attention replica.
 
@@ -121,12 +135,8 @@ class PagedKVCache:
         self._kf = [k.view(flat) for k in self.k]
         self._vf = [v.view(flat) for v in self.v]
         #: Decode attention reads the longest context rounded up to a multiple of this many
-        #: tokens (the rest masked). On CUDA, PyTorch's cuDNN attention builds and caches one
-        #: graph per input shape (~0.1 s each, measured on an H200 as a 122 ms decode step
-        #: against 27 ms once cached); a shape that grows by one token every step pays that
-        #: on every step of a cold run. With 64 a new shape comes once per 64 tokens, at the
-        #: cost of attending over up to 63 padding tokens. On CPU 1 (no padding).
-        self.gather_unit = 64 if self.device.type == "cuda" else 1
+        #: tokens (the rest masked); see :func:`gather_unit`.
+        self.gather_unit = gather_unit(self.device)
         self._free: list[int] = list(range(n_blocks - 1, -1, -1))
         self._tables: dict[int, list[int]] = {}
 

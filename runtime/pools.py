@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -24,6 +25,8 @@ from runtime.control import Plan
 from runtime.models import OPERATOR_GROUPS
 
 LOADING, READY, DRAINING, DEAD = "loading", "ready", "draining", "dead"
+
+log = logging.getLogger("opscale.runtime")
 
 
 class WorkerDied(RuntimeError):
@@ -105,7 +108,10 @@ class Replica:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except BaseException as e:  # a replica that cannot load never serves
-            self.load_error = e
+            log.warning("%r failed to load: %s: %s", self, type(e).__name__, e)
+            # the traceback's frames hold whatever the load had copied so far (device
+            # memory, for a partial CUDA copy): keep the error, not the frames
+            self.load_error = e.with_traceback(None)
             self.state = DEAD
             self._fail_queue()
             return
@@ -230,6 +236,20 @@ class Replica:
     def join(self, timeout: float | None = None) -> None:
         """Wait for the worker thread to exit."""
         self._thread.join(timeout)
+
+    @property
+    def exited(self) -> bool:
+        """The worker thread has ended (nothing runs on this replica's thread any more)."""
+        return not self._thread.is_alive()
+
+    def release(self) -> None:
+        """Drop the replica's weights and KV cache (call once nothing will run on it again).
+
+        Their device memory goes back to the allocator now, not whenever the garbage
+        collector breaks the engine's reference cycles.
+        """
+        self.modules = None
+        self.kv = None
 
 
 def assign_slots(plan: Plan) -> dict[str, list[str]]:

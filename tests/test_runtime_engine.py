@@ -191,6 +191,74 @@ def test_killed_worker_requeues_its_requests(model, group, replicas):
         eng.stop()
 
 
+def test_stop_releases_replica_weights_and_kv_without_the_garbage_collector(model):
+    # the engine and its replicas reference each other; on a GPU, engines started one after
+    # another ran out of device memory because stopped ones waited for the collector
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        eng = Engine(model, op_plan(2, 4)).start()
+        assert eng.generate(prompts(1)[0], 3)
+        # the replicas' module trees (on CPU their tensors are the master's own: clone_to a
+        # same-device copy makes none; on CUDA they are the replica's device copies)
+        weights = [weakref.ref(r.modules) for g in ("proj", "mlp", "head") for r in eng.replicas[g]]
+        caches = [weakref.ref(r.kv) for r in eng.replicas["attn"]]
+        assert len(weights) == 6 and len(caches) == 2 and all(w() is not None for w in weights + caches)
+        eng.stop()
+        assert all(w() is None for w in weights + caches)
+    finally:
+        gc.enable()
+
+
+def test_failed_loads_back_off_and_a_later_load_serves(model, caplog):
+    eng = Engine(model, op_plan(1, 4), EngineConfig(respawn_backoff_s=0.2))
+    load, calls = eng._loader, []
+
+    def flaky(group):
+        real = load(group)
+
+        def attempt(device):
+            calls.append((group, time.perf_counter()))
+            if group == "mlp" and sum(g == "mlp" for g, _ in calls) <= 2:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(device)
+        return attempt
+    eng._loader = flaky
+    with caplog.at_level("WARNING", logger="opscale.runtime"):
+        eng.start(wait_ready=30)
+    try:
+        mlp = [t for g, t in calls if g == "mlp"]
+        assert len(mlp) == 3  # two failures, then one success: no respawn storm
+        assert mlp[1] - mlp[0] >= 0.2 and mlp[2] - mlp[1] >= 0.4  # 0.2 s, then doubled
+        assert "failed to load: RuntimeError: CUDA out of memory (simulated)" in caplog.text
+        assert eng.last_load_error["mlp"] == "RuntimeError: CUDA out of memory (simulated)"
+        assert eng.generate(prompts(1)[0], 3) == generate_split(model, prompts(1)[0], 3)
+        assert "mlp" not in eng._load_failures  # reset by the successful load
+    finally:
+        eng.stop()
+
+
+def test_wait_ready_names_the_load_error(model):
+    eng = Engine(model, op_plan(1, 4), EngineConfig(respawn_backoff_s=0.05, respawn_backoff_max_s=0.1))
+    load = eng._loader
+
+    def broken(group):
+        real = load(group)
+
+        def attempt(device):
+            if group == "head":
+                raise MemoryError("no room for the LM head")
+            return real(device)
+        return attempt
+    eng._loader = broken
+    try:
+        with pytest.raises(TimeoutError, match="head failed to load: MemoryError: no room for the LM head"):
+            eng.start(wait_ready=1.0)
+    finally:
+        eng.stop()
+
+
 def test_admission_waits_for_kv_then_serves(model):
     # 1 KV block of 16 tokens per attention replica: one request at a time.
     lay = KVLayout(TINY.n_layers, TINY.n_kv_heads, TINY.head_dim, 16, torch.float64)
