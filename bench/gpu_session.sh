@@ -9,6 +9,7 @@
 # 3. opscale-profiler rows for Llama-2-7B (full default grid) and one Llama-2-70B layer
 #    (python -m runtime.profile), to compare with the shipped H100 rows
 #    (bench/profile_compare.py, run afterwards on any machine).
+# 4. a torch.profiler operator table of each side at batch 16 (op_table_llama-2-7b_b16.txt).
 # PROFILE=0 skips step 3 (the profiles do not depend on the engine).
 # Each step has its own time limit so that a slow step leaves the others' results.
 # Results land in $OUT (default bench/results/gpu); docs/BENCHMARKS.md and docs/PROFILES.md
@@ -31,21 +32,24 @@ log "1. pytest -m gpu"
 timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_profile.py tests/test_runtime_engine.py > "$OUT/gpu_tests.log" 2>&1
 tail -5 "$OUT/gpu_tests.log"
 log "2a. runtime overhead, llama-2-7b, batch 16"
-timeout 150 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 16 --prompt 128 --tokens 64 \
+timeout 200 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 16 --prompt 128 --tokens 64 \
   --repeats 3 --json "$OUT/overhead_llama-2-7b_b16.json" > /dev/null
-$PY -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r[k] for k in ('device_name','monolithic','split','split_over_monolithic_tokens_per_s')}); print({g: round(v['first_batch_s'],3) for g,v in r['scale_up'].items()})" "$OUT/overhead_llama-2-7b_b16.json"
+$PY -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r[k] for k in ('device_name','monolithic','split','split_over_monolithic_tokens_per_s','monolithic_runs_tokens_per_s','split_runs_tokens_per_s')}); print({g: round(v['first_batch_s'],3) for g,v in r['scale_up'].items()})" "$OUT/overhead_llama-2-7b_b16.json"
 if [ "${PROFILE:-1}" = 1 ]; then
 log "3a. profile llama-2-7b"
 timeout 150 $PY -m runtime.profile --model llama-2-7b --device cuda --power-window 0.2 -q \
   --out "$OUT/profile_llama-2-7b.csv"
 fi
 log "2b. runtime overhead, llama-2-7b, batch 64"
-timeout 120 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 64 --prompt 128 --tokens 64 \
-  --repeats 2 --no-scale-up --json "$OUT/overhead_llama-2-7b_b64.json" > /dev/null
-$PY -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r[k] for k in ('monolithic','split','split_over_monolithic_tokens_per_s')})" "$OUT/overhead_llama-2-7b_b64.json"
+timeout 150 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 64 --prompt 128 --tokens 64 \
+  --repeats 3 --no-scale-up --json "$OUT/overhead_llama-2-7b_b64.json" > /dev/null
+$PY -c "import json,sys; r=json.load(open(sys.argv[1])); print({k: r[k] for k in ('monolithic','split','split_over_monolithic_tokens_per_s','monolithic_runs_tokens_per_s','split_runs_tokens_per_s')})" "$OUT/overhead_llama-2-7b_b64.json"
 if [ "${PROFILE:-1}" = 1 ]; then
 log "3b. profile one llama-2-70b layer"
 timeout 120 $PY -m runtime.profile --model llama-2-70b --device cuda --power-window 0.1 -q \
   --out "$OUT/profile_llama-2-70b.csv"
 fi
+log "4. operator tables (torch.profiler), llama-2-7b, batch 16"
+timeout 150 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 16 --prompt 128 --tokens 64 \
+  --repeats 1 --no-scale-up --op-table "$OUT/op_table_llama-2-7b_b16.txt" > /dev/null
 log done

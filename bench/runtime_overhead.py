@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -34,12 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.control import Plan  # noqa: E402
 from runtime.engine import Engine, EngineConfig  # noqa: E402
-from runtime.kvcache import KVLayout  # noqa: E402
+from runtime.kvcache import KVLayout, gather_unit  # noqa: E402
 from runtime.model import LlamaModel, build_model  # noqa: E402
 from runtime.models import OPERATOR_GROUPS, get_model  # noqa: E402
 from runtime.pools import READY, clone_to  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+_T0 = time.perf_counter()
+
+
+def progress(msg: str) -> None:
+    """A timestamped line on stderr (a run cut short by a time limit shows how far it got)."""
+    print(f"[{time.perf_counter() - _T0:7.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
 def _sync(device: str) -> None:
@@ -75,7 +83,12 @@ def monolithic(model: LlamaModel, prompts: list[list[int]], tokens: int, device:
 def _monolithic(model: LlamaModel, prompts: list[list[int]], tokens: int, device: str) -> dict[str, float]:
     cfg = model.cfg
     B, P = len(prompts), len(prompts[0])
-    tmax = P + tokens
+    # attention reads the context rounded up to the engine's gather unit (64 tokens on CUDA),
+    # as the engine does: the two sides then call attention at the same shapes, and the
+    # ratio measures the split, not cuDNN's per-shape graph builds (an H100 profile of the
+    # unrounded loop: 1.25 ms of host time per attention call, against 0.12 ms rounded)
+    unit = gather_unit(device)
+    tmax = -(-(P + tokens) // unit) * unit
     kc = [torch.zeros(B, tmax, cfg.n_kv_heads, cfg.head_dim, device=device, dtype=model.embed.weight.dtype)
           for _ in model.layers]
     vc = [torch.zeros_like(k) for k in kc]
@@ -101,7 +114,7 @@ def _monolithic(model: LlamaModel, prompts: list[list[int]], tokens: int, device
             q, k, v = layer.qkv(layer.attn_norm(h))
             q, k = layer.rope(q, k, pos)
             kc[i][:, n - 1], vc[i][:, n - 1] = k, v
-            h = h + layer.o_proj(layer.attn.decode(q, kc[i], vc[i], lengths, max_length=n))
+            h = h + layer.o_proj(layer.attn.decode(q, kc[i], vc[i], lengths, max_length=-(-n // unit) * unit))
             h = h + layer.mlp(layer.mlp_norm(h))
         token = model.sampler(model.lm_head(model.final_norm(h)))
         _sync(device)
@@ -151,9 +164,15 @@ def split(model: LlamaModel, prompts: list[list[int]], tokens: int, device: str,
         eng.stop()
 
 
-def scale_up(model: LlamaModel, device: str, batch: int, prompt: int, tokens: int) -> dict[str, dict[str, float]]:
-    """Per group: seconds from apply() to the new replica being ready and to its first batch."""
-    out: dict[str, dict[str, float]] = {}
+def scale_up(model: LlamaModel, device: str, batch: int, prompt: int, tokens: int,
+             out: dict[str, dict[str, float]] | None = None,
+             on_group: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
+    """Per group: seconds from apply() to the new replica being ready and to its first batch.
+
+    Fills ``out`` (a new dict if None) group by group, calling ``on_group()`` after each, so
+    a run cut short still leaves the groups it measured.
+    """
+    out = {} if out is None else out
     base = Plan.model_level(1, batch, 1)
     conf = engine_config(model, device, 2 * batch, prompt + tokens)
     for g in OPERATOR_GROUPS:
@@ -187,6 +206,35 @@ def scale_up(model: LlamaModel, device: str, batch: int, prompt: int, tokens: in
                 s.finished.wait(600)
         finally:
             eng.stop()
+        progress(f"scale-up {g}: {out[g]}")
+        if on_group is not None:
+            on_group()
+    return out
+
+
+def op_table(name: str, run: Any, device: str, rows: int = 25) -> str:
+    """``run()`` under torch.profiler: its top operators by self device time and by host time.
+
+    Both sides issue their ops from threads of their own, so host ops are recorded with
+    ``profile_all_threads`` where this torch has it; device kernels are recorded from any
+    thread either way.
+    """
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    sort = "self_cpu_time_total"
+    if device == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+        sort = "self_cuda_time_total"
+    try:
+        config = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    except TypeError:  # older torch: host ops of the caller's thread only
+        config = None
+    with torch.profiler.profile(activities=acts, experimental_config=config) as prof:
+        run()
+        _sync(device)
+    ka = prof.key_averages()
+    out = f"== {name}: by {sort}\n{ka.table(sort_by=sort, row_limit=rows)}\n"
+    if device == "cuda":
+        out += f"== {name}: by cpu_time_total\n{ka.table(sort_by='cpu_time_total', row_limit=rows)}\n"
     return out
 
 
@@ -206,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hops", action="store_true",
                    help="also measure the engine with fused lanes off (key split_hops)")
     p.add_argument("--json", default=None)
+    p.add_argument("--op-table", default=None, metavar="FILE",
+                   help="after the repeats, run each side once more under torch.profiler and write its "
+                        "top operators (self device time and host time) to FILE (times there include "
+                        "the profiler's own cost: read them as shares, not as the benchmark)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
@@ -217,15 +269,20 @@ def main(argv: list[str] | None = None) -> int:
     mono_model = build_model(cfg, device=args.device if args.device == "cpu" else "cuda:0", dtype=dtype, seed=0)
     model = clone_to(mono_model, torch.device("cpu")) if args.device == "cuda" else build_model(cfg, dtype=dtype, seed=0)
     prompts = [[(11 * b + 3 * j) % cfg.vocab_size for j in range(args.prompt)] for b in range(args.batch)]
+    mono_dev = "cpu" if args.device == "cpu" else "cuda:0"
+    progress(f"{cfg.name} built on {args.device}")
     mono, spl, hops = [], [], []
-    for _ in range(args.warmup):
-        monolithic(mono_model, prompts, args.tokens, "cpu" if args.device == "cpu" else "cuda:0")
+    for i in range(args.warmup):
+        monolithic(mono_model, prompts, args.tokens, mono_dev)
         split(model, prompts, args.tokens, args.device, args.batch)
-    for _ in range(args.repeats):
-        mono.append(monolithic(mono_model, prompts, args.tokens, "cpu" if args.device == "cpu" else "cuda:0"))
+        progress(f"warm-up {i + 1} done")
+    for i in range(args.repeats):
+        mono.append(monolithic(mono_model, prompts, args.tokens, mono_dev))
         spl.append(split(model, prompts, args.tokens, args.device, args.batch))
         if args.hops:
             hops.append(split(model, prompts, args.tokens, args.device, args.batch, fuse=False))
+        progress(f"repeat {i + 1}: monolithic {mono[-1]['tokens_per_s']:.1f} tokens/s, "
+                 f"split {spl[-1]['tokens_per_s']:.1f} tokens/s")
     med = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
     result = {
         "model": cfg.name, "device": args.device,
@@ -247,11 +304,21 @@ def main(argv: list[str] | None = None) -> int:
         result["split_hops"] = {k: med(hops, k) for k in ("tokens_per_s", "tbt_p50_s", "tbt_p99_s")}
         result["split_hops_over_monolithic_tokens_per_s"] = (result["split_hops"]["tokens_per_s"]
                                                              / result["monolithic"]["tokens_per_s"])
+
+    def emit() -> None:  # after each part, so a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    emit()
+    if args.op_table:
+        Path(args.op_table).write_text(
+            op_table("monolithic", lambda: monolithic(mono_model, prompts, args.tokens, mono_dev), args.device)
+            + op_table("split", lambda: split(model, prompts, args.tokens, args.device, args.batch), args.device))
+        progress(f"operator tables written to {args.op_table}")
     if not args.no_scale_up:
-        result["scale_up"] = scale_up(model, args.device, args.batch, args.prompt, args.tokens)
+        result["scale_up"] = {}
+        scale_up(model, args.device, args.batch, args.prompt, args.tokens, out=result["scale_up"], on_group=emit)
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    emit()
     return 0
 
 
