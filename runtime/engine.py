@@ -528,7 +528,8 @@ class Engine:
         #: group -> (consecutive load failures, perf_counter time before which none is spawned,
         #: id of the last replica that failed)
         self._load_failures: dict[str, tuple[int, float, int]] = {}
-        #: group -> the last load error, for wait_ready's message
+        #: group -> the last load error (kept after a later load succeeds; wait_ready names
+        #: only the groups still failing)
         self.last_load_error: dict[str, str] = {}
         self._energy_j = 0.0
         self._gens: dict[int, torch.Generator] = {}
@@ -566,7 +567,7 @@ class Engine:
                 if self._applied_version == self._plan_version and self._settled():
                     return
             time.sleep(0.005)
-        failed = "".join(f"; {g} failed to load: {msg}" for g, msg in self.last_load_error.items())
+        failed = "".join(f"; {g} failed to load: {self.last_load_error[g]}" for g in list(self._load_failures))
         raise TimeoutError(f"replicas not ready after {timeout} s: {self.describe()}{failed}")
 
     def _settled(self) -> bool:
