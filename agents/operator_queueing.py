@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from agents.context import ControllerContext
 from agents.queueing import mmc_wait, mmc_wait_quantile
 from agents.sizing import LoadEstimator
+from runtime.colocation import co_residence
 from runtime.control import ClusterState, Controller, OperatorPlan, Plan
 from runtime.models import OPERATOR_GROUPS
 
@@ -175,8 +176,9 @@ class GroupLoad:
 
 @dataclass(frozen=True)
 class Packing:
-    """Best-fit placement of a plan's replicas: GPUs used and, per group, the share of its
-    GPUs it shares with each other group."""
+    """Best-fit placement of a plan's replicas: GPUs used and, per group, the co-resident
+    shards per shard of it, by group (its own entry: its other replicas on the same GPU;
+    runtime/colocation.py)."""
 
     gpus: int
     peers: dict[str, dict[str, float]]
@@ -288,16 +290,8 @@ class PlanModel:
                     left -= 1
                 for _ in range(left):
                     gpus.append([need[g], {g: 1}])
-        peers: dict[str, dict[str, float]] = {}
-        for g in OPERATOR_GROUPS:
-            mine = [x for x in gpus if g in x[1]]
-            share: dict[str, float] = {}
-            for x in mine:
-                for o in x[1]:
-                    if o != g:
-                        share[o] = share.get(o, 0.0) + 1.0 / len(mine)
-            peers[g] = share
-        out = Packing(len(gpus), peers)
+        peers = co_residence((1, x[1]) for x in gpus)
+        out = Packing(len(gpus), {g: peers.get(g, {}) for g in OPERATOR_GROUPS})
         if len(self._pack_memo) > 20000:
             self._pack_memo.clear()
         self._pack_memo[key] = out

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from runtime.colocation import gpu_busy
 from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
@@ -158,7 +159,7 @@ class Simulator(ABC):
     def account(self, t: float, util: dict[str, float] | None = None) -> None:
         """Add GPU-seconds and joules from the last accounting time up to ``t``.
 
-        Each paid GPU draws power(u) where u is the summed busy share of the processes on it
+        Each paid GPU draws power(u) where u is the summed busy share of the replica shards on it
         (capped at 1); GPUs that are loading or draining draw idle power.
         """
         assert self.timeline is not None
@@ -170,7 +171,7 @@ class Simulator(ABC):
         layout = self.serving_layout(self._acc_t)
         watts = 0.0
         for c in layout.gpus:
-            u = sum(util.get(proc, 0.0) for proc in c.procs)
+            u = gpu_busy(c.procs, util)
             watts += c.count * self.pred.power_w(min(u, 1.0))
         watts += max(paid - layout.n_gpus, 0) * self.pred.power_w(0.0)
         self.gpu_seconds += paid * span

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from runtime.colocation import co_residence
 from runtime.control import OperatorPlan, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
@@ -59,7 +60,8 @@ class Layout:
         unit_tp: tensor parallelism of an attention unit.
         unit_kv_tokens: KV-cache capacity of one attention unit (tokens).
         proc_gpus: GPUs each process (group or ``model``) occupies.
-        peers: for each process, {other process: share of its GPUs it co-resides with}.
+        peers: for each process, {process: co-resident shards per shard of it} (its own entry
+            counts its other replicas on the same GPU; runtime/colocation.py).
         load_s: seconds a new replica of each group needs before it serves.
     """
 
@@ -312,15 +314,7 @@ class Placer:
         for c in classes:
             for proc in c.procs:
                 proc_gpus[proc] = proc_gpus.get(proc, 0) + c.count
-        peers: dict[str, dict[str, float]] = {}
-        for proc, n in proc_gpus.items():
-            share: dict[str, float] = {}
-            for c in classes:
-                if proc in c.procs:
-                    for other in c.procs:
-                        if other != proc:
-                            share[other] = share.get(other, 0.0) + c.count / n
-            peers[proc] = share
+        peers = co_residence((c.count, c.procs) for c in classes)
         load_s = {}
         memory = {}
         mono_w = sum(p.weight_bytes_per_gpu(h, inst_tp) for h in mono) if mono else 0
