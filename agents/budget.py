@@ -1,0 +1,137 @@
+"""Fixed-budget mode for any controller: top its plans up to the GPUs already paid for.
+
+An autoscaler that saves GPUs (every controller here) leaves some idle when the cluster is a
+fixed budget: there the GPUs are sunk cost and a replica that is not running is capacity
+thrown away. :class:`BudgetFill` wraps a controller for that deployment. Each plan the
+inner controller returns is scaled up, keeping its proportions: every group's replica count
+becomes ``max(r, round(r x f))`` with the largest factor ``f`` (found by bisection) whose
+plan still fits ``budget_gpus``; then single replicas are added while they fit, each to the
+group scaled least so far and none beyond the largest factor a group already reached. Whole-model plans become ``budget // tp`` instances.
+
+The GPU count of a plan comes from the controller side's own placement model
+(:meth:`agents.operator_queueing.PlanModel.pack`, the best fit the simulator and the runtime
+use for ``pack`` placement), so the wrapper runs unchanged in the simulator and the live
+runtime. Plans it cannot count (``dedicated`` pools, mixed placements, a tensor-parallel
+degree other than the deployment's) pass through unchanged; the caller still repairs any
+plan that does not fit.
+
+Units: GPUs (whole devices), replicas.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from agents.context import ControllerContext
+from runtime.control import ClusterState, Controller, OperatorPlan, Plan
+from runtime.models import OPERATOR_GROUPS
+
+#: bisection steps on the scale factor (the factor is known to within max_factor / 2**steps)
+_STEPS = 24
+
+
+def pack_gpu_counter(ctx: ControllerContext) -> Callable[[Plan], int | None]:
+    """``count(plan)``: GPUs the plan needs, or None for plans this model does not cover.
+
+    Whole-model plans (every group ``model``): instances x tp. All-``pack`` plans at the
+    deployment's per-group tp: the best-fit packing of operator-queueing's planning model.
+    """
+    from agents.operator_queueing import OperatorQueueingConfig, PlanModel
+
+    model = PlanModel(ctx, OperatorQueueingConfig())
+
+    def count(plan: Plan) -> int | None:
+        ops = plan.ops
+        if all(o.placement == "model" for o in ops.values()):
+            return int(ops["attn"].replicas) * int(ops["attn"].tp)
+        if all(o.placement == "pack" and o.tp == ctx.tp_of(g) for g, o in ops.items()):
+            return model.pack({g: ops[g].replicas for g in OPERATOR_GROUPS},
+                              {g: ops[g].max_batch for g in OPERATOR_GROUPS}).gpus
+        return None
+
+    return count
+
+
+def scale_plan(plan: Plan, factor: float) -> Plan:
+    """Every group's replicas times ``factor`` (rounded half up, never below the plan's own)."""
+    return Plan({g: OperatorPlan(max(o.replicas, int(o.replicas * factor + 0.5)), o.max_batch, o.placement, o.tp)
+                 for g, o in plan.ops.items()})
+
+
+def fill_plan(plan: Plan, budget_gpus: int, count: Callable[[Plan], int | None], max_replicas: int) -> Plan:
+    """``plan`` scaled up to the largest factor that still fits ``budget_gpus`` (see module doc).
+
+    Args:
+        plan: the plan to top up.
+        budget_gpus: GPUs available (>= 1).
+        count: GPUs a plan needs, None when unknown (see :func:`pack_gpu_counter`).
+        max_replicas: the most replicas any group may have (the codec's limit).
+
+    Returns:
+        The filled plan; ``plan`` itself when it is uncountable or already at or over budget.
+    """
+    used = count(plan)
+    if used is None or used >= budget_gpus:
+        return plan
+    ops = plan.ops
+    if all(o.placement == "model" for o in ops.values()):
+        n = min(max(budget_gpus // max(ops["attn"].tp, 1), ops["attn"].replicas), max_replicas)
+        return Plan({g: OperatorPlan(n, o.max_batch, o.placement, o.tp) for g, o in ops.items()})
+    lo = 1.0
+    hi = max(max_replicas / max(min(o.replicas for o in ops.values()), 1), 1.0)
+    best = plan
+    for _ in range(_STEPS):
+        mid = 0.5 * (lo + hi)
+        cand = scale_plan(plan, mid)
+        if max(o.replicas for o in cand.ops.values()) > max_replicas:
+            hi = mid
+            continue
+        n = count(cand)
+        if n is not None and n <= budget_gpus:
+            lo, best = mid, cand
+        else:
+            hi = mid
+    # rounding leaves room: add single replicas while they fit, the group scaled least so far
+    # first, none beyond the largest scale a group already has (proportions stay)
+    while True:
+        top = max(best[g].replicas / ops[g].replicas for g in OPERATOR_GROUPS)
+        order = sorted(OPERATOR_GROUPS, key=lambda g: (best[g].replicas / ops[g].replicas, -ops[g].replicas))
+        for g in order:
+            if best[g].replicas >= max_replicas or (best[g].replicas + 1) / ops[g].replicas > top + 1e-9:
+                continue
+            cand = best.with_op(g, replicas=best[g].replicas + 1)
+            n = count(cand)
+            if n is not None and n <= budget_gpus:
+                best = cand
+                break
+        else:
+            return best
+
+
+class BudgetFill(Controller):
+    """Wraps ``inner`` for a fixed budget: every plan it decides is topped up to
+    ``budget_gpus`` by :func:`fill_plan` (proportions kept).
+
+    Args:
+        inner: the controller whose plans are filled.
+        budget_gpus: GPUs of the fixed budget (>= 1).
+        count: GPUs a plan needs (None when unknown); e.g. :func:`pack_gpu_counter`.
+        max_replicas: the most replicas any group may have.
+    """
+
+    def __init__(self, inner: Controller, budget_gpus: int, count: Callable[[Plan], int | None],
+                 max_replicas: int) -> None:
+        if int(budget_gpus) < 1:
+            raise ValueError(f"budget_gpus must be >= 1, got {budget_gpus!r}")
+        if int(max_replicas) < 1:
+            raise ValueError(f"max_replicas must be >= 1, got {max_replicas!r}")
+        self.inner = inner
+        self.name = inner.name
+        self.budget_gpus = int(budget_gpus)
+        self.count = count
+        self.max_replicas = int(max_replicas)
+
+    def reset(self, state: ClusterState | None = None) -> None:
+        self.inner.reset(state)
+
+    def decide(self, state: ClusterState) -> Plan:
+        return fill_plan(self.inner.decide(state), self.budget_gpus, self.count, self.max_replicas)
