@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.control import Plan
+from runtime.control import OperatorPlan, Plan
 from runtime.models import OPERATOR_GROUPS
 
 from envs.scenario import Scenario
@@ -34,9 +34,13 @@ TARGETS = {"ttft_p50_s": 0.10, "ttft_p99_s": 0.20, "tbt_p50_s": 0.10, "tbt_p99_s
 
 
 def grid_plans(sc: Scenario) -> dict[str, Plan]:
-    """The plans of the sweep: 16/24/32-GPU whole-model, a hybrid and two disaggregated ones."""
+    """The plans of the sweep: 16/24/32-GPU whole-model, a hybrid, two disaggregated ones, and
+    the PPO recipe's packed start plan (agents/configs/ppo.yaml: 16 attention replicas of batch
+    16, proj 3, mlp 6; two GPUs hold two attention replicas each, so packed replicas of one
+    group contend there)."""
     mono6 = Plan.model_level(6, 64, sc.model_tp)
     dis = {"embed": 1, "attn": 8, "proj": 4, "mlp": 6, "head": 1}
+    start = {"embed": 1, "attn": 16, "proj": 3, "mlp": 6, "head": 1}
     return {
         "model x4": Plan.model_level(4, 64, sc.model_tp),
         "model x6": mono6,
@@ -44,6 +48,8 @@ def grid_plans(sc: Scenario) -> dict[str, Plan]:
         "model x6 + mlp x4 dedicated": mono6.with_op("mlp", replicas=4, placement="dedicated", tp=sc.tp["mlp"]),
         "disaggregated": sc.disaggregated_plan(dis, 64, "dedicated"),
         "disaggregated, packed": sc.disaggregated_plan(dis, 64, "pack"),
+        "packed, PPO start plan": Plan({g: OperatorPlan(start[g], 16 if g == "attn" else 256, "pack",
+                                                        int(sc.tp[g])) for g in OPERATOR_GROUPS}),
     }
 
 
