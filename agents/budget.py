@@ -2,11 +2,18 @@
 
 An autoscaler that saves GPUs (every controller here) leaves some idle when the cluster is a
 fixed budget: there the GPUs are sunk cost and a replica that is not running is capacity
-thrown away. :class:`BudgetFill` wraps a controller for that deployment. Each plan the
-inner controller returns is scaled up, keeping its proportions: every group's replica count
-becomes ``max(r, round(r x f))`` with the largest factor ``f`` (found by bisection) whose
-plan still fits ``budget_gpus``; then single replicas are added while they fit, each to the
-group scaled least so far and none beyond the largest factor a group already reached. Whole-model plans become ``budget // tp`` instances.
+thrown away. :class:`BudgetFill` wraps a controller for that deployment, with one of two rules:
+
+* ``proportional`` (:func:`fill_plan`): each plan the inner controller returns is scaled up,
+  keeping its proportions: every group's replica count becomes ``max(r, round(r x f))`` with
+  the largest factor ``f`` (found by bisection) whose plan still fits ``budget_gpus``; then
+  single replicas are added while they fit, each to the group scaled least so far and none
+  beyond the largest factor a group already reached.
+* ``utilisation`` (:func:`fill_by_utilisation`): spare GPUs go one replica at a time to the
+  group whose replicas would be busiest, from the busy shares measured last interval
+  (water-filling).
+
+Under both, whole-model plans become ``budget // tp`` instances.
 
 The GPU count of a plan comes from the controller side's own placement model
 (:meth:`agents.operator_queueing.PlanModel.pack`, the best fit the simulator and the runtime
@@ -19,12 +26,14 @@ Units: GPUs (whole devices), replicas.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 from agents.context import ControllerContext
 from runtime.control import ClusterState, Controller, OperatorPlan, Plan
 from runtime.models import OPERATOR_GROUPS
 
+#: how spare GPUs are spent (see :class:`BudgetFill`)
+FILL_RULES = ("proportional", "utilisation")
 #: bisection steps on the scale factor (the factor is known to within max_factor / 2**steps)
 _STEPS = 24
 
@@ -107,6 +116,41 @@ def fill_plan(plan: Plan, budget_gpus: int, count: Callable[[Plan], int | None],
             return best
 
 
+def fill_by_utilisation(plan: Plan, budget_gpus: int, count: Callable[[Plan], int | None], max_replicas: int,
+                        busy_replicas: Mapping[str, float]) -> Plan:
+    """``plan`` topped up one replica at a time, each to the group whose busy share per replica
+    would be highest, while the replica fits ``budget_gpus`` (water-filling: a group whose
+    replicas were busy for ``w`` replicas' worth of time, e.g. 4 replicas busy 0.5 = 2.0, is
+    projected to be busy ``w / r`` at ``r`` replicas).
+
+    Args:
+        busy_replicas: per group, measured busy share x serving replicas (replicas' worth of
+            busy time, >= 0) over the last interval.
+
+    Falls back to :func:`fill_plan` when no group was busy (no measurement yet) and returns
+    whole-model or uncountable plans as :func:`fill_plan` does.
+    """
+    used = count(plan)
+    ops = plan.ops
+    if used is None or used >= budget_gpus or all(o.placement == "model" for o in ops.values()) \
+            or not any(busy_replicas.get(g, 0.0) > 0.0 for g in OPERATOR_GROUPS):
+        return fill_plan(plan, budget_gpus, count, max_replicas)
+    work = {g: max(float(busy_replicas.get(g, 0.0)), 0.0) for g in OPERATOR_GROUPS}
+    best = plan
+    full: set[str] = set()
+    while True:
+        open_ = [g for g in OPERATOR_GROUPS if g not in full and work[g] > 0.0 and best[g].replicas < max_replicas]
+        if not open_:
+            return best
+        g = max(open_, key=lambda h: work[h] / best[h].replicas)
+        cand = best.with_op(g, replicas=best[g].replicas + 1)
+        n = count(cand)
+        if n is not None and n <= budget_gpus:
+            best = cand
+        else:
+            full.add(g)  # its next replica does not fit; a smaller group's may
+
+
 class BudgetFill(Controller):
     """Wraps ``inner`` for a fixed budget: every plan it decides is topped up to
     ``budget_gpus`` by :func:`fill_plan` (proportions kept).
@@ -116,14 +160,19 @@ class BudgetFill(Controller):
         budget_gpus: GPUs of the fixed budget (>= 1).
         count: GPUs a plan needs (None when unknown); e.g. :func:`pack_gpu_counter`.
         max_replicas: the most replicas any group may have.
+        rule: ``proportional`` (:func:`fill_plan`) or ``utilisation``
+            (:func:`fill_by_utilisation` with the state's per-group busy shares).
     """
 
     def __init__(self, inner: Controller, budget_gpus: int, count: Callable[[Plan], int | None],
-                 max_replicas: int) -> None:
+                 max_replicas: int, rule: str = "proportional") -> None:
         if int(budget_gpus) < 1:
             raise ValueError(f"budget_gpus must be >= 1, got {budget_gpus!r}")
         if int(max_replicas) < 1:
             raise ValueError(f"max_replicas must be >= 1, got {max_replicas!r}")
+        if rule not in FILL_RULES:
+            raise ValueError(f"fill rule must be one of {FILL_RULES}, got {rule!r}")
+        self.rule = rule
         self.inner = inner
         self.name = inner.name
         self.budget_gpus = int(budget_gpus)
@@ -134,4 +183,8 @@ class BudgetFill(Controller):
         self.inner.reset(state)
 
     def decide(self, state: ClusterState) -> Plan:
-        return fill_plan(self.inner.decide(state), self.budget_gpus, self.count, self.max_replicas)
+        plan = self.inner.decide(state)
+        if self.rule == "utilisation":
+            busy = {g: op.utilisation * op.replicas for g, op in state.operators.items()}
+            return fill_by_utilisation(plan, self.budget_gpus, self.count, self.max_replicas, busy)
+        return fill_plan(plan, self.budget_gpus, self.count, self.max_replicas)

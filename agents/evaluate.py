@@ -8,8 +8,8 @@ For each controller: SLO attainment, TTFT/TBT p50/p99, average and peak GPUs, GP
 energy (kWh) and ratios to static and to model-level; PNG plots of GPUs, attainment and
 per-operator replicas over time. ``--budget-gpus N`` adds the fixed-budget view: the
 highest request rate each controller sustains at the SLO with at most N GPUs (and its
-ratio to model-level); with ``--budget-fill`` every controller runs in fixed-budget mode
-(its plans topped up to the N GPUs, agents/budget.py).
+ratio to model-level); with ``--budget-fill [RULE]`` every controller runs in fixed-budget
+mode (its plans topped up to the N GPUs by RULE, agents/budget.py).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from agents.budget import FILL_RULES
 from agents.envtools import load_scenario, load_split, make_sim
 from agents.registry import CONTROLLER_NAMES, make_controller
 from envs import SPLITS
@@ -138,13 +139,14 @@ def evaluate(controllers: Sequence[str], scenario: Any, split: str = "test", fid
 
 def sustained_rate(name: str, scenario: Any, budget_gpus: int, split: str, fidelity: str, window_s: float,
                    checkpoint: str | None, lo: float, hi: float, iters: int, seed: int = 0,
-                   fill: bool = False) -> dict[str, Any]:
+                   fill: str | None = None) -> dict[str, Any]:
     """Highest rate multiplier in [lo, hi] at which ``name`` meets the SLO with ``budget_gpus`` GPUs.
 
     Bisection on the multiplier ``k`` of the scenario's rate (``rate_scale x k``) with the
     cluster capped at ``budget_gpus`` (plans needing more are repaired by the simulator).
-    With ``fill`` the controller runs in fixed-budget mode (:class:`agents.budget.BudgetFill`:
-    its starting plan and every plan it decides are topped up to the budget).
+    With ``fill`` (a rule of :data:`agents.budget.FILL_RULES`) the controller runs in fixed-budget
+    mode (:class:`agents.budget.BudgetFill`: its starting plan and every plan it decides are
+    topped up to the budget).
     Returns the multiplier, the request rate it means (req/s) and the runs tried.
     """
     capped = scenario.replace(max_gpus=int(budget_gpus))
@@ -159,7 +161,7 @@ def sustained_rate(name: str, scenario: Any, budget_gpus: int, split: str, fidel
         ctl, plan0 = make_controller(name, scenario.replace(rate_scale=sc.rate_scale), slo=sim.slo, trace=trace,
                                      checkpoint=checkpoint, budget_gpus=budget_gpus, fidelity=fidelity, seed=seed)
         if fill:
-            ctl, plan0 = budget_filled(ctl, plan0, scenario, sim.slo, budget_gpus)
+            ctl, plan0 = budget_filled(ctl, plan0, scenario, sim.slo, budget_gpus, fill)
         summary, tl = run_timeline(sim, ctl, plan0)
         att = float(summary["slo_attainment"])
         tried.append({"k": k, "attainment": att, "rate_rps": len(trace) / max(trace.duration_s, 1e-9),
@@ -183,22 +185,24 @@ def sustained_rate(name: str, scenario: Any, budget_gpus: int, split: str, fidel
     return {"multiplier": best, "rate_rps": rate, "tried": tried}
 
 
-def budget_filled(ctl: Controller, plan0: Plan, scenario: Any, slo: Any, budget_gpus: int) -> tuple[Controller, Plan]:
-    """``ctl`` and its starting plan in fixed-budget mode (agents/budget.py)."""
+def budget_filled(ctl: Controller, plan0: Plan, scenario: Any, slo: Any, budget_gpus: int,
+                  rule: str = "proportional") -> tuple[Controller, Plan]:
+    """``ctl`` and its starting plan in fixed-budget mode (agents/budget.py; the starting plan,
+    decided before anything is measured, is filled in proportion under either rule)."""
     from agents.budget import BudgetFill, fill_plan, pack_gpu_counter
     from agents.registry import controller_context
 
     count = pack_gpu_counter(controller_context(scenario, slo))
     max_replicas = int(scenario.codec_config.max_replicas)
-    return (BudgetFill(ctl, budget_gpus, count, max_replicas),
+    return (BudgetFill(ctl, budget_gpus, count, max_replicas, rule),
             fill_plan(plan0, int(budget_gpus), count, max_replicas))
 
 
 def fixed_budget(controllers: Sequence[str], scenario: Any, budget_gpus: int, split: str, fidelity: str,
                  window_s: float, checkpoint: str | None, lo: float = 0.25, hi: float = 4.0, iters: int = 5,
-                 log: Callable[[str], None] = print, fill: bool = False) -> dict[str, dict[str, Any]]:
+                 log: Callable[[str], None] = print, fill: str | None = None) -> dict[str, dict[str, Any]]:
     """:func:`sustained_rate` for every controller, with ``throughput_vs_model_level``
-    (``fill``: every controller in fixed-budget mode, agents/budget.py)."""
+    (``fill``: every controller in fixed-budget mode with that rule, agents/budget.py)."""
     out = {}
     for name in controllers:
         if name == "static":
@@ -249,9 +253,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-window-s", type=float, default=1800.0, help="trace seconds per fixed-budget run")
     p.add_argument("--budget-range", default="0.5,3.0", help="lowest,highest rate multiplier to search")
     p.add_argument("--budget-fidelity", default="reference", choices=["reference", "fast"])
-    p.add_argument("--budget-fill", action="store_true",
+    p.add_argument("--budget-fill", nargs="?", const="proportional", default=None, choices=FILL_RULES,
                    help="fixed-budget view in fixed-budget mode: every controller's plans are topped up to the "
-                        "budget (agents/budget.py)")
+                        "budget (agents/budget.py), by RULE (default proportional)")
     return p.parse_args(argv)
 
 
@@ -273,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "controllers": results}
     if args.budget_gpus:
         out["fixed_budget"] = {"budget_gpus": args.budget_gpus, "window_s": args.budget_window_s,
-                               "fidelity": args.budget_fidelity, "fill": bool(args.budget_fill),
+                               "fidelity": args.budget_fidelity, "fill": args.budget_fill,
                                "controllers": fixed_budget(names, scenario, args.budget_gpus, args.split,
                                                            args.budget_fidelity, args.budget_window_s,
                                                            args.checkpoint, *map(float, args.budget_range.split(",")),
