@@ -2,7 +2,8 @@
 
 An autoscaler that saves GPUs (every controller here) leaves some idle when the cluster is a
 fixed budget: there the GPUs are sunk cost and a replica that is not running is capacity
-thrown away. :class:`BudgetFill` wraps a controller for that deployment, with one of two rules:
+thrown away. :class:`BudgetFill` wraps a controller for that deployment, with one of two rules
+(``utilisation`` by default: it sustained the higher rate on the val split, docs/RESULTS.md):
 
 * ``proportional`` (:func:`fill_plan`): each plan the inner controller returns is scaled up,
   keeping its proportions: every group's replica count becomes ``max(r, round(r x f))`` with
@@ -160,12 +161,13 @@ class BudgetFill(Controller):
         budget_gpus: GPUs of the fixed budget (>= 1).
         count: GPUs a plan needs (None when unknown); e.g. :func:`pack_gpu_counter`.
         max_replicas: the most replicas any group may have.
-        rule: ``proportional`` (:func:`fill_plan`) or ``utilisation``
-            (:func:`fill_by_utilisation` with the state's per-group busy shares).
+        rule: ``utilisation`` (:func:`fill_by_utilisation` with the state's per-group busy
+            shares; the default, chosen on the val split, docs/RESULTS.md) or ``proportional``
+            (:func:`fill_plan`).
     """
 
     def __init__(self, inner: Controller, budget_gpus: int, count: Callable[[Plan], int | None],
-                 max_replicas: int, rule: str = "proportional") -> None:
+                 max_replicas: int, rule: str = "utilisation") -> None:
         if int(budget_gpus) < 1:
             raise ValueError(f"budget_gpus must be >= 1, got {budget_gpus!r}")
         if int(max_replicas) < 1:

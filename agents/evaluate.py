@@ -186,7 +186,7 @@ def sustained_rate(name: str, scenario: Any, budget_gpus: int, split: str, fidel
 
 
 def budget_filled(ctl: Controller, plan0: Plan, scenario: Any, slo: Any, budget_gpus: int,
-                  rule: str = "proportional") -> tuple[Controller, Plan]:
+                  rule: str = "utilisation") -> tuple[Controller, Plan]:
     """``ctl`` and its starting plan in fixed-budget mode (agents/budget.py; the starting plan,
     decided before anything is measured, is filled in proportion under either rule)."""
     from agents.budget import BudgetFill, fill_plan, pack_gpu_counter
@@ -253,9 +253,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-window-s", type=float, default=1800.0, help="trace seconds per fixed-budget run")
     p.add_argument("--budget-range", default="0.5,3.0", help="lowest,highest rate multiplier to search")
     p.add_argument("--budget-fidelity", default="reference", choices=["reference", "fast"])
-    p.add_argument("--budget-fill", nargs="?", const="proportional", default=None, choices=FILL_RULES,
+    p.add_argument("--budget-fill", nargs="?", const="utilisation", default=None, choices=FILL_RULES,
                    help="fixed-budget view in fixed-budget mode: every controller's plans are topped up to the "
-                        "budget (agents/budget.py), by RULE (default proportional)")
+                        "budget (agents/budget.py), by RULE (default utilisation, chosen on the val split)")
     return p.parse_args(argv)
 
 

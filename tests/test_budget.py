@@ -141,8 +141,8 @@ def _state(plan: Plan) -> ClusterState:
 def test_budget_fill_wraps_any_controller(world):
     sc, _, count, max_r = world
     inner = Fixed(pack_plan(sc, START))
-    ctl = BudgetFill(inner, 24, count, max_r)
-    assert ctl.name == "fixed"
+    ctl = BudgetFill(inner, 24, count, max_r, rule="proportional")
+    assert ctl.name == "fixed" and BudgetFill(inner, 24, count, max_r).rule == "utilisation"
     plan = ctl.decide(_state(inner.plan))
     assert count(plan) == 24 and plan == fill_plan(inner.plan, 24, count, max_r)
     ctl.reset(None)
