@@ -8,6 +8,8 @@ gives the non-learned controllers a :class:`agents.context.ControllerContext` wh
 latency model is measured on the engine's own operators at start-up
 (:func:`measure_latency`, a linear fit per group). The PPO controller is the same class
 the simulator evaluates, loaded from its checkpoint folder with its own codec.
+:func:`with_budget` wraps any of them in fixed-budget mode (agents/budget.py), counting the
+runtime's placement slots.
 
 :class:`ControlLoop` calls ``controller.decide(engine.observe())`` every ``interval_s``
 seconds on its own thread and applies the plan; a controller that raises keeps the plan in
@@ -144,6 +146,23 @@ def make_controller(name: str, engine: Any, checkpoint: str | None = None, inter
     from agents.operator_queueing import OperatorQueueingConfig, OperatorQueueingController
 
     return OperatorQueueingController(ctx, OperatorQueueingConfig(**kwargs))
+
+
+def slot_count(plan: Plan) -> int:
+    """Placement slots ``plan`` occupies (:func:`runtime.pools.assign_slots`): the runtime's
+    ``gpus_in_use`` on a CPU machine, one slot per GPU on CUDA."""
+    from runtime.pools import assign_slots
+
+    return len({s for slots in assign_slots(plan).values() for s in slots})
+
+
+def with_budget(controller: Controller, engine: Any, budget_slots: int, rule: str = "utilisation") -> Controller:
+    """``controller`` in fixed-budget mode on a live engine: every plan it decides is topped up to
+    ``budget_slots`` placement slots (:class:`agents.budget.BudgetFill`, counting slots with
+    :func:`slot_count`; ``rule`` as there)."""
+    from agents.budget import BudgetFill
+
+    return BudgetFill(controller, budget_slots, slot_count, engine.config.max_replicas, rule)
 
 
 @dataclass

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static | model-level | operator-queueing | ppo (none: the plan stays until POST /v1/plan)")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder for --controller ppo")
     p.add_argument("--interval", type=float, default=1.0, help="control interval (seconds)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="fixed-budget mode: top every plan of --controller up to this many placement slots "
+                        "(GPUs on CUDA; agents/budget.py)")
+    p.add_argument("--budget-fill", default="utilisation", choices=("utilisation", "proportional"),
+                   help="how --budget spends spare slots (default utilisation)")
     p.add_argument("--plan", default=None, help="initial plan: JSON text or a .json file in Plan.to_dict form")
     p.add_argument("--replicas", type=int, default=1, help="initial whole-model replicas when --plan is absent")
     p.add_argument("--max-batch", type=int, default=32, help="initial batch limit when --plan is absent")
@@ -92,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(str(e.args[0])) from None
     if args.controller == "ppo" and not args.checkpoint:
         raise SystemExit("--controller ppo needs --checkpoint DIR")
+    if args.budget is not None and not args.controller:
+        raise SystemExit("--budget needs --controller (it tops the controller's plans up to the budget)")
+    if args.budget is not None and args.budget < 1:
+        raise SystemExit(f"--budget must be >= 1 placement slot, got {args.budget}")
     dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "float32")]
 
     from runtime.model import build_model
@@ -107,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             ctrl = make_controller(args.controller, engine, checkpoint=args.checkpoint, interval_s=args.interval)
+            if args.budget is not None:
+                from runtime.controllers import with_budget
+
+                ctrl = with_budget(ctrl, engine, args.budget, args.budget_fill)
         except (ValueError, ImportError, RuntimeError) as e:
             engine.stop()
             raise SystemExit(f"--controller {args.controller}: {e}") from None

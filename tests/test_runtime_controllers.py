@@ -157,3 +157,28 @@ def test_ppo_checkpoint_drives_the_control_loop(engine, model, tmp_path):
         assert engine.plan[g].max_batch == want[g].max_batch
         assert engine.plan[g].placement == want[g].placement
         assert engine.plan[g].replicas == min(want[g].replicas, engine.config.max_replicas)
+
+
+def test_fixed_budget_mode_fills_the_live_engine(model):
+    """A static controller in fixed-budget mode tops a 1-slot packed plan up to 3 slots, and the
+    engine serves on them with unchanged outputs."""
+    from runtime.controllers import slot_count, with_budget
+
+    plan = Plan.from_dict({g: {"replicas": 1, "max_batch": 8, "placement": "pack", "tp": 1} for g in OPERATOR_GROUPS})
+    eng = Engine(model, plan).start()
+    try:
+        ref = eng.generate([3, 1, 4, 1, 5], 6)
+        assert slot_count(plan) == 1
+        loop = ControlLoop(eng, with_budget(make_controller("static", eng), eng, 3, "proportional"), interval_s=0.1)
+        d = loop.step()
+        assert d.error is None
+        assert {g: d.plan[g].replicas for g in OPERATOR_GROUPS} == {g: 3 for g in OPERATOR_GROUPS}
+        eng.wait_ready(30)
+        assert slot_count(eng.plan) == 3 and eng.observe().gpus_in_use == 3
+        assert eng.generate([3, 1, 4, 1, 5], 6) == ref
+        # the utilisation rule gives spare slots only to groups that were busy, never past the budget
+        busy = with_budget(make_controller("static", eng), eng, 4)
+        d = ControlLoop(eng, busy, interval_s=0.1).step()
+        assert d.error is None and slot_count(d.plan) <= 4
+    finally:
+        eng.stop()

@@ -186,6 +186,10 @@ def test_serve_cli_refuses_bad_arguments(tmp_path):
         main(["--model", "nope"])
     with pytest.raises(SystemExit, match="--controller ppo needs --checkpoint"):
         main(["--model", "tiny", "--controller", "ppo"])
+    with pytest.raises(SystemExit, match="--budget needs --controller"):
+        main(["--model", "tiny", "--budget", "4"])
+    with pytest.raises(SystemExit, match="--budget must be >= 1 placement slot, got 0"):
+        main(["--model", "tiny", "--controller", "static", "--budget", "0"])
     args = build_parser().parse_args(["--model", "tiny", "--plan", '{"mlp": {"replicas": 1, "max_batch": 4}}'])
     with pytest.raises(SystemExit, match=r"--plan: plan lacks operator groups \['attn', 'embed', 'head', 'proj'\]"):
         initial_plan(args)
