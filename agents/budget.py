@@ -117,6 +117,31 @@ def fill_plan(plan: Plan, budget_gpus: int, count: Callable[[Plan], int | None],
             return best
 
 
+def cap_plan(plan: Plan, budget_gpus: int, count: Callable[[Plan], int | None]) -> Plan:
+    """``plan`` shrunk to fit ``budget_gpus`` when it needs more: every group's replicas become
+    ``max(1, floor(r x f))`` with the largest factor ``f <= 1`` (bisection) whose plan fits;
+    ``plan`` itself when it fits or cannot be counted, one replica per group when nothing fits."""
+    used = count(plan)
+    if used is None or used <= budget_gpus:
+        return plan
+
+    def shrink(f: float) -> Plan:
+        return Plan({g: OperatorPlan(max(1, int(o.replicas * f)), o.max_batch, o.placement, o.tp)
+                     for g, o in plan.ops.items()})
+
+    lo, hi = 0.0, 1.0
+    best = shrink(0.0)
+    for _ in range(_STEPS):
+        mid = 0.5 * (lo + hi)
+        cand = shrink(mid)
+        n = count(cand)
+        if n is not None and n <= budget_gpus:
+            lo, best = mid, cand
+        else:
+            hi = mid
+    return best
+
+
 def fill_by_utilisation(plan: Plan, budget_gpus: int, count: Callable[[Plan], int | None], max_replicas: int,
                         busy_replicas: Mapping[str, float]) -> Plan:
     """``plan`` topped up one replica at a time, each to the group whose busy share per replica
@@ -164,10 +189,13 @@ class BudgetFill(Controller):
         rule: ``utilisation`` (:func:`fill_by_utilisation` with the state's per-group busy
             shares; the default, chosen on the val split, docs/RESULTS.md) or ``proportional``
             (:func:`fill_plan`).
+        cap: also shrink plans that need more than the budget (:func:`cap_plan`). Off for
+            the simulator, which repairs such plans itself (its rule: replicas off the process
+            on the most GPUs); on for the live runtime, which has no budget of its own.
     """
 
     def __init__(self, inner: Controller, budget_gpus: int, count: Callable[[Plan], int | None],
-                 max_replicas: int, rule: str = "utilisation") -> None:
+                 max_replicas: int, rule: str = "utilisation", cap: bool = False) -> None:
         if int(budget_gpus) < 1:
             raise ValueError(f"budget_gpus must be >= 1, got {budget_gpus!r}")
         if int(max_replicas) < 1:
@@ -175,6 +203,7 @@ class BudgetFill(Controller):
         if rule not in FILL_RULES:
             raise ValueError(f"fill rule must be one of {FILL_RULES}, got {rule!r}")
         self.rule = rule
+        self.cap = bool(cap)
         self.inner = inner
         self.name = inner.name
         self.budget_gpus = int(budget_gpus)
@@ -186,6 +215,8 @@ class BudgetFill(Controller):
 
     def decide(self, state: ClusterState) -> Plan:
         plan = self.inner.decide(state)
+        if self.cap:
+            plan = cap_plan(plan, self.budget_gpus, self.count)
         if self.rule == "utilisation":
             busy = {g: op.utilisation * op.replicas for g, op in state.operators.items()}
             return fill_by_utilisation(plan, self.budget_gpus, self.count, self.max_replicas, busy)

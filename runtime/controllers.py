@@ -157,12 +157,12 @@ def slot_count(plan: Plan) -> int:
 
 
 def with_budget(controller: Controller, engine: Any, budget_slots: int, rule: str = "utilisation") -> Controller:
-    """``controller`` in fixed-budget mode on a live engine: every plan it decides is topped up to
-    ``budget_slots`` placement slots (:class:`agents.budget.BudgetFill`, counting slots with
-    :func:`slot_count`; ``rule`` as there)."""
+    """``controller`` in fixed-budget mode on a live engine: every plan it decides is shrunk to or
+    topped up to ``budget_slots`` placement slots (:class:`agents.budget.BudgetFill` with
+    ``cap=True``, counting slots with :func:`slot_count`; ``rule`` as there)."""
     from agents.budget import BudgetFill
 
-    return BudgetFill(controller, budget_slots, slot_count, engine.config.max_replicas, rule)
+    return BudgetFill(controller, budget_slots, slot_count, engine.config.max_replicas, rule, cap=True)
 
 
 @dataclass

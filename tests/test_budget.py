@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agents.budget import BudgetFill, fill_by_utilisation, fill_plan, pack_gpu_counter, scale_plan
+from agents.budget import BudgetFill, cap_plan, fill_by_utilisation, fill_plan, pack_gpu_counter, scale_plan
 from runtime.control import SLO, ClusterState, Controller, OperatorPlan, OperatorState, Plan
 from runtime.models import OPERATOR_GROUPS
 
@@ -119,6 +119,17 @@ def test_utilisation_fill_water_fills_hand_computed():
     assert fill_by_utilisation(plan, 15, _toy_count, 32, busy) is plan
 
 
+def test_cap_shrinks_plans_over_budget_hand_computed():
+    plan = Plan.from_dict({g: {"replicas": r, "max_batch": 32, "placement": "pack", "tp": 1}
+                           for g, r in zip(OPERATOR_GROUPS, (1, 8, 4, 4, 1))})
+    assert _toy_count(plan) == 20
+    # f = 0.5: attn 4, proj 2, mlp 2 = 10 GPUs; f just under 0.75: attn 5, proj 2, mlp 2 = 11
+    out = cap_plan(plan, 11, _toy_count)
+    assert [out[g].replicas for g in OPERATOR_GROUPS] == [1, 5, 2, 2, 1] and _toy_count(out) == 11
+    assert cap_plan(plan, 20, _toy_count) is plan
+    assert [cap_plan(plan, 2, _toy_count)[g].replicas for g in OPERATOR_GROUPS] == [1] * 5  # nothing fits
+
+
 class Fixed(Controller):
     name = "fixed"
 
@@ -160,6 +171,10 @@ def test_budget_fill_wraps_any_controller(world):
     busy = {g: state.operators[g].utilisation * state.operators[g].replicas for g in OPERATOR_GROUPS}
     assert by_util == fill_by_utilisation(inner.plan, 24, count, max_r, busy)
     assert count(by_util) <= 24 and by_util["proj"].replicas == inner.plan["proj"].replicas
+    # over budget: left to the simulator's repair unless cap is on
+    big = Fixed(pack_plan(sc, {"embed": 1, "attn": 32, "proj": 8, "mlp": 16, "head": 1}))
+    assert count(BudgetFill(big, 24, count, max_r).decide(state)) > 24
+    assert count(BudgetFill(big, 24, count, max_r, cap=True).decide(state)) <= 24
 
 
 @pytest.mark.parametrize("name,rule", [("model-level", "proportional"), ("ppo", "proportional"),

@@ -161,7 +161,7 @@ def test_ppo_checkpoint_drives_the_control_loop(engine, model, tmp_path):
 
 def test_fixed_budget_mode_fills_the_live_engine(model):
     """A static controller in fixed-budget mode tops a 1-slot packed plan up to 3 slots, and the
-    engine serves on them with unchanged outputs."""
+    engine serves on them with unchanged outputs; a budget below the plan shrinks it."""
     from runtime.controllers import slot_count, with_budget
 
     plan = Plan.from_dict({g: {"replicas": 1, "max_batch": 8, "placement": "pack", "tp": 1} for g in OPERATOR_GROUPS})
@@ -180,5 +180,9 @@ def test_fixed_budget_mode_fills_the_live_engine(model):
         busy = with_budget(make_controller("static", eng), eng, 4)
         d = ControlLoop(eng, busy, interval_s=0.1).step()
         assert d.error is None and slot_count(d.plan) <= 4
+        # a plan over the budget is shrunk to it (the live engine has no budget of its own)
+        small = with_budget(make_controller("static", eng), eng, 2, "proportional")
+        d = ControlLoop(eng, small, interval_s=0.1).step()
+        assert d.error is None and slot_count(d.plan) == 2 and slot_count(eng.plan) == 2
     finally:
         eng.stop()
