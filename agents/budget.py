@@ -19,9 +19,11 @@ Under both, whole-model plans become ``budget // tp`` instances.
 The GPU count of a plan comes from the controller side's own placement model
 (:meth:`agents.operator_queueing.PlanModel.pack`, the best fit the simulator and the runtime
 use for ``pack`` placement), so the wrapper runs unchanged in the simulator and the live
-runtime. Plans it cannot count (``dedicated`` pools, mixed placements, a tensor-parallel
-degree other than the deployment's) pass through unchanged; the caller still repairs any
-plan that does not fit.
+runtime (which counts its own placement slots instead, runtime/controllers.py
+``with_budget``). Plans it cannot count (``dedicated`` pools, mixed placements, a
+tensor-parallel degree other than the deployment's) pass through unchanged. Plans that ask for
+more than the budget are left to the caller's repair (the simulator's), or shrunk by
+:func:`cap_plan` with ``cap=True`` (the live runtime, which has no budget of its own).
 
 Units: GPUs (whole devices), replicas.
 """
@@ -179,7 +181,7 @@ def fill_by_utilisation(plan: Plan, budget_gpus: int, count: Callable[[Plan], in
 
 class BudgetFill(Controller):
     """Wraps ``inner`` for a fixed budget: every plan it decides is topped up to
-    ``budget_gpus`` by :func:`fill_plan` (proportions kept).
+    ``budget_gpus`` by ``rule`` (and, with ``cap``, first shrunk to it when it asks for more).
 
     Args:
         inner: the controller whose plans are filled.
