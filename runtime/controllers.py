@@ -150,7 +150,8 @@ def make_controller(name: str, engine: Any, checkpoint: str | None = None, inter
 
 def slot_count(plan: Plan) -> int:
     """Placement slots ``plan`` occupies (:func:`runtime.pools.assign_slots`): the runtime's
-    ``gpus_in_use`` on a CPU machine, one slot per GPU on CUDA."""
+    ``gpus_in_use`` on a CPU machine; on CUDA the slots map round-robin onto the visible GPUs
+    (one GPU each when there are as many GPUs as slots)."""
     from runtime.pools import assign_slots
 
     return len({s for slots in assign_slots(plan).values() for s in slots})
