@@ -88,20 +88,12 @@ def fill_plan(plan: Plan, budget_gpus: int, count: Callable[[Plan], int | None],
     if all(o.placement == "model" for o in ops.values()):
         n = min(max(budget_gpus // max(ops["attn"].tp, 1), ops["attn"].replicas), max_replicas)
         return Plan({g: OperatorPlan(n, o.max_batch, o.placement, o.tp) for g, o in ops.items()})
-    lo = 1.0
+    def fits(p: Plan) -> bool:
+        n = count(p) if max(o.replicas for o in p.ops.values()) <= max_replicas else None
+        return n is not None and n <= budget_gpus
+
     hi = max(max_replicas / max(min(o.replicas for o in ops.values()), 1), 1.0)
-    best = plan
-    for _ in range(_STEPS):
-        mid = 0.5 * (lo + hi)
-        cand = scale_plan(plan, mid)
-        if max(o.replicas for o in cand.ops.values()) > max_replicas:
-            hi = mid
-            continue
-        n = count(cand)
-        if n is not None and n <= budget_gpus:
-            lo, best = mid, cand
-        else:
-            hi = mid
+    best = _largest_fitting(lambda f: scale_plan(plan, f), 1.0, hi, fits, plan)
     # rounding leaves room: add single replicas while they fit, the group scaled least so far
     # first, none beyond the largest scale a group already has (proportions stay)
     while True:
@@ -131,13 +123,22 @@ def cap_plan(plan: Plan, budget_gpus: int, count: Callable[[Plan], int | None]) 
         return Plan({g: OperatorPlan(max(1, int(o.replicas * f)), o.max_batch, o.placement, o.tp)
                      for g, o in plan.ops.items()})
 
-    lo, hi = 0.0, 1.0
-    best = shrink(0.0)
+    def fits(p: Plan) -> bool:
+        n = count(p)
+        return n is not None and n <= budget_gpus
+
+    return _largest_fitting(shrink, 0.0, 1.0, fits, shrink(0.0))
+
+
+def _largest_fitting(make: Callable[[float], Plan], lo: float, hi: float, fits: Callable[[Plan], bool],
+                     fallback: Plan) -> Plan:
+    """``make(f)`` at the largest factor in (lo, hi) that ``fits`` finds by bisection
+    (``_STEPS`` halvings; fits is taken to be monotone in f); ``fallback`` when none does."""
+    best = fallback
     for _ in range(_STEPS):
         mid = 0.5 * (lo + hi)
-        cand = shrink(mid)
-        n = count(cand)
-        if n is not None and n <= budget_gpus:
+        cand = make(mid)
+        if fits(cand):
             lo, best = mid, cand
         else:
             hi = mid
