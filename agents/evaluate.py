@@ -137,36 +137,45 @@ def evaluate(controllers: Sequence[str], scenario: Any, split: str = "test", fid
     return results, timelines
 
 
+def budget_run(name: str, scenario: Any, budget_gpus: int, k: float, split: str, fidelity: str, window_s: float,
+               checkpoint: str | None, seed: int = 0, fill: str | None = None) -> dict[str, float]:
+    """One run of ``name`` at ``k`` x the scenario's rate with the cluster capped at
+    ``budget_gpus`` (plans needing more are repaired by the simulator): the multiplier, SLO
+    attainment, request rate (req/s) and peak GPUs. With ``fill`` (a rule of
+    :data:`agents.budget.FILL_RULES`) the controller runs in fixed-budget mode
+    (:class:`agents.budget.BudgetFill`: its starting plan and every plan it decides are topped
+    up to the budget)."""
+    sc = scenario.replace(max_gpus=int(budget_gpus), rate_scale=scenario.rate_scale * k)
+    trace = load_split(sc, split, window_s)
+    sim = make_sim(sc, trace, fidelity, seed)
+    # Controllers see the uncapped scenario (the PPO codec normalises by its max_gpus);
+    # the simulator enforces the budget by repairing plans that need more GPUs.
+    ctl, plan0 = make_controller(name, scenario.replace(rate_scale=sc.rate_scale), slo=sim.slo, trace=trace,
+                                 checkpoint=checkpoint, budget_gpus=budget_gpus, fidelity=fidelity, seed=seed)
+    if fill:
+        ctl, plan0 = budget_filled(ctl, plan0, scenario, sim.slo, budget_gpus, fill)
+    summary, tl = run_timeline(sim, ctl, plan0)
+    return {"k": k, "attainment": float(summary["slo_attainment"]),
+            "rate_rps": len(trace) / max(trace.duration_s, 1e-9),
+            "peak_gpus": float(max(tl.gpus)) if tl.gpus else 0.0}
+
+
 def sustained_rate(name: str, scenario: Any, budget_gpus: int, split: str, fidelity: str, window_s: float,
                    checkpoint: str | None, lo: float, hi: float, iters: int, seed: int = 0,
                    fill: str | None = None) -> dict[str, Any]:
     """Highest rate multiplier in [lo, hi] at which ``name`` meets the SLO with ``budget_gpus`` GPUs.
 
-    Bisection on the multiplier ``k`` of the scenario's rate (``rate_scale x k``) with the
-    cluster capped at ``budget_gpus`` (plans needing more are repaired by the simulator).
-    With ``fill`` (a rule of :data:`agents.budget.FILL_RULES`) the controller runs in fixed-budget
-    mode (:class:`agents.budget.BudgetFill`: its starting plan and every plan it decides are
-    topped up to the budget).
+    Bisection on the multiplier ``k`` of the scenario's rate (``rate_scale x k``), one
+    :func:`budget_run` per point. Attainment need not fall monotonically with the rate (an
+    autoscaler meets different bursts at different compressions), so the answer is one
+    crossing of the target; :func:`sustained_on_grid` is the stricter alternative.
     Returns the multiplier, the request rate it means (req/s) and the runs tried.
     """
-    capped = scenario.replace(max_gpus=int(budget_gpus))
     tried: list[dict[str, float]] = []
 
     def ok(k: float) -> bool:
-        sc = capped.replace(rate_scale=scenario.rate_scale * k)
-        trace = load_split(sc, split, window_s)
-        sim = make_sim(sc, trace, fidelity, seed)
-        # Controllers see the uncapped scenario (the PPO codec normalises by its max_gpus);
-        # the simulator enforces the budget by repairing plans that need more GPUs.
-        ctl, plan0 = make_controller(name, scenario.replace(rate_scale=sc.rate_scale), slo=sim.slo, trace=trace,
-                                     checkpoint=checkpoint, budget_gpus=budget_gpus, fidelity=fidelity, seed=seed)
-        if fill:
-            ctl, plan0 = budget_filled(ctl, plan0, scenario, sim.slo, budget_gpus, fill)
-        summary, tl = run_timeline(sim, ctl, plan0)
-        att = float(summary["slo_attainment"])
-        tried.append({"k": k, "attainment": att, "rate_rps": len(trace) / max(trace.duration_s, 1e-9),
-                      "peak_gpus": float(max(tl.gpus)) if tl.gpus else 0.0})
-        return att >= scenario.attainment_target
+        tried.append(budget_run(name, scenario, budget_gpus, k, split, fidelity, window_s, checkpoint, seed, fill))
+        return tried[-1]["attainment"] >= scenario.attainment_target
 
     best = 0.0
     if ok(lo):
@@ -182,7 +191,30 @@ def sustained_rate(name: str, scenario: Any, budget_gpus: int, split: str, fidel
                 else:
                     b = mid
     rate = next((t["rate_rps"] for t in tried if t["k"] == best), 0.0)
-    return {"multiplier": best, "rate_rps": rate, "tried": tried}
+    return {"multiplier": best, "rate_rps": rate, "tried": tried, "method": "bisection"}
+
+
+def sustained_from_curve(points: Sequence[Mapping[str, float]], target: float) -> float:
+    """The highest multiplier ``k`` of ``points`` ({k, attainment}) such that attainment meets
+    ``target`` there and at every lower ``k`` (0 when the lowest point misses)."""
+    best = 0.0
+    for p in sorted(points, key=lambda p: p["k"]):
+        if p["attainment"] < target:
+            break
+        best = p["k"]
+    return best
+
+
+def sustained_on_grid(name: str, scenario: Any, budget_gpus: int, split: str, fidelity: str, window_s: float,
+                      checkpoint: str | None, ks: Sequence[float], seed: int = 0,
+                      fill: str | None = None) -> dict[str, Any]:
+    """:func:`budget_run` at every multiplier of ``ks`` (the attainment-vs-rate curve); the
+    answer is :func:`sustained_from_curve`: the last multiplier before the first miss."""
+    tried = [budget_run(name, scenario, budget_gpus, float(k), split, fidelity, window_s, checkpoint, seed, fill)
+             for k in sorted(ks)]
+    best = sustained_from_curve(tried, scenario.attainment_target)
+    rate = next((t["rate_rps"] for t in tried if t["k"] == best), 0.0)
+    return {"multiplier": best, "rate_rps": rate, "tried": tried, "method": "grid"}
 
 
 def budget_filled(ctl: Controller, plan0: Plan, scenario: Any, slo: Any, budget_gpus: int,
@@ -200,16 +232,22 @@ def budget_filled(ctl: Controller, plan0: Plan, scenario: Any, slo: Any, budget_
 
 def fixed_budget(controllers: Sequence[str], scenario: Any, budget_gpus: int, split: str, fidelity: str,
                  window_s: float, checkpoint: str | None, lo: float = 0.25, hi: float = 4.0, iters: int = 5,
-                 log: Callable[[str], None] = print, fill: str | None = None) -> dict[str, dict[str, Any]]:
-    """:func:`sustained_rate` for every controller, with ``throughput_vs_model_level``
-    (``fill``: every controller in fixed-budget mode with that rule, agents/budget.py)."""
+                 log: Callable[[str], None] = print, fill: str | None = None,
+                 grid: Sequence[float] | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`sustained_rate` (or, with ``grid``, :func:`sustained_on_grid` over those
+    multipliers) for every controller, with ``throughput_vs_model_level`` (``fill``: every
+    controller in fixed-budget mode with that rule, agents/budget.py)."""
     out = {}
     for name in controllers:
         if name == "static":
             continue  # at a fixed budget static and model-level both run budget / tp instances
         t0 = time.time()
-        out[name] = sustained_rate(name, scenario, budget_gpus, split, fidelity, window_s, checkpoint, lo, hi, iters,
-                                   fill=fill)
+        if grid:
+            out[name] = sustained_on_grid(name, scenario, budget_gpus, split, fidelity, window_s, checkpoint, grid,
+                                          fill=fill)
+        else:
+            out[name] = sustained_rate(name, scenario, budget_gpus, split, fidelity, window_s, checkpoint, lo, hi,
+                                       iters, fill=fill)
         log(f"{name:>18}: sustains x{out[name]['multiplier']:.3f} of the scenario rate "
             f"({out[name]['rate_rps']:.2f} req/s) with {budget_gpus} GPUs ({time.time() - t0:.0f} s)")
     ref = out.get("model-level", {}).get("rate_rps", 0.0)
@@ -233,6 +271,22 @@ def format_table(results: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_grid(text: str) -> list[float]:
+    """``"LO,HI,STEP"`` -> [LO, LO + STEP, ..., <= HI] (rounded to 6 digits); raises ValueError
+    naming the problem."""
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise ValueError(f"--budget-grid wants LO,HI,STEP, got {text!r}")
+    try:
+        lo, hi, step = (float(x) for x in parts)
+    except ValueError:
+        raise ValueError(f"--budget-grid wants three numbers LO,HI,STEP, got {text!r}") from None
+    if not (0 < lo <= hi and step > 0):
+        raise ValueError(f"--budget-grid needs 0 < LO <= HI and STEP > 0, got {text!r}")
+    n = int(math.floor((hi - lo) / step + 1e-9))
+    return [round(lo + i * step, 6) for i in range(n + 1)]
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m agents.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,6 +307,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-window-s", type=float, default=1800.0, help="trace seconds per fixed-budget run")
     p.add_argument("--budget-range", default="0.5,3.0", help="lowest,highest rate multiplier to search")
     p.add_argument("--budget-fidelity", default="reference", choices=["reference", "fast"])
+    p.add_argument("--budget-grid", default=None, metavar="LO,HI,STEP",
+                   help="fixed-budget view on a grid of rate multipliers instead of bisection: the highest "
+                        "multiplier met there and at every lower grid point")
     p.add_argument("--budget-fill", nargs="?", const="utilisation", default=None, choices=FILL_RULES,
                    help="fixed-budget view in fixed-budget mode: every controller's plans are topped up to the "
                         "budget (agents/budget.py), by RULE (default utilisation, chosen on the val split)")
@@ -266,6 +323,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown controllers {unknown}; choose from {', '.join(CONTROLLER_NAMES)}", file=sys.stderr)
         return 2
+    try:
+        grid = parse_grid(args.budget_grid) if args.budget_grid else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     overrides = {k: v for k, v in {"trace": args.trace, "model": args.model, "gpu": args.gpu}.items() if v}
     scenario = load_scenario(args.scenario, **overrides)
     print(f"scenario: {scenario.model} on {scenario.gpu}, trace {scenario.trace} x{scenario.rate_scale}, "
@@ -277,11 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "controllers": results}
     if args.budget_gpus:
         out["fixed_budget"] = {"budget_gpus": args.budget_gpus, "window_s": args.budget_window_s,
-                               "fidelity": args.budget_fidelity, "fill": args.budget_fill,
+                               "fidelity": args.budget_fidelity, "fill": args.budget_fill, "grid": grid,
                                "controllers": fixed_budget(names, scenario, args.budget_gpus, args.split,
                                                            args.budget_fidelity, args.budget_window_s,
                                                            args.checkpoint, *map(float, args.budget_range.split(",")),
-                                                           fill=args.budget_fill)}
+                                                           fill=args.budget_fill, grid=grid)}
     if args.plots:
         from agents.plots import plot_timelines
 

@@ -201,3 +201,19 @@ def test_fixed_budget_mode_runs_on_the_whole_budget(name, rule):
     else:
         assert sum(g >= 23 for g in tl.gpus) >= 0.8 * len(tl.gpus)
         assert len({tuple(tl.replicas[g][i] for g in OPERATOR_GROUPS) for i in range(len(tl.gpus))}) > 1
+
+
+def test_grid_sustained_rate_is_the_last_point_before_the_first_miss():
+    from agents.evaluate import parse_grid, sustained_from_curve
+
+    pts = [{"k": 1.3, "attainment": 0.991}, {"k": 1.0, "attainment": 0.995}, {"k": 1.1, "attainment": 0.992},
+           {"k": 1.2, "attainment": 0.989}]
+    assert sustained_from_curve(pts, 0.99) == 1.1  # x1.3 passes again, but x1.2 missed first
+    assert sustained_from_curve(pts, 0.999) == 0.0
+    assert parse_grid("1.0,1.2,0.05") == [1.0, 1.05, 1.1, 1.15, 1.2]
+    with pytest.raises(ValueError, match="wants LO,HI,STEP, got '1,2'"):
+        parse_grid("1,2")
+    with pytest.raises(ValueError, match="needs 0 < LO <= HI and STEP > 0, got '2,1,0.1'"):
+        parse_grid("2,1,0.1")
+    from agents.evaluate import main
+    assert main(["--controllers", "model-level", "--budget-gpus", "24", "--budget-grid", "a,b,c"]) == 2
