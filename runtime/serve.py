@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=None,
                    help="fixed-budget mode: hold every plan of --controller at this many placement slots "
                         "(one GPU each on CUDA with enough GPUs), shrunk or topped up (agents/budget.py)")
+    # agents.budget.FILL_RULES, written out: the runtime imports agents only when a controller is asked for
     p.add_argument("--budget-fill", default="utilisation", choices=("utilisation", "proportional"),
                    help="how --budget spends spare slots (default utilisation)")
     p.add_argument("--plan", default=None, help="initial plan: JSON text or a .json file in Plan.to_dict form")

@@ -198,3 +198,11 @@ def test_serve_cli_refuses_bad_arguments(tmp_path):
     plan = initial_plan(build_parser().parse_args(["--model", "tiny", "--plan", str(f)]))
     assert plan == Plan.model_level(2, 16, 1)
     assert initial_plan(build_parser().parse_args(["--model", "tiny", "--replicas", "3"])) == Plan.model_level(3, 32, 1)
+
+
+def test_serve_budget_fill_choices_are_the_agents_rules():
+    from agents.budget import FILL_RULES
+    from runtime.serve import build_parser
+
+    action = next(a for a in build_parser()._actions if a.dest == "budget_fill")
+    assert set(action.choices) == set(FILL_RULES)
