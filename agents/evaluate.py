@@ -350,6 +350,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p in plot_timelines({k: v.to_dict() for k, v in timelines.items()}, args.plots,
                                 scenario.attainment_target):
             print(f"wrote {p}")
+        if grid and args.budget_gpus:
+            from agents.plots import plot_budget_curves
+
+            mode = f"fixed-budget mode ({args.budget_fill})" if args.budget_fill else "as deployed"
+            p = plot_budget_curves({k: v["tried"] for k, v in out["fixed_budget"]["controllers"].items()},
+                                   Path(args.plots) / "budget_curve.png", scenario.attainment_target,
+                                   f"{args.budget_gpus} GPUs, {mode}, {args.split} split")
+            print(f"wrote {p}")
     if args.json:
         out["timelines"] = {k: v.to_dict() for k, v in timelines.items()}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

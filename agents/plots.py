@@ -1,8 +1,9 @@
-"""Matplotlib PNGs of evaluation timelines: GPUs, SLO attainment, per-operator replicas."""
+"""Matplotlib PNGs of evaluation timelines (GPUs, SLO attainment, per-operator replicas) and of
+fixed-budget attainment-vs-rate curves."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -77,3 +78,26 @@ def plot_timelines(timelines: Mapping[str, Mapping[str, object]], out_dir: str |
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def plot_budget_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: str | Path,
+                       attainment_target: float = 0.99, title: str = "") -> Path:
+    """Write one PNG of SLO attainment against the rate multiplier, a line per entry of
+    ``curves`` (``{label: [{"k": multiplier, "attainment": share}, ...]}``, the ``tried``
+    points of :func:`agents.evaluate.sustained_on_grid`), with the target as a dashed line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for label, pts in curves.items():
+        pts = sorted(pts, key=lambda p: p["k"])
+        ax.plot([p["k"] for p in pts], [p["attainment"] for p in pts], marker="o", ms=3, lw=1.2, label=label)
+    ax.axhline(attainment_target, color="k", ls="--", lw=0.8)
+    ax.set_xlabel("request rate (x the recorded rate)")
+    ax.set_ylabel("SLO attainment")
+    ax.set_title(title or "Attainment against request rate on a fixed GPU budget")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -217,3 +217,11 @@ def test_grid_sustained_rate_is_the_last_point_before_the_first_miss():
         parse_grid("2,1,0.1")
     from agents.evaluate import main
     assert main(["--controllers", "model-level", "--budget-gpus", "24", "--budget-grid", "a,b,c"]) == 2
+
+
+def test_budget_curve_plot_is_written(tmp_path):
+    from agents.plots import plot_budget_curves
+
+    pts = [{"k": 1.0, "attainment": 0.999}, {"k": 1.1, "attainment": 0.985}]
+    out = plot_budget_curves({"a": pts, "b": pts[::-1]}, tmp_path / "sub" / "curve.png")
+    assert out.is_file() and out.stat().st_size > 1000
