@@ -24,9 +24,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from agents.budget import FILL_RULES
+from agents.budget import FILL_RULES, BudgetFill, fill_plan, pack_gpu_counter
 from agents.envtools import load_scenario, load_split, make_sim
-from agents.registry import CONTROLLER_NAMES, make_controller
+from agents.registry import CONTROLLER_NAMES, controller_context, make_controller
 from envs import SPLITS
 from runtime.control import ClusterState, Controller, Plan
 from runtime.models import OPERATOR_GROUPS
@@ -221,9 +221,6 @@ def budget_filled(ctl: Controller, plan0: Plan, scenario: Any, slo: Any, budget_
                   rule: str = "utilisation") -> tuple[Controller, Plan]:
     """``ctl`` and its starting plan in fixed-budget mode (agents/budget.py; the starting plan,
     decided before anything is measured, is filled in proportion under either rule)."""
-    from agents.budget import BudgetFill, fill_plan, pack_gpu_counter
-    from agents.registry import controller_context
-
     count = pack_gpu_counter(controller_context(scenario, slo))
     max_replicas = int(scenario.codec_config.max_replicas)
     return (BudgetFill(ctl, budget_gpus, count, max_replicas, rule),

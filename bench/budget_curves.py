@@ -2,7 +2,8 @@
 
 Reads the ``fixed_budget.controllers.*.tried`` points of ``python -m agents.evaluate
 --budget-gpus N --budget-grid LO,HI,STEP --json FILE`` outputs (one curve per controller and
-file, labelled with the file's fill mode) and, optionally, every rate of a
+file, labelled with the file's fill mode, and "lean" for a ppo curve whose file name says
+``lean``: the JSON does not record the checkpoint) and, optionally, every rate of a
 ``bench/pack_frontier.py --json`` sweep for one fixed plan, and writes one PNG. No simulation
 runs here; the numbers are the files'.
 
