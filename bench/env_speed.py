@@ -1,7 +1,7 @@
 """Fast-model env steps per second against a PPO MlpPolicy's action-prediction rate.
 
 Usage: ``python bench/env_speed.py [--steps 3000] [--rounds 3] [--warmup 0] [--baseline DIR] [--learner]
-[--json]``
+[--train-share STEPS] [--json]``
 
 Measures, on the same machine in one run:
 * env steps/s of ``opscale/OperatorScaling-v0`` (fast fidelity) under four action streams:
@@ -12,7 +12,9 @@ Measures, on the same machine in one run:
   autoscaler that changes the plan now and then), and ``train`` (what ``train.py``'s envs
   receive early in training: the env under ``agents.wrappers.PlanRestriction`` with the
   initial plan and frozen layout of agents/configs/ppo.yaml, uniformly random actions among
-  the allowed ones: only the replica sub-action varies). Only ``env.step`` is timed; ``--warmup N``
+  the allowed ones: only the replica sub-action varies), and ``trained`` (the same env driven by
+  the shipped checkpoints/ppo-default sampling its actions, as PPO's rollouts do once the policy
+  is trained). Only ``env.step`` is timed; ``--warmup N``
   first runs N untimed steps of the same stream (the profile and placement caches fill in a
   long training run; 0 = the session-1 method);
 * ``PPO("MlpPolicy").predict`` calls/s on one observation (torch with one thread);
@@ -21,6 +23,10 @@ Measures, on the same machine in one run:
   nothing (MaskablePPO with agents/configs/ppo.yaml's hyperparameters and n_envs, on an env
   with the same spaces that returns a fixed observation), i.e. the learner's side of the
   "not the bottleneck" question (predict on one observation leaves out the gradient updates);
+* with ``--train-share STEPS``: the share of a real training run's wall time spent on the env
+  side (``agents.training.train`` with agents/configs/ppo.yaml for STEPS timesteps, into a
+  temporary folder; the training and evaluation VecEnvs' ``step_wait`` and ``env_method``
+  calls, i.e. env steps, resets and action masks, are timed);
 * how much faster than real time the reference simulator replays azure-conv.
 
 Each round runs every stream in a fresh process (so no run inherits another's caches),
@@ -41,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-STREAMS = ("keep", "random", "ppo", "oq", "train")
+STREAMS = ("keep", "random", "ppo", "oq", "train", "trained")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,13 +88,23 @@ def env_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0) -> float:
     ``warmup`` untimed steps of the same stream."""
     from envs import make_env
 
-    wrapped = _train_env(seed) if stream == "train" else None
+    wrapped = _train_env(seed) if stream in ("train", "trained") else None
     env = wrapped.unwrapped if wrapped is not None else make_env(seed=seed)
     stepper = wrapped if wrapped is not None else env
     obs, _ = stepper.reset(seed=seed)
     rng = np.random.default_rng(seed)
     nvec = env.action_space.nvec
     model = _policy(env) if stream == "ppo" else None
+    trained = None
+    if stream == "trained":
+        import torch
+
+        import envs
+        from agents.ppo import PPOController
+
+        torch.set_num_threads(1)
+        tree = Path(envs.__file__).resolve().parents[1]  # the checkout under test
+        trained = PPOController(tree / "checkpoints" / "ppo-default", deterministic=False)
     ctl = None
     if stream == "oq":
         from agents.registry import make_controller
@@ -107,6 +123,8 @@ def env_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0) -> float:
             a, _ = model.predict(obs, deterministic=False)
         elif stream == "train":
             a = _masked_random(rng, wrapped.action_masks(), nvec)
+        elif stream == "trained":
+            a = trained.act(env.state)
         else:
             tgt = env.sim.timeline.target_plan
             a = env.decoder.encode(ctl.decide(env.state), tgt)
@@ -186,6 +204,36 @@ def learner_rate(rollouts: int = 2) -> float:
     return per * rollouts / (time.perf_counter() - t0)
 
 
+def train_share(steps: int) -> dict:
+    """Wall time of a real training run (train.py's job, shipped hyperparameters, ``steps``
+    timesteps, written to a temporary folder) and the part of it spent on the env side."""
+    import tempfile
+
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from agents.training import TrainArgs, train
+
+    spent = [0.0]
+
+    def timed(fn):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - t0
+        return wrapper
+
+    DummyVecEnv.step_wait = timed(DummyVecEnv.step_wait)
+    DummyVecEnv.env_method = timed(DummyVecEnv.env_method)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        out = train(TrainArgs(timesteps=steps, save=str(Path(tmp) / "ckpt"), logdir=str(Path(tmp) / "runs"),
+                              progress_bar=False), log=lambda _m: None)
+        wall = time.perf_counter() - t0
+    return {"timesteps": out["timesteps"], "wall_s": wall, "env_s": spent[0], "env_share": spent[0] / wall}
+
+
 def reference_speedup() -> dict:
     """Wall time of the reference simulator replaying azure-conv with 4 TP4 instances."""
     from envs import make_simulator, run_controller
@@ -207,6 +255,8 @@ def reference_speedup() -> dict:
 def _worker(what: str, steps: int, warmup: int = 0) -> None:
     if what == "predict":
         out = ppo_rate(steps)
+    elif what == "train_share":
+        out = train_share(steps)
     elif what == "learner":
         out = learner_rate()
     else:
@@ -218,14 +268,15 @@ def _worker(what: str, steps: int, warmup: int = 0) -> None:
 # driver
 # ---------------------------------------------------------------------------------------------
 
-def _run(root: Path, what: str, steps: int, warmup: int = 0) -> float:
+def _run(root: Path, what: str, steps: int, warmup: int = 0) -> float | dict:
     """One measurement in a fresh process with ``root`` first on sys.path."""
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
             f"import env_speed; env_speed._worker({what!r}, {steps}, {warmup})")
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{what} in {root} failed:\n{res.stderr[-2000:]}")
-    return float(json.loads(res.stdout.strip().splitlines()[-1])[what])
+    out = json.loads(res.stdout.strip().splitlines()[-1])[what]
+    return out if isinstance(out, dict) else float(out)
 
 
 def _steps_for(stream: str, steps: int) -> int:
@@ -241,6 +292,8 @@ def main() -> int:
     p.add_argument("--baseline", type=Path, default=None, help="another checkout to measure interleaved")
     p.add_argument("--warmup", type=int, default=0, help="untimed env steps before timing (0: session-1 method)")
     p.add_argument("--learner", action="store_true", help="also measure PPO training's own samples/s")
+    p.add_argument("--train-share", type=int, default=0, metavar="STEPS",
+                   help="also time a real training run of STEPS timesteps and its env side (once, current tree)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-simulator replay")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
@@ -273,13 +326,16 @@ def main() -> int:
                       "rounds": [round(x, 1) for x in v]} for s, v in rates[t].items()}
     if a.baseline is not None:
         out["speedup"] = {s: out["current"][s]["steps_per_s"] / out["baseline"][s]["steps_per_s"] for s in streams}
+    if a.train_share:
+        out["train_share"] = _run(ROOT, "train_share", a.train_share)
     if not a.no_reference:
         out["reference_azure_conv"] = reference_speedup()
     if a.json:
         print(json.dumps(out, indent=2))
         return 0
     names = {"keep": "plan kept", "random": "uniformly random", "ppo": "fresh PPO policy",
-             "oq": "operator-queueing plans", "train": "train.py (frozen layout)"}
+             "oq": "operator-queueing plans", "train": "train.py (frozen layout)",
+             "trained": "shipped policy, sampling"}
     print(f"PPO MlpPolicy predict: {pred:8.0f} calls/s (median of {a.rounds} rounds; load average "
           f"{out['load_avg'][0]:.1f} at the end; warm-up {a.warmup} steps)")
     if learn:
@@ -293,6 +349,10 @@ def main() -> int:
             base = out["baseline"][s]
             line += f"   baseline {base['steps_per_s']:8.0f} steps/s  speed-up {out['speedup'][s]:.2f}x"
         print(line)
+    if a.train_share:
+        ts = out["train_share"]
+        print(f"training run, {ts['timesteps']} timesteps: {ts['wall_s']:.0f} s, env side {ts['env_s']:.0f} s "
+              f"= {100 * ts['env_share']:.0f} % of it")
     if not a.no_reference:
         ref = out["reference_azure_conv"]
         print(f"reference, azure-conv: {ref['trace_s']:.0f} s of trace in {ref['wall_s']:.1f} s "

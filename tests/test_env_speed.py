@@ -110,7 +110,7 @@ def test_bench_env_rate_runs_every_stream_but_ppo(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import env_speed
 
-    for stream in ("keep", "random", "oq"):
+    for stream in ("keep", "random", "oq", "train", "trained"):
         assert env_speed.env_rate(stream, 25) > 0
     monkeypatch.setattr(sys, "argv", ["env_speed.py", "--streams", "keep,bogus"])
     with pytest.raises(SystemExit):
