@@ -30,6 +30,34 @@ class ScenarioError(ValueError):
     """A scenario file or override that names an unknown field or holds a bad value."""
 
 
+def _read_yaml(p: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """The fields of scenario file ``p`` with its ``extends`` chain resolved (``seen``: the
+    files that extend it, to refuse cycles)."""
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        where = f" (extended by {seen[-1]})" if seen else ""
+        raise ScenarioError(f"{p}: no such scenario file{where}") from None
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{p}: a scenario file must be a mapping of field: value")
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ScenarioError(f"{p}: 'extends' must name another scenario file, got {base!r}")
+    parent = (p.parent / base).resolve()
+    if parent in seen or parent == p.resolve():
+        raise ScenarioError(f"{p}: 'extends: {base}' makes a cycle of scenario files")
+    merged = _read_yaml(parent, seen + (p.resolve(),))
+    codec = {**dict(merged.get("codec") or {}), **dict(data.get("codec") or {})}
+    merged.update(data)
+    if codec:
+        merged["codec"] = codec
+    return merged
+
+
 @dataclass(frozen=True)
 class Scenario:
     """A simulated cluster and its workload.
@@ -152,17 +180,13 @@ class Scenario:
     # ------------------------------------------------------------------ construction
     @staticmethod
     def from_yaml(path: str | Path = DEFAULT_CONFIG, **overrides: Any) -> "Scenario":
-        """Read a scenario YAML (a mapping of field: value), then apply ``overrides``."""
+        """Read a scenario YAML (a mapping of field: value), then apply ``overrides``.
+
+        A file may start from another one with ``extends: OTHER.yaml`` (a path relative to the
+        file): OTHER's fields first, then this file's (a ``codec`` mapping is merged key by key).
+        """
         p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except FileNotFoundError:
-            raise ScenarioError(f"{p}: no such scenario file") from None
-        except yaml.YAMLError as e:
-            raise ScenarioError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ScenarioError(f"{p}: a scenario file must be a mapping of field: value")
-        return Scenario.from_dict({**data, **overrides}, source=str(p))
+        return Scenario.from_dict({**_read_yaml(p, ()), **overrides}, source=str(p))
 
     @staticmethod
     def from_dict(data: Mapping[str, Any], source: str = "scenario") -> "Scenario":

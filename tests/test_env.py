@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import gymnasium
 import numpy as np
@@ -221,3 +222,35 @@ def test_rate_multipliers_are_drawn_per_episode_and_default_to_the_recorded_rate
     np.testing.assert_array_equal(oa, ob)
     with pytest.raises(ValueError, match="rate_mults must be finite numbers > 0"):
         make_env(seed=0, rate_mults=(1.0, 0.0))
+
+
+def test_scenario_file_extends_another_and_merges_codec(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("max_gpus: 40\nw_gpu: 2.0\ncodec:\n  replica_levels: [1, 2, 4]\n  max_replicas: 4\n")
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text("extends: ../base.yaml\nw_gpu: 0.0\ncodec:\n  max_gpus: 64\n")
+    sc = Scenario.from_yaml(child)
+    assert sc.max_gpus == 40 and sc.w_gpu == 0.0
+    assert dict(sc.codec) == {"replica_levels": [1, 2, 4], "max_replicas": 4, "max_gpus": 64}
+    assert sc.codec_config.max_gpus == 64 and sc.codec_config.replica_levels == (1, 2, 4)
+    # the shipped budget scenario: the default one with only what it names changed
+    shipped = Scenario.from_yaml(Path(__file__).resolve().parents[1] / "envs" / "configs" / "budget24.yaml")
+    default, budget = Scenario.from_yaml().to_dict(), shipped.to_dict()
+    assert {k for k in default if default[k] != budget[k]} == {"max_gpus", "w_gpu", "w_energy", "codec"}
+    assert shipped.codec_config == Scenario.from_yaml().codec_config  # policies load in either
+
+
+def test_scenario_extends_errors_name_the_file(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("extends: b.yaml\n")
+    b.write_text("extends: a.yaml\n")
+    with pytest.raises(ScenarioError, match="cycle"):
+        Scenario.from_yaml(a)
+    c = tmp_path / "c.yaml"
+    c.write_text("extends: missing.yaml\n")
+    with pytest.raises(ScenarioError, match=r"missing\.yaml: no such scenario file \(extended by .*c\.yaml\)"):
+        Scenario.from_yaml(c)
+    c.write_text("extends: 3\n")
+    with pytest.raises(ScenarioError, match="'extends' must name another scenario file"):
+        Scenario.from_yaml(c)
