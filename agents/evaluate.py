@@ -333,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   args.window_s)
     print(format_table(results))
     out: dict[str, Any] = {"scenario": scenario.to_dict(), "split": args.split, "fidelity": args.fidelity,
-                           "controllers": results}
+                           "checkpoint": args.checkpoint, "controllers": results}
     if args.budget_gpus:
         out["fixed_budget"] = {"budget_gpus": args.budget_gpus, "window_s": args.budget_window_s,
                                "fidelity": args.budget_fidelity, "fill": args.budget_fill, "grid": grid,

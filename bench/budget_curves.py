@@ -2,8 +2,10 @@
 
 Reads the ``fixed_budget.controllers.*.tried`` points of ``python -m agents.evaluate
 --budget-gpus N --budget-grid LO,HI,STEP --json FILE`` outputs (one curve per controller and
-file, labelled with the file's fill mode, and "lean" for a ppo curve whose file name says
-``lean``: the JSON does not record the checkpoint) and, optionally, every rate of a
+file, labelled with the file's fill mode and, for ppo, the checkpoint folder's name: from the
+JSON's ``checkpoint`` field, or for files written before evaluate recorded it (session 12),
+``ppo-lean`` / ``ppo-budget24`` when the file name says ``lean`` / ``budget24`` and
+``ppo-default`` otherwise) and, optionally, every rate of a
 ``bench/pack_frontier.py --json`` sweep for one fixed plan, and writes one PNG. No simulation
 runs here; the numbers are the files'.
 
@@ -24,17 +26,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agents.plots import plot_budget_curves  # noqa: E402
 
 
+def checkpoint_name(data: dict, path: Path) -> str:
+    """The ppo checkpoint an evaluation JSON scored (see the module doc for older files)."""
+    if data.get("checkpoint"):
+        return Path(data["checkpoint"]).name
+    for tag in ("lean", "budget24"):
+        if tag in path.name:
+            return f"ppo-{tag}"
+    return "ppo-default"
+
+
 def curves_from(paths: list[Path]) -> dict[str, list[dict[str, float]]]:
     """``{"controller (mode, file)": points}`` from evaluation JSONs with a ``fixed_budget`` block."""
     out: dict[str, list[dict[str, float]]] = {}
     for p in paths:
-        fb = json.loads(p.read_text()).get("fixed_budget")
+        data = json.loads(p.read_text())
+        fb = data.get("fixed_budget")
         if not fb:
             raise SystemExit(f"{p}: no fixed_budget block (run agents.evaluate with --budget-gpus)")
         mode = f"filled ({fb['fill']})" if fb.get("fill") else "as deployed"
-        ckpt = "lean" if "lean" in p.name else ""
+        ckpt = checkpoint_name(data, p)
         for name, res in fb["controllers"].items():
-            label = f"{name}{' ' + ckpt if ckpt and name == 'ppo' else ''}, {mode}"
+            label = f"{name} ({ckpt}), {mode}" if name == "ppo" else f"{name}, {mode}"
             out[label] = [{"k": float(t["k"]), "attainment": float(t["attainment"])} for t in res["tried"]]
     return out
 

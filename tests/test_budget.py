@@ -3,6 +3,9 @@ them, never take a replica away, keep the plan's proportions, and leave alone wh
 cannot count."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -225,3 +228,20 @@ def test_budget_curve_plot_is_written(tmp_path):
     pts = [{"k": 1.0, "attainment": 0.999}, {"k": 1.1, "attainment": 0.985}]
     out = plot_budget_curves({"a": pts, "b": pts[::-1]}, tmp_path / "sub" / "curve.png")
     assert out.is_file() and out.stat().st_size > 1000
+
+
+def test_budget_curves_label_ppo_by_the_checkpoint_it_scored(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import budget_curves
+
+    tried = {"tried": [{"k": 1.3, "attainment": 0.999}]}
+    new = tmp_path / "grid.json"
+    new.write_text(json.dumps({"checkpoint": "checkpoints/ppo-budget24",
+                               "fixed_budget": {"fill": "utilisation", "controllers": {"ppo": tried, "model-level": tried}}}))
+    old = tmp_path / "grid_lean.json"  # written before evaluate recorded the checkpoint
+    old.write_text(json.dumps({"fixed_budget": {"fill": None, "controllers": {"ppo": tried}}}))
+    assert set(budget_curves.curves_from([new, old])) == {
+        "ppo (ppo-budget24), filled (utilisation)", "model-level, filled (utilisation)", "ppo (ppo-lean), as deployed"}
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no fixed_budget block"):
+        budget_curves.curves_from([tmp_path / "bad.json"])
