@@ -84,18 +84,22 @@ def plot_budget_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path
                        attainment_target: float = 0.99, title: str = "") -> Path:
     """Write one PNG of SLO attainment against the rate multiplier, a line per entry of
     ``curves`` (``{label: [{"k": multiplier, "attainment": share}, ...]}``, the ``tried``
-    points of :func:`agents.evaluate.sustained_on_grid`), with the target as a dashed line."""
+    points of :func:`agents.evaluate.sustained_on_grid`), with the target as a dotted line; curves
+    whose label contains "filled" (fixed-budget mode) are dashed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    for label, pts in curves.items():
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    # up to 20 distinct colours; curves whose label says "filled" are dashed
+    colours = plt.get_cmap("tab20").colors if len(curves) > 10 else plt.get_cmap("tab10").colors
+    for i, (label, pts) in enumerate(curves.items()):
         pts = sorted(pts, key=lambda p: p["k"])
-        ax.plot([p["k"] for p in pts], [p["attainment"] for p in pts], marker="o", ms=3, lw=1.2, label=label)
-    ax.axhline(attainment_target, color="k", ls="--", lw=0.8)
+        ax.plot([p["k"] for p in pts], [p["attainment"] for p in pts], marker="o", ms=3, lw=1.2, label=label,
+                color=colours[i % len(colours)], ls="--" if "filled" in label else "-")
+    ax.axhline(attainment_target, color="k", ls=":", lw=0.8)
     ax.set_xlabel("request rate (x the recorded rate)")
     ax.set_ylabel("SLO attainment")
     ax.set_title(title or "Attainment against request rate on a fixed GPU budget")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower left", ncol=2 if len(curves) > 8 else 1)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
