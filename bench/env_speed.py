@@ -4,8 +4,9 @@ Usage: ``python bench/env_speed.py [--steps 3000] [--rounds 3] [--warmup 0] [--b
 [--train-share STEPS] [--json]``
 
 Measures, on the same machine in one run:
-* env steps/s of ``opscale/OperatorScaling-v0`` (fast fidelity) under four action streams:
-  ``keep`` (zero-delta actions: what a converged policy mostly does), ``random``
+* env steps/s of ``opscale/OperatorScaling-v0`` (fast fidelity) under these action streams:
+  ``keep`` (the plan kept: the cheapest case, which no trained policy sends for long: see
+  ``trained``), ``random``
   (uniformly random actions: a new plan every step, the worst case), ``ppo`` (actions
   sampled from a freshly initialised ``PPO("MlpPolicy")``: what early training sends) and
   ``oq`` (the operator-queueing controller's plans encoded as actions: a realistic
