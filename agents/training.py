@@ -16,6 +16,7 @@ One function, :func:`train`, does the whole run:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -120,8 +121,35 @@ def _algo_class(name: str) -> Any:
     return PPO
 
 
+@contextlib.contextmanager
+def distribution_checks(enabled: bool):  # noqa: ANN201
+    """Turn torch.distributions' argument checks on or off inside the block (restored after).
+
+    The checks only raise on invalid arguments (logits that are not finite, samples outside the
+    support); they never change a number or draw from the random generator, so a run with them
+    off is bit-identical to one with them on. MaskablePPO builds one masked Categorical per
+    sub-action, three times per policy call, and the checks took about a third of the policy's
+    time (docs/TRAINING.md, "Distribution checks off").
+    """
+    Dist = th.distributions.Distribution
+    old = Dist._validate_args
+    Dist.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        Dist.set_default_validate_args(old)
+
+
 def train(args: TrainArgs, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one training job; returns paths and numbers of what it produced."""
+    """Run one training job; returns paths and numbers of what it produced.
+
+    torch.distributions' argument checks are off for the run (:func:`distribution_checks`).
+    """
+    with distribution_checks(False):
+        return _train(args, log)
+
+
+def _train(args: TrainArgs, log: Callable[[str], None]) -> dict[str, Any]:
     hp: PPOHyperparams = load_hyperparams(args.config)
     if args.timesteps is not None:
         hp.n_timesteps = int(args.timesteps)

@@ -14,25 +14,13 @@ import gymnasium as gym
 import numpy as np
 
 from runtime.codec import ActionDecoder
-from runtime.control import PLACEMENTS, Plan
-from runtime.models import OPERATOR_GROUPS
+from runtime.control import Plan
 
 
 def frozen_mask(decoder: ActionDecoder, prev: Plan) -> np.ndarray:
-    """The codec's mask with each group's batch level and placement fixed to ``prev``'s."""
-    c = decoder.config
-    mask = decoder.action_mask(prev).copy()
-    levels = np.asarray(c.batch_levels)
-    nd, nb, npl = decoder.n_replica_choices, len(c.batch_levels), len(PLACEMENTS)
-    per = nd + nb + npl
-    for k, g in enumerate(OPERATOR_GROUPS):
-        base = k * per
-        b_idx = int(np.argmin(np.abs(levels - prev[g].max_batch)))
-        mask[base + nd:base + nd + nb] = False
-        mask[base + nd + b_idx] = True
-        mask[base + nd + nb:base + per] = False
-        mask[base + nd + nb + PLACEMENTS.index(prev[g].placement)] = True
-    return mask
+    """The codec's mask with each group's batch level and placement fixed to ``prev``'s
+    (read-only; :meth:`runtime.codec.ActionDecoder.action_mask` with ``freeze_layout``)."""
+    return decoder.action_mask(prev, freeze_layout=True)
 
 
 class PlanRestriction(gym.Wrapper):

@@ -18,13 +18,17 @@ Measures, on the same machine in one run:
   is trained). Only ``env.step`` is timed; ``--warmup N``
   first runs N untimed steps of the same stream (the profile and placement caches fill in a
   long training run; 0 = the session-1 method);
-* ``PPO("MlpPolicy").predict`` calls/s on one observation (torch with one thread);
-* their ratios (the env must not be the bottleneck of training: ratio >= 5);
+* ``PPO("MlpPolicy").predict`` calls/s on one observation (torch with one thread), with SB3's
+  defaults and again with torch.distributions' argument checks off, as train.py runs its policy
+  since session 13 (``agents.training.distribution_checks``; the same numbers, faster);
+* their ratios (the env must not be the bottleneck of training: ratio >= 5), to both rates;
 * with ``--learner``: the samples per second PPO training itself consumes when the env costs
-  nothing (MaskablePPO with agents/configs/ppo.yaml's hyperparameters and n_envs, on an env
+  nothing (MaskablePPO with agents/configs/ppo.yaml's hyperparameters and n_envs, checks off as in
+  training since session 13, on an env
   with the same spaces that returns a fixed observation), i.e. the learner's side of the
   "not the bottleneck" question (predict on one observation leaves out the gradient updates);
-* with ``--train-share STEPS``: the share of a real training run's wall time spent on the env
+* with ``--train-share STEPS``: each round and for each tree (so with ``--baseline``, the
+  speed-up of a whole training run), the share of a real training run's wall time spent on the env
   side (``agents.training.train`` with agents/configs/ppo.yaml for STEPS timesteps, into a
   temporary folder; the training and evaluation VecEnvs' ``step_wait`` and ``env_method``
   calls, i.e. env steps, resets and action masks, are timed);
@@ -141,10 +145,16 @@ def env_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0) -> float:
     return steps / spent
 
 
-def ppo_rate(calls: int) -> float:
-    """``PPO("MlpPolicy").predict`` calls per second on one observation."""
+def ppo_rate(calls: int, checks: bool = True) -> float:
+    """``PPO("MlpPolicy").predict`` calls per second on one observation; ``checks=False`` with
+    torch.distributions' argument checks off, as train.py runs its policy (bit-identical results,
+    see ``agents.training.distribution_checks``)."""
+    import torch
+
     from envs import make_env
 
+    if not checks:
+        torch.distributions.Distribution.set_default_validate_args(False)
     env = make_env()
     model = _policy(env)
     obs, _ = env.reset(seed=0)
@@ -172,6 +182,7 @@ def learner_rate(rollouts: int = 2) -> float:
     from envs import make_env
 
     torch.set_num_threads(1)
+    torch.distributions.Distribution.set_default_validate_args(False)  # as agents.training.train runs
     hp = load_hyperparams()
     real = make_env(seed=0)
     obs0, _ = real.reset(seed=0)
@@ -256,6 +267,8 @@ def reference_speedup() -> dict:
 def _worker(what: str, steps: int, warmup: int = 0) -> None:
     if what == "predict":
         out = ppo_rate(steps)
+    elif what == "predict_nochecks":
+        out = ppo_rate(steps, checks=False)
     elif what == "train_share":
         out = train_share(steps)
     elif what == "learner":
@@ -294,7 +307,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=0, help="untimed env steps before timing (0: session-1 method)")
     p.add_argument("--learner", action="store_true", help="also measure PPO training's own samples/s")
     p.add_argument("--train-share", type=int, default=0, metavar="STEPS",
-                   help="also time a real training run of STEPS timesteps and its env side (once, current tree)")
+                   help="also time a real training run of STEPS timesteps and its env side (each round, each tree)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-simulator replay")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
@@ -309,9 +322,15 @@ def main() -> int:
         trees["baseline"] = a.baseline.resolve()
     rates: dict[str, dict[str, list[float]]] = {t: {s: [] for s in streams} for t in trees}
     preds: list[float] = []
+    preds_nc: list[float] = []
     learns: list[float] = []
+    shares: dict[str, list[dict]] = {t: [] for t in trees}
     for _ in range(a.rounds):
         preds.append(_run(ROOT, "predict", a.steps))
+        preds_nc.append(_run(ROOT, "predict_nochecks", a.steps))
+        if a.train_share:
+            for t, root in trees.items():
+                shares[t].append(_run(root, "train_share", a.train_share))
         if a.learner:
             learns.append(_run(ROOT, "learner", a.steps))
         for s in streams:
@@ -319,16 +338,26 @@ def main() -> int:
                 rates[t][s].append(_run(root, s, _steps_for(s, a.steps), a.warmup))
     pred = float(np.median(preds))
     learn = float(np.median(learns)) if learns else None
-    out: dict = {"ppo_predict_per_s": pred, "rounds": a.rounds, "steps": a.steps, "warmup": a.warmup,
+    pred_nc = float(np.median(preds_nc))
+    out: dict = {"ppo_predict_per_s": pred, "ppo_predict_nochecks_per_s": pred_nc, "rounds": a.rounds, "steps": a.steps, "warmup": a.warmup,
                  "learner_samples_per_s": learn, "load_avg": list(os.getloadavg())}
     for t in trees:
         out[t] = {s: {"steps_per_s": float(np.median(v)), "ratio_to_predict": float(np.median(v)) / pred,
+                      "ratio_to_predict_nochecks": float(np.median(v)) / pred_nc,
                       "ratio_to_learner": float(np.median(v)) / learn if learn else None,
                       "rounds": [round(x, 1) for x in v]} for s, v in rates[t].items()}
     if a.baseline is not None:
         out["speedup"] = {s: out["current"][s]["steps_per_s"] / out["baseline"][s]["steps_per_s"] for s in streams}
     if a.train_share:
-        out["train_share"] = _run(ROOT, "train_share", a.train_share)
+        for t in trees:
+            runs = shares[t]
+            wall = float(np.median([r["wall_s"] for r in runs]))
+            env_s = float(np.median([r["env_s"] for r in runs]))
+            out[t]["train_share"] = {"timesteps": runs[0]["timesteps"], "wall_s": wall, "env_s": env_s,
+                                     "env_share": float(np.median([r["env_share"] for r in runs])),
+                                     "rounds_wall_s": [round(r["wall_s"], 1) for r in runs]}
+        if a.baseline is not None:
+            out["speedup"]["train_wall"] = out["baseline"]["train_share"]["wall_s"] / out["current"]["train_share"]["wall_s"]
     if not a.no_reference:
         out["reference_azure_conv"] = reference_speedup()
     if a.json:
@@ -339,11 +368,13 @@ def main() -> int:
              "trained": "shipped policy, sampling"}
     print(f"PPO MlpPolicy predict: {pred:8.0f} calls/s (median of {a.rounds} rounds; load average "
           f"{out['load_avg'][0]:.1f} at the end; warm-up {a.warmup} steps)")
+    print(f"  the same with torch.distributions' checks off, as train.py runs it: {pred_nc:8.0f} calls/s")
     if learn:
         print(f"PPO training (learner side, env cost removed): {learn:8.0f} samples/s")
     for s in streams:
         cur = out["current"][s]
-        line = f"fast env, {names[s]:24s} {cur['steps_per_s']:8.0f} steps/s  ratio {cur['ratio_to_predict']:5.2f}"
+        line = (f"fast env, {names[s]:24s} {cur['steps_per_s']:8.0f} steps/s  ratio {cur['ratio_to_predict']:5.2f}"
+                f" ({cur['ratio_to_predict_nochecks']:5.2f} checks off)")
         if learn:
             line += f"  to learner {cur['ratio_to_learner']:5.2f}"
         if a.baseline is not None:
@@ -351,9 +382,12 @@ def main() -> int:
             line += f"   baseline {base['steps_per_s']:8.0f} steps/s  speed-up {out['speedup'][s]:.2f}x"
         print(line)
     if a.train_share:
-        ts = out["train_share"]
-        print(f"training run, {ts['timesteps']} timesteps: {ts['wall_s']:.0f} s, env side {ts['env_s']:.0f} s "
-              f"= {100 * ts['env_share']:.0f} % of it")
+        for t in trees:
+            ts = out[t]["train_share"]
+            print(f"training run ({t}), {ts['timesteps']} timesteps: {ts['wall_s']:.0f} s, env side "
+                  f"{ts['env_s']:.0f} s = {100 * ts['env_share']:.0f} % of it (rounds {ts['rounds_wall_s']})")
+        if a.baseline is not None:
+            print(f"training run speed-up over the baseline: {out['speedup']['train_wall']:.2f}x")
     if not a.no_reference:
         ref = out["reference_azure_conv"]
         print(f"reference, azure-conv: {ref['trace_s']:.0f} s of trace in {ref['wall_s']:.1f} s "

@@ -147,6 +147,8 @@ class ActionDecoder:
     """
 
     config: CodecConfig = field(default_factory=CodecConfig)
+    #: masks already built, by what they depend on (read-only arrays; see :meth:`action_mask`)
+    _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def nvec(self) -> np.ndarray:
@@ -198,14 +200,33 @@ class ActionDecoder:
             out.append(PLACEMENTS.index(plan[g].placement))
         return np.array(out, dtype=np.int64)
 
-    def action_mask(self, prev: Plan) -> np.ndarray:
+    def action_mask(self, prev: Plan, freeze_layout: bool = False) -> np.ndarray:
         """Flat boolean mask over all sub-action choices (MaskablePPO layout).
 
         Replica deltas that would leave [min_replicas, max_replicas] are masked, except the
         zero delta which is always allowed; in level mode, levels outside that range are masked
-        (the level nearest the range stays allowed, so a group always has a choice).
+        (the level nearest the range stays allowed, so a group always has a choice). With
+        ``freeze_layout`` each group's batch level and placement are fixed to ``prev``'s (the
+        nearest batch level): only replica counts are left to choose (agents/wrappers.py).
+
+        The mask depends on ``prev`` only through its replica counts (delta mode; not at all in
+        level mode) and, frozen, its batch limits and placements, so masks are built once per
+        such key and returned read-only (copy one to change it).
         """
         c = self.config
+        key = () if c.replica_levels else tuple(prev[g].replicas for g in OPERATOR_GROUPS)
+        if freeze_layout:
+            key += tuple((prev[g].max_batch, prev[g].placement) for g in OPERATOR_GROUPS)
+        hit = self._masks.get((freeze_layout, key))
+        if hit is None:
+            if len(self._masks) >= 4096:
+                self._masks.clear()
+            hit = self._masks[(freeze_layout, key)] = self._build_mask(prev, freeze_layout)
+        return hit
+
+    def _build_mask(self, prev: Plan, freeze_layout: bool) -> np.ndarray:
+        c = self.config
+        levels = np.asarray(c.batch_levels)
         parts: list[np.ndarray] = []
         for g in OPERATOR_GROUPS:
             r = prev[g].replicas
@@ -218,9 +239,18 @@ class ActionDecoder:
             else:
                 parts.append(np.array([(c.min_replicas <= r + d <= c.max_replicas) or d == 0
                                        for d in c.replica_deltas]))
-            parts.append(np.ones(len(c.batch_levels), dtype=bool))
-            parts.append(np.ones(len(PLACEMENTS), dtype=bool))
-        return np.concatenate(parts)
+            if freeze_layout:
+                batch = np.zeros(len(c.batch_levels), dtype=bool)
+                batch[int(np.argmin(np.abs(levels - prev[g].max_batch)))] = True
+                place = np.array([p == prev[g].placement for p in PLACEMENTS])
+            else:
+                batch = np.ones(len(c.batch_levels), dtype=bool)
+                place = np.ones(len(PLACEMENTS), dtype=bool)
+            parts.append(batch)
+            parts.append(place)
+        mask = np.concatenate(parts)
+        mask.flags.writeable = False
+        return mask
 
 
 def tp_follows_placement(plan: Plan, prev: Plan, model_tp: int, group_tp: Mapping[str, int]) -> Plan:

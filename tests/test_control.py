@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from runtime.codec import ActionDecoder, CodecConfig, ObservationEncoder
-from runtime.control import SLO, ClusterState, OperatorPlan, OperatorSpec, OperatorState, Plan, PlanError
+from runtime.control import PLACEMENTS, SLO, ClusterState, OperatorPlan, OperatorSpec, OperatorState, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS, get_model
 
 
@@ -103,6 +103,43 @@ def test_action_mask_forbids_leaving_bounds():
     assert mask.shape == (int(dec.nvec.sum()),)
     # deltas (-4, -1, 0, +1, +4) from 1 replica: only 0, +1, +4 allowed
     assert list(mask[:5]) == [False, False, True, True, True]
+
+
+def test_action_mask_is_cached_by_what_it_depends_on_and_read_only():
+    dec = ActionDecoder(CodecConfig(max_replicas=5))
+    one = Plan({g: OperatorPlan(1, 32, "pack", 1) for g in OPERATOR_GROUPS})
+    five = Plan({g: OperatorPlan(5, 32, "pack", 1) for g in OPERATOR_GROUPS})
+    m1 = dec.action_mask(one)
+    assert dec.action_mask(Plan({g: OperatorPlan(1, 8, "dedicated", 2) for g in OPERATOR_GROUPS})) is m1
+    # from 5 replicas (the maximum) only -4, -1 and 0 are allowed: another key, another mask
+    assert list(dec.action_mask(five)[:5]) == [True, True, True, False, False]
+    assert list(m1[:5]) == [False, False, True, True, True]
+    with pytest.raises(ValueError, match="read-only"):
+        m1[0] = True
+
+
+def test_frozen_layout_mask_keeps_only_the_replica_choice():
+    from agents.wrappers import frozen_mask
+
+    dec = ActionDecoder(CodecConfig(replica_levels=(1, 2, 4, 8, 16), max_replicas=10,
+                                    batch_levels=(8, 32, 128)))
+    ops = {g: OperatorPlan(3, 32, "pack", 1) for g in OPERATOR_GROUPS}
+    ops["mlp"] = OperatorPlan(3, 100, "dedicated", 2)     # 100 is nearest the 128 level
+    prev = Plan(ops)
+    mask = frozen_mask(dec, prev)
+    per = 5 + 3 + len(PLACEMENTS)
+    attn = OPERATOR_GROUPS.index("attn") * per
+    mlp = OPERATOR_GROUPS.index("mlp") * per
+    assert list(mask[attn:attn + 5]) == [True, True, True, True, False]   # replicas as unfrozen
+    assert list(mask[attn + 5:attn + 8]) == [False, True, False]           # batch 32 only
+    assert [p for p, ok in zip(PLACEMENTS, mask[attn + 8:attn + per]) if ok] == ["pack"]
+    assert list(mask[mlp + 5:mlp + 8]) == [False, False, True]             # batch 128 only
+    assert [p for p, ok in zip(PLACEMENTS, mask[mlp + 8:mlp + per]) if ok] == ["dedicated"]
+    # another layout is another mask; the unfrozen mask is not touched
+    moved = Plan({**ops, "attn": OperatorPlan(3, 8, "dedicated", 1)})
+    assert list(frozen_mask(dec, moved)[attn + 5:attn + 8]) == [True, False, False]
+    assert dec.action_mask(prev)[attn + 5:attn + per].all()
+    assert frozen_mask(dec, prev) is mask
 
 
 def test_level_mode_picks_absolute_replica_counts():

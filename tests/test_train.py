@@ -124,6 +124,7 @@ def _small_run(tmp_path, monkeypatch, config: str) -> tuple[dict, list[str]]:
 
     import agents.training as training
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load(Path(config).read_text())
     cfg["opscale/OperatorScaling-v0"].update(n_steps=64, batch_size=64, n_epochs=1, eval_freq=128, eval_episodes=1)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -165,3 +166,38 @@ def test_choice_stage_selects_on_the_validation_split(tmp_path, monkeypatch):
     # an episode on val ends when its 527 s are served (a few intervals of drain at most)
     assert np.all(ev["ep_lengths"] >= val_s / scenario.interval_s)
     assert np.all(ev["ep_lengths"] < scenario.episode_intervals)
+
+
+def test_distribution_checks_off_changes_no_number(tmp_path, monkeypatch):
+    """train() runs with torch.distributions' argument checks off (a third faster): the same
+    run with the checks on gives the same weights to the bit, and the default is restored."""
+    import io
+    import zipfile
+
+    import torch
+
+    import agents.training as training
+
+    default = torch.distributions.Distribution._validate_args
+    off, _ = _small_run(tmp_path / "off", monkeypatch, "agents/configs/ppo.yaml")
+    assert torch.distributions.Distribution._validate_args == default
+
+    real = training._train
+
+    def checked(args, log):
+        with training.distribution_checks(True):
+            assert torch.distributions.Distribution._validate_args is True
+            return real(args, log)
+
+    monkeypatch.setattr(training, "_train", checked)
+    on, _ = _small_run(tmp_path / "on", monkeypatch, "agents/configs/ppo.yaml")
+
+    def weights(folder: str) -> dict:
+        with zipfile.ZipFile(Path(folder) / "policy.zip") as z:
+            return torch.load(io.BytesIO(z.read("policy.pth")), map_location="cpu")
+
+    a, b = weights(off["checkpoint"]), weights(on["checkpoint"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RuntimeError), training.distribution_checks(False):
+        raise RuntimeError("restored on the way out")
+    assert torch.distributions.Distribution._validate_args == default
