@@ -24,11 +24,15 @@ from agents.evaluate import metrics, run_timeline  # noqa: E402
 from agents.registry import load_controller_settings, make_controller  # noqa: E402
 from envs import SPLITS  # noqa: E402
 
+TUNABLE = ("operator-queueing", "model-level", "model-level-ongoing")
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", default="trainval", choices=SPLITS)
-    ap.add_argument("settings", nargs="+", help='JSON objects of operator-queueing settings, e.g. \'{"peak_window_s": 300}\'')
+    ap.add_argument("--controller", default="operator-queueing", choices=TUNABLE)
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    ap.add_argument("settings", nargs="+", help='JSON objects of the controller\'s settings, e.g. \'{"peak_window_s": 300}\'')
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     overrides = []
@@ -40,16 +44,21 @@ def main(argv=None) -> int:
     sc = load_scenario()
     trace = load_split(sc, args.split)
     base = load_controller_settings()
+    rows = []
     for over in overrides:
         settings = {k: dict(v) for k, v in base.items()}
-        settings["operator-queueing"].update(over)
+        settings[args.controller].update(over)
         t0 = time.time()
         sim = make_sim(sc, trace, "reference", 0)
-        ctl, plan0 = make_controller("operator-queueing", sc, slo=sim.slo, trace=trace, settings=settings)
+        ctl, plan0 = make_controller(args.controller, sc, slo=sim.slo, trace=trace, settings=settings)
         summary, tl = run_timeline(sim, ctl, plan0)
         m = metrics(summary, tl, sc.attainment_target)
+        rows.append({"controller": args.controller, "split": args.split, "settings": over,
+                     "slo_attainment": m["slo_attainment"], "avg_gpus": m["avg_gpus"], "energy_kwh": m["energy_kwh"]})
         print(f"{json.dumps(over)}: attainment {m['slo_attainment']:.4f}, avg GPUs {m['avg_gpus']:.2f}, "
               f"{m['energy_kwh']:.2f} kWh ({time.time() - t0:.0f} s)", flush=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 
