@@ -19,7 +19,7 @@ from runtime.control import Plan
 
 def frozen_mask(decoder: ActionDecoder, prev: Plan) -> np.ndarray:
     """The codec's mask with each group's batch level and placement fixed to ``prev``'s
-    (read-only; :meth:`runtime.codec.ActionDecoder.action_mask` with ``freeze_layout``)."""
+    (:meth:`runtime.codec.ActionDecoder.action_mask` with ``freeze_layout``)."""
     return decoder.action_mask(prev, freeze_layout=True)
 
 

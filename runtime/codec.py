@@ -211,7 +211,8 @@ class ActionDecoder:
 
         The mask depends on ``prev`` only through its replica counts (delta mode; not at all in
         level mode) and, frozen, its batch limits and placements, so masks are built once per
-        such key and returned read-only (copy one to change it).
+        such key; each call returns a fresh copy (callers hand masks to torch, which warns on
+        read-only arrays, and may change them).
         """
         c = self.config
         key = () if c.replica_levels else tuple(prev[g].replicas for g in OPERATOR_GROUPS)
@@ -222,7 +223,7 @@ class ActionDecoder:
             if len(self._masks) >= 4096:
                 self._masks.clear()
             hit = self._masks[(freeze_layout, key)] = self._build_mask(prev, freeze_layout)
-        return hit
+        return hit.copy()
 
     def _build_mask(self, prev: Plan, freeze_layout: bool) -> np.ndarray:
         c = self.config
