@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   create .venv, install, run `python train.py --trace azure`
 #   make test    create .venv, install, run the test suite
+# and one reruns the headline numbers (docs/RESULTS.md "Main table", about 10 minutes on 2 cores):
+#   make evaluate   every controller on the held-out split, shipped policy, into results/
 # torch is installed first and pinned so pip does not pull a CUDA build on CPU machines.
 # GPU users: make train TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3
@@ -8,11 +10,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TRAIN_ARGS ?=
 TEST_ARGS ?=
+CHECKPOINT ?= checkpoints/ppo-default
+RESULTS ?= results
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.opscale-installed
 
-.PHONY: install train test bench clean-venv
+.PHONY: install train test evaluate clean-venv
 
 install: $(STAMP)
 
@@ -28,6 +32,12 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(TEST_ARGS)
+
+evaluate: $(STAMP)
+	$(BIN)/python -m agents.evaluate --trace azure --split test \
+	  --controllers static,model-level,model-level-ongoing,operator-queueing,ppo \
+	  --checkpoint $(CHECKPOINT) --json $(RESULTS)/test_reference.json --plots $(RESULTS) \
+	  --budget-gpus 24 --budget-fidelity reference
 
 clean-venv:
 	rm -rf $(VENV)
