@@ -129,7 +129,7 @@ def distribution_checks(enabled: bool):  # noqa: ANN201
     support); they never change a number or draw from the random generator, so a run with them
     off is bit-identical to one with them on. MaskablePPO builds one masked Categorical per
     sub-action, three times per policy call, and the checks took about a third of the policy's
-    time (docs/TRAINING.md, "Distribution checks off").
+    time (docs/TRAINING.md, "Choices and why", session 13).
     """
     Dist = th.distributions.Distribution
     old = Dist._validate_args
