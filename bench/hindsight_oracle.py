@@ -15,6 +15,9 @@ schedule it picks is then replayed, plan by plan, in the reference simulator, wh
 numbers to quote (the fast model's errors are in docs/SIMULATOR.md). It is not a controller:
 it reads the trace ahead of time. Nor is it a lower bound: it is greedy and its menu is finite.
 It says how few GPUs a layout changing at the policies' pace could hold the SLO with here.
+``--delay N`` also replays the same schedule N intervals late (each plan applied N intervals
+after the oracle chose it; the first plan before that): a controller that knows exactly what
+each interval needed, but only once it has seen it, as a reactive autoscaler does at best.
 
 Menu: the distinct (attention, projection, MLP) replica counts a controller used in an
 evaluation JSON (``--from-json FILE --controller NAME``, default the shipped policy in
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attn-batch", type=int, default=16)
     ap.add_argument("--embed", type=int, default=4)
     ap.add_argument("--head", type=int, default=4)
+    ap.add_argument("--delay", default="", help="also replay the schedule this many intervals late, comma-separated")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -133,6 +137,12 @@ def main(argv=None) -> int:
         taus = [float(t) for t in args.tau.split(",") if t]
     except ValueError:
         ap.error(f"--tau {args.tau!r}: expected numbers separated by commas")
+    try:
+        delays = [int(d) for d in args.delay.split(",") if d]
+    except ValueError:
+        ap.error(f"--delay {args.delay!r}: expected whole numbers of intervals separated by commas")
+    if any(d < 1 for d in delays):
+        ap.error(f"--delay {args.delay!r}: delays are at least 1 interval")
 
     sc = load_scenario()
     trace = load_split(sc, args.split)
@@ -166,6 +176,14 @@ def main(argv=None) -> int:
                "attainment": m["slo_attainment"], "avg_gpus": m["avg_gpus"], "peak_gpus": m["peak_gpus"],
                "energy_kwh": m["energy_kwh"], "ttft_p99_s": m["ttft_p99_s"], "tbt_p99_s": m["tbt_p99_s"],
                "gpus_per_interval": [float(g) for g in tl.gpus]}
+        for d in delays:
+            late = [schedule[0]] * d + schedule
+            s_d, tl_d = run_timeline(make_sim(sc, trace, "reference", 0), ScheduleController(late), menu[-1])
+            m_d = metrics(s_d, tl_d, sc.attainment_target)
+            row.setdefault("delayed", []).append({"delay_intervals": d, "attainment": m_d["slo_attainment"],
+                                                  "avg_gpus": m_d["avg_gpus"], "energy_kwh": m_d["energy_kwh"]})
+            print(f"tau {tau:g}, replayed {d} interval(s) late: reference {m_d['slo_attainment']:.4f} at "
+                  f"{m_d['avg_gpus']:.2f} avg GPUs ({m_d['energy_kwh']:.2f} kWh)", flush=True)
         rows.append(row)
         print(f"tau {tau:g}: reference {m['slo_attainment']:.4f} at {m['avg_gpus']:.2f} avg GPUs "
               f"(peak {m['peak_gpus']:.0f}, {m['energy_kwh']:.2f} kWh); fast search {fast_sum['slo_attainment']:.4f} at "
