@@ -467,11 +467,12 @@ class FastSimulator(Simulator):
         self._schedule_drain(units)
 
     def _schedule_drain(self, units: int) -> None:
-        """Draining units give back their GPUs after about the p99 output length of recent
-        requests in decode iterations (the longest of their sequences)."""
+        """Draining units give back their GPUs after ``drain_residual`` x the p99 output length
+        of recent requests in decode iterations (what is left of the longest of their
+        sequences; they are part-way through when the unit is removed)."""
         k = min(max(self.k - 1, 0), self.n_intervals - 1)
         longest = max(self.index.output_p99[k], self.r_output)
-        t = self.now + longest * getattr(self, "_last_T", 0.05)
+        t = self.now + self.sc.drain_residual * longest * getattr(self, "_last_T", 0.05)
         self.drain_until.append((t, units))
         self.drain_until.sort()
 

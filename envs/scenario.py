@@ -104,6 +104,9 @@ class Scenario:
         replica_start_s: fixed start-up time of a new replica (process, CUDA graphs), seconds.
         contention: slowdown per unit of co-located busy share (see docs/SIMULATOR.md).
         max_queue_wait_s: a request still waiting for admission after this long is rejected.
+        drain_residual: fast model only: a removed attention unit keeps its GPUs for this share
+            of the recent p99 output length in decode iterations (1.0 until session 13, the
+            whole length; the reference drains each unit until its last sequence finishes).
         max_request_tokens: prompt + output limit (tokens); longer trace requests are clipped
             (output to half of it, then the prompt to the rest), as Vidur clips to its max
             tokens. None = the model's context length (4096 for Llama-2).
@@ -144,6 +147,7 @@ class Scenario:
     replica_start_s: float = 1.0
     contention: float = 0.5
     max_queue_wait_s: float = 120.0
+    drain_residual: float = 1.0
     max_request_tokens: int | None = None
     history_len: int = 8
     codec: Mapping[str, Any] = field(default_factory=dict)
@@ -153,6 +157,8 @@ class Scenario:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ScenarioError(f"scenario field {name!r} must be > 0, got {v!r}")
+        if not (isinstance(self.drain_residual, (int, float)) and 0.0 < self.drain_residual <= 1.0):
+            raise ScenarioError(f"scenario field 'drain_residual' must be in (0, 1], got {self.drain_residual!r}")
         if not 0.0 < self.train_frac < 1.0:
             raise ScenarioError(f"scenario field 'train_frac' must be in (0, 1), got {self.train_frac!r}")
         if not 0.0 < self.val_frac < self.train_frac:

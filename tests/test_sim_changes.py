@@ -135,6 +135,27 @@ def test_fast_drain_share_is_hand_computable():
     assert sim.d_units == 3
 
 
+def test_fast_drain_time_is_drain_residual_times_the_p99_output_in_iterations():
+    """Removed units give their GPUs back after drain_residual x the recent p99 output length
+    decode iterations (steady trace: every output is 200 tokens)."""
+    ends = {}
+    for f in (1.0, 0.5):
+        sc = Scenario.from_yaml(drain_residual=f)
+        sim = make_simulator(sc, steady_trace(), fidelity="fast")
+        sim.reset(packed(sc, 4))
+        for _ in range(3):
+            sim.step(None)
+        sim.timeline.apply(packed(sc, 1), sim.now)
+        sim._on_drain(3)
+        (t_end, units), = sim.drain_until
+        assert units == 3
+        assert t_end == pytest.approx(sim.now + f * 200 * sim._last_T)
+        ends[f] = t_end - sim.now
+    assert ends[0.5] == pytest.approx(0.5 * ends[1.0])
+    with pytest.raises(ValueError, match="'drain_residual' must be in \\(0, 1\\], got 1.5"):
+        Scenario.from_yaml(drain_residual=1.5)
+
+
 def test_fast_counts_a_bursts_misses_when_its_requests_finish():
     """A burst of long prompts onto one instance: most first tokens come late. The fast model
     charges the misses to the requests of the burst (not to whatever finishes in the burst's
