@@ -31,26 +31,16 @@ from bench.hindsight_oracle import greedy_schedule  # noqa: E402
 from bench.pack_frontier import pack_plan  # noqa: E402
 from envs import SPLITS, make_simulator, scenario_trace  # noqa: E402
 from envs.scenario import Scenario  # noqa: E402
-from envs.validate import controller_plans, random_walk_plans  # noqa: E402
+from envs.validate import controller_plans, random_walk_plans, replay  # noqa: E402
 
 
-def replay(sc: Scenario, trace, plans, fidelity: str) -> dict:  # noqa: ANN001
-    """Summary of ``plans`` replayed open-loop (plan 0 loaded at t=0, plan k applied at step k)."""
-    sim = make_simulator(sc, trace, fidelity=fidelity, seed=0)
-    sim.reset(plans[0])
-    k = 1
-    while not sim.done:
-        sim.step(plans[min(k, len(plans) - 1)])
-        k += 1
-    return sim.summary()
-
-
-def streams(sc: Scenario, trace) -> dict[str, list]:  # noqa: ANN001
-    """The plan streams of the module docstring (the hindsight one searched at drain_residual 1)."""
+def streams(sc: Scenario, trace, checkpoint: Path) -> dict[str, list]:  # noqa: ANN001
+    """The plan streams of the module docstring (the hindsight one searched at drain_residual 1;
+    the policy's plans from ``checkpoint``)."""
     n = int(trace.duration_s // sc.interval_s) + 2
     out = {"random walk (seed 0)": random_walk_plans(sc, n, 0),
            "operator-queueing": controller_plans(sc, trace, "operator-queueing"),
-           "ppo-default": controller_plans(sc, trace, "ppo", checkpoint=ROOT / "checkpoints" / "ppo-default")}
+           "ppo-default": controller_plans(sc, trace, "ppo", checkpoint=checkpoint)}
     menu = [pack_plan(sc, a, 16, p, m, 4, 4) for a in (6, 8, 10, 12, 16, 20) for p in (2, 3, 4, 5, 6, 8)
             for m in (3, 4, 5, 6, 8, 10, 12)]
     probe = make_simulator(sc, trace, fidelity="fast", seed=0)
@@ -67,6 +57,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--split", default="trainval", choices=SPLITS)
     ap.add_argument("--values", default="1.0,0.75,0.5,0.35,0.25", help="drain_residual values, comma-separated")
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "checkpoints" / "ppo-default",
+                    help="policy whose recorded plans make the 'ppo-default' stream")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -77,7 +69,7 @@ def main(argv=None) -> int:
     base = Scenario.from_yaml()
     trace = scenario_trace(base, args.split)
     t0 = time.time()
-    plans = streams(base, trace)
+    plans = streams(base, trace, args.checkpoint)
     ref = {name: replay(base, trace, p, "reference")["gpu_seconds"] for name, p in plans.items()}
     print(f"{args.split}: {len(plans)} streams, reference replayed ({time.time() - t0:.0f} s)", flush=True)
     rows = []

@@ -184,21 +184,25 @@ def changes_per_interval(plans: Sequence[Plan]) -> float:
     return sum(1 for a, b in zip(plans, plans[1:]) if a != b) / (len(plans) - 1)
 
 
-def run_sequence(sc: Scenario, trace, plans: Sequence[Plan], name: str, seed: int = 0) -> Cell:
-    """Both fidelities over ``trace`` under the same plan sequence (``plans[0]`` loaded at t=0,
-    ``plans[k]`` applied at step k, the last one kept once the list runs out)."""
+def replay(sc: Scenario, trace, plans: Sequence[Plan], fidelity: str, seed: int = 0) -> dict:
+    """Summary of one fidelity over ``trace`` under a plan sequence replayed open-loop
+    (``plans[0]`` loaded at t=0, ``plans[k]`` applied at step k, the last one kept once the list
+    runs out)."""
     from envs import make_simulator
 
-    out = {}
-    for fid in ("reference", "fast"):
-        sim = make_simulator(sc, trace, fidelity=fid, seed=seed)
-        sim.reset(plans[0])
-        k = 1
-        while not sim.done:
-            sim.step(plans[min(k, len(plans) - 1)])
-            k += 1
-        out[fid] = sim.summary()
-    return Cell(name, float(sc.rate_scale), out["reference"], out["fast"])
+    sim = make_simulator(sc, trace, fidelity=fidelity, seed=seed)
+    sim.reset(plans[0])
+    k = 1
+    while not sim.done:
+        sim.step(plans[min(k, len(plans) - 1)])
+        k += 1
+    return sim.summary()
+
+
+def run_sequence(sc: Scenario, trace, plans: Sequence[Plan], name: str, seed: int = 0) -> Cell:
+    """Both fidelities over ``trace`` under the same plan sequence (:func:`replay`)."""
+    return Cell(name, float(sc.rate_scale), replay(sc, trace, plans, "reference", seed),
+                replay(sc, trace, plans, "fast", seed))
 
 
 def changing_streams(sc: Scenario, trace, seed: int = 0, checkpoint: str | Path | None = None,

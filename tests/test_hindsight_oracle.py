@@ -56,3 +56,7 @@ def test_greedy_schedule_takes_the_cheapest_plan_that_holds(setup):
     sim.reset(big)
     plans, fallbacks = greedy_schedule(sim, [small, big], tau=0.0, lookahead=1)
     assert plans and all(p is small for p in plans) and fallbacks == 0   # everything holds tau 0
+    sim = make_sim(sc, trace.window(0.0, 60.0), "fast", 0)
+    sim.reset(big)
+    plans, fallbacks = greedy_schedule(sim, [small, big], tau=1.01, lookahead=1)
+    assert all(p is big for p in plans) and fallbacks == len(plans)      # nothing holds: largest plan
