@@ -16,6 +16,40 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ppo.yaml"
 
 
 @dataclass
+class HindsightTeacherConfig:
+    """The ``hindsight`` teacher of behaviour cloning (:class:`agents.hindsight.HindsightTeacher`).
+
+    Attributes:
+        tau: attainment (0..1) each interval's hindsight plan must hold.
+        lookahead: intervals at the largest plan that must hold ``tau`` after it.
+        window: intervals whose hindsight plans the teacher's next plan covers.
+        attn, proj, mlp: replica counts of the menu's grid (all pack plans of their product).
+        attn_batch: the menu's attention batch limit (sequences per replica).
+        embed, head: the menu's embedding and LM-head replicas.
+    """
+
+    tau: float = 0.999
+    lookahead: int = 2
+    window: int = 2
+    attn: list[int] = field(default_factory=lambda: [8, 10, 12, 16, 20, 24])
+    proj: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
+    mlp: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 8, 10, 12])
+    attn_batch: int = 16
+    embed: int = 4
+    head: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"bc.hindsight.tau must be in [0, 1], got {self.tau}")
+        if self.window < 1 or self.lookahead < 0:
+            raise ValueError(f"bc.hindsight: window >= 1 and lookahead >= 0, got {self.window} and {self.lookahead}")
+        for name in ("attn", "proj", "mlp"):
+            v = getattr(self, name)
+            if not v or any(int(x) < 1 for x in v):
+                raise ValueError(f"bc.hindsight.{name} must list replica counts >= 1, got {v!r}")
+
+
+@dataclass
 class BCConfig:
     """Behaviour cloning before PPO.
 
@@ -24,7 +58,9 @@ class BCConfig:
         epochs: passes over the recorded (observation, action) pairs.
         batch_size: pairs per gradient step.
         learning_rate: Adam step size.
-        teacher: controller name that provides the actions.
+        teacher: controller name that provides the actions, or ``hindsight`` (the causal
+            hindsight rule of agents/hindsight.py, which reads the training env's simulator).
+        hindsight: settings of the ``hindsight`` teacher.
     """
 
     episodes: int = 0
@@ -32,6 +68,10 @@ class BCConfig:
     batch_size: int = 256
     learning_rate: float = 1e-3
     teacher: str = "operator-queueing"
+    hindsight: HindsightTeacherConfig = field(default_factory=HindsightTeacherConfig)
+
+    def __post_init__(self) -> None:
+        self.hindsight = _nested(HindsightTeacherConfig, self.hindsight, "bc.hindsight")
 
 
 def _nested(cls: type, value: Any, name: str) -> Any:

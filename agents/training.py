@@ -17,6 +17,7 @@ One function, :func:`train`, does the whole run:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import sys
@@ -37,9 +38,11 @@ from agents.callbacks import EpisodeMetricsCallback, SLOConstraintCallback
 from agents.checkpoint import (METADATA_FILE, POLICY_FILE, VECNORM_FILE, check_compatible, read_metadata,
                                write_metadata)
 from agents.envtools import env_prev_plan, env_state, load_scenario, make_env
-from agents.hyperparams import DEFAULT_CONFIG, PPOHyperparams, load_hyperparams
+from agents.hindsight import HindsightTeacher, pack_menu
+from agents.hyperparams import DEFAULT_CONFIG, HindsightTeacherConfig, PPOHyperparams, load_hyperparams
 from agents.imitation import behaviour_clone, collect_demonstrations
 from agents.wrappers import PlanRestriction
+from envs.world import Placer
 from runtime.codec import ActionDecoder
 
 
@@ -75,6 +78,16 @@ def _env_factory(scenario: Any, split: str, seed: int, threads: int | None,
             env = PlanRestriction(env, restrict.get("initial_plan") or None, bool(restrict.get("freeze_layout")))
         return Monitor(env)
     return make
+
+
+def hindsight_teacher(cfg: HindsightTeacherConfig, scenario: Any, pred: Any,
+                      sim_of: Callable[[], Any]) -> HindsightTeacher:
+    """The causal hindsight teacher of ``cfg`` over the simulator ``sim_of()`` returns
+    (``pred``: the scenario's execution predictor, which the placer needs)."""
+    placer = Placer(scenario, pred)
+    menu = pack_menu(scenario, itertools.product(cfg.attn, cfg.proj, cfg.mlp), cfg.attn_batch, cfg.embed,
+                     cfg.head, lambda p: placer.place(p).n_gpus)
+    return HindsightTeacher(sim_of, menu, cfg.tau, cfg.lookahead, cfg.window)
 
 
 def make_vec_env(scenario: Any, split: str, n_envs: int, seed: int, kind: str = "dummy",
@@ -191,8 +204,13 @@ def _train(args: TrainArgs, log: Callable[[str], None]) -> dict[str, Any]:
     if hp.bc.episodes > 0 and not args.resume:
         from agents.registry import make_controller
 
-        demo_env = make_env(scenario, split=hp.train_split, seed=args.seed + 10_000)
-        teacher, _ = make_controller(hp.bc.teacher, scenario)
+        # the demonstrations come from the env the policy trains in (start plan, frozen layout)
+        demo_env = _env_factory(scenario, hp.train_split, args.seed + 10_000, None, restrict)()
+        if hp.bc.teacher == "hindsight":
+            teacher = hindsight_teacher(hp.bc.hindsight, scenario, demo_env.unwrapped.pred,
+                                        lambda: demo_env.unwrapped.sim)
+        else:
+            teacher, _ = make_controller(hp.bc.teacher, scenario)
         decoder = ActionDecoder(scenario.codec_config)
         demos = collect_demonstrations(demo_env, teacher, decoder, hp.bc.episodes, env_state, seed=args.seed,
                                        prev_plan_of=env_prev_plan)

@@ -27,8 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.hindsight_oracle import greedy_schedule  # noqa: E402
-from bench.pack_frontier import pack_plan  # noqa: E402
+from agents.hindsight import greedy_schedule, pack_plan  # noqa: E402
 from envs import SPLITS, make_simulator, scenario_trace  # noqa: E402
 from envs.scenario import Scenario  # noqa: E402
 from envs.validate import controller_plans, random_walk_plans, replay  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pack_frontier import pack_plan  # noqa: E402
+from agents.hindsight import pack_plan  # noqa: E402
 
 from agents.baselines import StaticController  # noqa: E402
 from agents.envtools import load_scenario, load_split, make_sim  # noqa: E402

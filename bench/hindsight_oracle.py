@@ -18,6 +18,12 @@ It says how few GPUs a layout changing at the policies' pace could hold the SLO 
 ``--delay N`` also replays the same schedule N intervals late (each plan applied N intervals
 after the oracle chose it; the first plan before that): a controller that knows exactly what
 each interval needed, but only once it has seen it, as a reactive autoscaler does at best.
+``--reactive M`` replays a causal rule built on the same knowledge: each interval takes, per
+operator, the most replicas any of the oracle's plans for the last M intervals had (the first
+interval the oracle's first plan). A controller that learned after every interval exactly which
+plan it had needed, and provisioned for the worst of the last M, would run this schedule; how
+many GPUs it needs to hold the SLO says how much of the oracle's saving a controller that cannot
+see the future can hope to keep.
 
 Menu: the distinct (attention, projection, MLP) replica counts a controller used in an
 evaluation JSON (``--from-json FILE --controller NAME``, default the shipped policy in
@@ -31,7 +37,6 @@ Units: GPUs averaged over the run, attainment as a share of requests.
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import sys
@@ -44,40 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from agents.envtools import load_scenario, load_split, make_sim  # noqa: E402
 from agents.evaluate import metrics, run_timeline  # noqa: E402
-from bench.pack_frontier import pack_plan  # noqa: E402
+from agents.hindsight import ScheduleController, greedy_schedule, pack_menu, reactive_schedule  # noqa: E402
 from envs import SPLITS  # noqa: E402
-from runtime.control import ClusterState, Controller, Plan  # noqa: E402
-
-#: simulator attributes that are read-only or deterministic memo tables: shared, not copied
-_SHARED = ("sc", "trace", "pred", "slo", "cache", "placer", "index", "sub_index", "arrival", "output", "prompt",
-           "_tok_sum", "_steps", "_it", "_sub", "_int")
-
-
-class ScheduleController(Controller):
-    """Replays a list of plans, one per interval (the last one after the list ends)."""
-
-    name = "schedule"
-
-    def __init__(self, plans: list[Plan]) -> None:
-        if not plans:
-            raise ValueError("a schedule needs at least one plan")
-        self.plans = list(plans)
-        self.k = 0
-
-    def reset(self, state: ClusterState | None = None) -> None:
-        self.k = 0
-
-    def decide(self, state: ClusterState) -> Plan:
-        plan = self.plans[min(self.k, len(self.plans) - 1)]
-        self.k += 1
-        return plan
-
-
-def clone(sim):  # noqa: ANN001, ANN201 - a fast simulator
-    """A copy of a fast simulator's run state; tables that never change (or only memoise) are shared."""
-    memo = {id(getattr(sim, k)): getattr(sim, k) for k in _SHARED if hasattr(sim, k)}
-    return copy.deepcopy(sim, memo)
-
 
 def menu_from_json(path: Path, controller: str) -> set[tuple[int, int, int]]:
     """Distinct (attention, projection, MLP) replica counts in an evaluation JSON's timeline."""
@@ -87,32 +60,6 @@ def menu_from_json(path: Path, controller: str) -> set[tuple[int, int, int]]:
     except KeyError as e:
         raise SystemExit(f"{path}: no replica timeline for controller {controller!r} (missing {e})") from None
     return set(zip(reps["attn"], reps["proj"], reps["mlp"]))
-
-
-def greedy_schedule(sim, menu: list[Plan], tau: float, lookahead: int) -> tuple[list[Plan], int]:  # noqa: ANN001
-    """Run ``sim`` to the end choosing, each interval, the first plan of ``menu`` (sorted by
-    GPUs) that passes the test of the module docstring; returns the plans and how many
-    intervals fell back to the largest plan."""
-    top = menu[-1]
-    plans: list[Plan] = []
-    fallbacks = 0
-    while not sim.done:
-        chosen = None
-        for plan in menu:
-            c = clone(sim)
-            ok = c.step(plan).slo_attainment >= tau
-            for _ in range(lookahead):
-                if not ok or c.done:
-                    break
-                ok = c.step(top).slo_attainment >= tau
-            if ok:
-                chosen = plan
-                break
-        if chosen is None:
-            chosen, fallbacks = top, fallbacks + 1
-        plans.append(chosen)
-        sim.step(chosen)
-    return plans, fallbacks
 
 
 def main(argv=None) -> int:
@@ -130,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--embed", type=int, default=4)
     ap.add_argument("--head", type=int, default=4)
     ap.add_argument("--delay", default="", help="also replay the schedule this many intervals late, comma-separated")
+    ap.add_argument("--reactive", default="",
+                    help="also replay the causal max-of-the-last-M-intervals rule, M comma-separated")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -143,6 +92,12 @@ def main(argv=None) -> int:
         ap.error(f"--delay {args.delay!r}: expected whole numbers of intervals separated by commas")
     if any(d < 1 for d in delays):
         ap.error(f"--delay {args.delay!r}: delays are at least 1 interval")
+    try:
+        windows = [int(w) for w in args.reactive.split(",") if w]
+    except ValueError:
+        ap.error(f"--reactive {args.reactive!r}: expected whole numbers of intervals separated by commas")
+    if any(w < 1 for w in windows):
+        ap.error(f"--reactive {args.reactive!r}: windows are at least 1 interval")
 
     sc = load_scenario()
     trace = load_split(sc, args.split)
@@ -155,10 +110,11 @@ def main(argv=None) -> int:
     if not counts:
         ap.error("empty menu: give --controller with --from-json, or all of --attn/--proj/--mlp")
     probe = make_sim(sc, trace, "fast", 0)
-    plans = [pack_plan(sc, a, args.attn_batch, p, m, args.embed, args.head) for a, p, m in sorted(counts)]
-    gpus = {id(p): probe.placer.place(p).n_gpus for p in plans}
-    menu = sorted(plans, key=lambda p: (gpus[id(p)], p["attn"].replicas, p["mlp"].replicas, p["proj"].replicas))
-    print(f"menu: {len(menu)} pack plans, {gpus[id(menu[0])]}-{gpus[id(menu[-1])]} GPUs; split {args.split}",
+    def gpus_of(p):  # noqa: ANN001, ANN202
+        return probe.placer.place(p).n_gpus
+
+    menu = pack_menu(sc, counts, args.attn_batch, args.embed, args.head, gpus_of)
+    print(f"menu: {len(menu)} pack plans, {gpus_of(menu[0])}-{gpus_of(menu[-1])} GPUs; split {args.split}",
           flush=True)
 
     rows = []
@@ -184,6 +140,14 @@ def main(argv=None) -> int:
                                                   "avg_gpus": m_d["avg_gpus"], "energy_kwh": m_d["energy_kwh"]})
             print(f"tau {tau:g}, replayed {d} interval(s) late: reference {m_d['slo_attainment']:.4f} at "
                   f"{m_d['avg_gpus']:.2f} avg GPUs ({m_d['energy_kwh']:.2f} kWh)", flush=True)
+        for w in windows:
+            causal = reactive_schedule(schedule, w)
+            s_w, tl_w = run_timeline(make_sim(sc, trace, "reference", 0), ScheduleController(causal), menu[-1])
+            m_w = metrics(s_w, tl_w, sc.attainment_target)
+            row.setdefault("reactive", []).append({"window_intervals": w, "attainment": m_w["slo_attainment"],
+                                                   "avg_gpus": m_w["avg_gpus"], "energy_kwh": m_w["energy_kwh"]})
+            print(f"tau {tau:g}, causal max of the last {w} interval(s): reference {m_w['slo_attainment']:.4f} at "
+                  f"{m_w['avg_gpus']:.2f} avg GPUs ({m_w['energy_kwh']:.2f} kWh)", flush=True)
         rows.append(row)
         print(f"tau {tau:g}: reference {m['slo_attainment']:.4f} at {m['avg_gpus']:.2f} avg GPUs "
               f"(peak {m['peak_gpus']:.0f}, {m['energy_kwh']:.2f} kWh); fast search {fast_sum['slo_attainment']:.4f} at "

@@ -27,15 +27,7 @@ from agents.baselines import StaticController  # noqa: E402
 from agents.envtools import load_scenario, load_split, make_sim  # noqa: E402
 from agents.evaluate import run_timeline  # noqa: E402
 from envs import SPLITS  # noqa: E402
-from runtime.control import OperatorPlan, Plan  # noqa: E402
-from runtime.models import OPERATOR_GROUPS  # noqa: E402
-
-
-def pack_plan(scenario, attn: int, attn_batch: int, proj: int, mlp: int, embed: int = 1, head: int = 1) -> Plan:
-    """All groups ``pack`` at the scenario's tp; stateless pools batch 256 sequences."""
-    reps = {"embed": embed, "attn": attn, "proj": proj, "mlp": mlp, "head": head}
-    return Plan({g: OperatorPlan(reps[g], attn_batch if g == "attn" else 256, "pack", int(scenario.tp[g]))
-                 for g in OPERATOR_GROUPS})
+from agents.hindsight import pack_plan  # noqa: E402
 
 
 def main(argv=None) -> int:
