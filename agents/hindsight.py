@@ -24,6 +24,8 @@ from runtime.models import OPERATOR_GROUPS
 #: simulator attributes that are read-only or deterministic memo tables: shared, not copied
 _SHARED = ("sc", "trace", "pred", "slo", "cache", "placer", "index", "sub_index", "arrival", "output", "prompt",
            "_tok_sum", "_steps", "_it", "_sub", "_int")
+#: per-interval records of (count, p50, p99) float tuples
+_RECORDS = ("ttft_rec", "tbt_rec")
 #: the groups whose replica counts a hindsight menu varies
 SIZED = ("attn", "proj", "mlp")
 
@@ -31,6 +33,10 @@ SIZED = ("attn", "proj", "mlp")
 def clone(sim: Any) -> Any:
     """A copy of a fast simulator's run state; tables that never change (or only memoise) are shared."""
     memo = {id(getattr(sim, k)): getattr(sim, k) for k in _SHARED if hasattr(sim, k)}
+    for name in _RECORDS:   # lists of float tuples, only appended to: a shallow copy is a full one
+        rec = getattr(sim, name, None)
+        if rec is not None:
+            memo[id(rec)] = list(rec)
     return copy.deepcopy(sim, memo)
 
 

@@ -78,6 +78,12 @@ class Layout:
     load_s: dict[str, float]
     memory_bytes: dict[str, float]
 
+    def __deepcopy__(self, memo: dict) -> "Layout":
+        # the placer memoises layouts and hands the same object to every caller, so a layout is
+        # never changed after placement: copies of a simulator share it (and keep the identity
+        # checks of its caches meaningful)
+        return self
+
     @property
     def n_gpus(self) -> int:
         """GPUs holding any replica."""
@@ -386,6 +392,11 @@ class StepModel:
     (per replica: total tokens / replicas, split into calls of at most max_batch
     sequences). Co-located processes slow each other by ``1 + contention * peer busy``.
     """
+
+    def __deepcopy__(self, memo: dict) -> "StepModel":
+        # memoised per layout by the simulators and never changed but for deterministic memo
+        # tables: copies of a simulator share it, as they share the layout
+        return self
 
     def __init__(self, layout: Layout, pred: ExecutionPredictor, scenario: Scenario) -> None:
         self.L = layout

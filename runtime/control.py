@@ -128,6 +128,9 @@ class Plan:
     def __getitem__(self, group: str) -> OperatorPlan:
         return self.ops[group]
 
+    def __deepcopy__(self, memo: dict) -> "Plan":
+        return self  # a value: frozen, and nothing changes its ops after construction
+
     def with_op(self, group: str, **changes: object) -> "Plan":
         """A copy with one group's fields changed."""
         ops = dict(self.ops)

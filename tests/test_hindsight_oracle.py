@@ -41,6 +41,17 @@ def test_stepping_a_clone_leaves_the_original_untouched(setup):
     assert c.now > b.now - 1e-9
 
 
+def test_a_clone_continues_exactly_as_its_original(setup):
+    sc, trace, small, big = setup
+    a = make_sim(sc, trace, "fast", 0)
+    a.reset(big)
+    _trajectory(a, [big, small, big, small, small])
+    c = clone(a)
+    plans = [small, big, big, small, big, small]
+    assert _trajectory(c, plans) == _trajectory(a, plans)
+    assert c.ttft_rec == a.ttft_rec and c.ttft_rec is not a.ttft_rec
+
+
 def test_schedule_controller_replays_then_holds_the_last_plan(setup):
     _, _, small, big = setup
     ctl = ScheduleController([small, big])
