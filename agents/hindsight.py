@@ -6,10 +6,13 @@ a menu would have held the SLO in this interval" can be answered by trying them.
 * ``bench/hindsight_oracle.py`` chooses a whole schedule that way (it reads the trace ahead of
   time: a yardstick, not a controller);
 * :class:`HindsightTeacher`, a teacher for behaviour cloning (``bc.teacher: hindsight`` in the
-  PPO config). It follows a *causal* rule on the same knowledge: after every interval it learns
+  PPO config). It follows a *reactive* rule on the same knowledge: after every interval it learns
   which plan that interval had needed (:func:`oracle_plan` from the state the interval started
   in), and provisions each operator for the worst of the last ``window`` intervals. It reads the
-  simulator, so it only runs inside the training env; the student sees the observation.
+  simulator, so it only runs inside the training env; the student sees the observation. It is
+  strictly causal only with ``lookahead`` 0: an interval's need with lookahead L includes the
+  check that the L intervals after it stay recoverable, so it is known only L intervals later and
+  the rule reads that far ahead (docs/RESULTS.md "Oracle over time": that is most of its saving).
 
 Units: GPUs counted as the placer counts them; attainment as a share of requests.
 """
@@ -130,7 +133,7 @@ class ScheduleController(Controller):
 
 
 class HindsightTeacher(Controller):
-    """Causal hindsight rule (module docstring) over a fast simulator it can read.
+    """Reactive hindsight rule (module docstring) over a fast simulator it can read.
 
     Args:
         sim_of: returns the simulator the decisions drive (e.g. ``lambda: env.unwrapped.sim``),

@@ -58,7 +58,7 @@ class BCConfig:
         epochs: passes over the recorded (observation, action) pairs.
         batch_size: pairs per gradient step.
         learning_rate: Adam step size.
-        teacher: controller name that provides the actions, or ``hindsight`` (the causal
+        teacher: controller name that provides the actions, or ``hindsight`` (the reactive
             hindsight rule of agents/hindsight.py, which reads the training env's simulator).
         hindsight: settings of the ``hindsight`` teacher.
     """

@@ -18,12 +18,14 @@ It says how few GPUs a layout changing at the policies' pace could hold the SLO 
 ``--delay N`` also replays the same schedule N intervals late (each plan applied N intervals
 after the oracle chose it; the first plan before that): a controller that knows exactly what
 each interval needed, but only once it has seen it, as a reactive autoscaler does at best.
-``--reactive M`` replays a causal rule built on the same knowledge: each interval takes, per
+``--reactive M`` replays a reactive rule built on the same knowledge: each interval takes, per
 operator, the most replicas any of the oracle's plans for the last M intervals had (the first
 interval the oracle's first plan). A controller that learned after every interval exactly which
-plan it had needed, and provisioned for the worst of the last M, would run this schedule; how
-many GPUs it needs to hold the SLO says how much of the oracle's saving a controller that cannot
-see the future can hope to keep.
+plan it had needed, and provisioned for the worst of the last M, would run this schedule. It
+reads no future only with ``--lookahead 0``: with lookahead L an interval's "need" includes the
+check that the next L intervals stay recoverable, which is known only L intervals later. With
+``--lookahead 0`` the schedule's GPUs at the SLO say how much of the oracle's saving a
+controller that knows the past exactly, but not the future, can keep.
 
 Menu: the distinct (attention, projection, MLP) replica counts a controller used in an
 evaluation JSON (``--from-json FILE --controller NAME``, default the shipped policy in
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head", type=int, default=4)
     ap.add_argument("--delay", default="", help="also replay the schedule this many intervals late, comma-separated")
     ap.add_argument("--reactive", default="",
-                    help="also replay the causal max-of-the-last-M-intervals rule, M comma-separated")
+                    help="also replay the reactive max-of-the-last-M-intervals rule, M comma-separated "
+                         "(strictly causal only with --lookahead 0)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -141,12 +144,12 @@ def main(argv=None) -> int:
             print(f"tau {tau:g}, replayed {d} interval(s) late: reference {m_d['slo_attainment']:.4f} at "
                   f"{m_d['avg_gpus']:.2f} avg GPUs ({m_d['energy_kwh']:.2f} kWh)", flush=True)
         for w in windows:
-            causal = reactive_schedule(schedule, w)
-            s_w, tl_w = run_timeline(make_sim(sc, trace, "reference", 0), ScheduleController(causal), menu[-1])
+            reactive = reactive_schedule(schedule, w)
+            s_w, tl_w = run_timeline(make_sim(sc, trace, "reference", 0), ScheduleController(reactive), menu[-1])
             m_w = metrics(s_w, tl_w, sc.attainment_target)
             row.setdefault("reactive", []).append({"window_intervals": w, "attainment": m_w["slo_attainment"],
                                                    "avg_gpus": m_w["avg_gpus"], "energy_kwh": m_w["energy_kwh"]})
-            print(f"tau {tau:g}, causal max of the last {w} interval(s): reference {m_w['slo_attainment']:.4f} at "
+            print(f"tau {tau:g}, reactive: max of the last {w} interval(s): reference {m_w['slo_attainment']:.4f} at "
                   f"{m_w['avg_gpus']:.2f} avg GPUs ({m_w['energy_kwh']:.2f} kWh)", flush=True)
         rows.append(row)
         print(f"tau {tau:g}: reference {m['slo_attainment']:.4f} at {m['avg_gpus']:.2f} avg GPUs "
