@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reactive", default="",
                     help="also replay the reactive max-of-the-last-M-intervals rule, M comma-separated "
                          "(strictly causal only with --lookahead 0)")
+    ap.add_argument("--interval", type=float, default=None,
+                    help="control interval in seconds (default: the scenario's interval_s)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -102,7 +104,9 @@ def main(argv=None) -> int:
     if any(w < 1 for w in windows):
         ap.error(f"--reactive {args.reactive!r}: windows are at least 1 interval")
 
-    sc = load_scenario()
+    if args.interval is not None and args.interval <= 0:
+        ap.error(f"--interval {args.interval}: must be positive")
+    sc = load_scenario(**({"interval_s": args.interval} if args.interval else {}))
     trace = load_split(sc, args.split)
     counts: set[tuple[int, int, int]] = set()
     if args.controller:
