@@ -82,7 +82,7 @@ def _env_factory(scenario: Any, split: str, seed: int, threads: int | None,
 
 def hindsight_teacher(cfg: HindsightTeacherConfig, scenario: Any, pred: Any,
                       sim_of: Callable[[], Any]) -> HindsightTeacher:
-    """The causal hindsight teacher of ``cfg`` over the simulator ``sim_of()`` returns
+    """The hindsight teacher of ``cfg`` over the simulator ``sim_of()`` returns
     (``pred``: the scenario's execution predictor, which the placer needs)."""
     placer = Placer(scenario, pred)
     menu = pack_menu(scenario, itertools.product(cfg.attn, cfg.proj, cfg.mlp), cfg.attn_batch, cfg.embed,
