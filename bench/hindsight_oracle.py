@@ -64,6 +64,17 @@ def menu_from_json(path: Path, controller: str) -> set[tuple[int, int, int]]:
     return set(zip(reps["attn"], reps["proj"], reps["mlp"]))
 
 
+def _intervals(ap: argparse.ArgumentParser, flag: str, value: str) -> list[int]:
+    """Comma-separated whole numbers of intervals, each at least 1 (argparse error otherwise)."""
+    try:
+        out = [int(v) for v in value.split(",") if v]
+    except ValueError:
+        ap.error(f"{flag} {value!r}: expected whole numbers of intervals separated by commas")
+    if any(v < 1 for v in out):
+        ap.error(f"{flag} {value!r}: at least 1 interval each")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,18 +102,8 @@ def main(argv=None) -> int:
         taus = [float(t) for t in args.tau.split(",") if t]
     except ValueError:
         ap.error(f"--tau {args.tau!r}: expected numbers separated by commas")
-    try:
-        delays = [int(d) for d in args.delay.split(",") if d]
-    except ValueError:
-        ap.error(f"--delay {args.delay!r}: expected whole numbers of intervals separated by commas")
-    if any(d < 1 for d in delays):
-        ap.error(f"--delay {args.delay!r}: delays are at least 1 interval")
-    try:
-        windows = [int(w) for w in args.reactive.split(",") if w]
-    except ValueError:
-        ap.error(f"--reactive {args.reactive!r}: expected whole numbers of intervals separated by commas")
-    if any(w < 1 for w in windows):
-        ap.error(f"--reactive {args.reactive!r}: windows are at least 1 interval")
+    delays = _intervals(ap, "--delay", args.delay)
+    windows = _intervals(ap, "--reactive", args.reactive)
 
     if args.interval is not None and args.interval <= 0:
         ap.error(f"--interval {args.interval}: must be positive")
