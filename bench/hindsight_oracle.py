@@ -163,7 +163,7 @@ def main(argv=None) -> int:
               f"({time.time() - t0:.0f} s)", flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"split": args.split, "menu": [[p["attn"].replicas, p["proj"].replicas,
+        args.json.write_text(json.dumps({"split": args.split, "interval_s": sc.interval_s, "menu": [[p["attn"].replicas, p["proj"].replicas,
                                                                          p["mlp"].replicas] for p in menu],
                                          "attn_batch": args.attn_batch, "embed": args.embed, "head": args.head,
                                          "rows": rows}, indent=1) + "\n")
