@@ -163,8 +163,8 @@ def main(argv=None) -> int:
               f"({time.time() - t0:.0f} s)", flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"split": args.split, "interval_s": sc.interval_s, "menu": [[p["attn"].replicas, p["proj"].replicas,
-                                                                         p["mlp"].replicas] for p in menu],
+        counts_out = [[p["attn"].replicas, p["proj"].replicas, p["mlp"].replicas] for p in menu]
+        args.json.write_text(json.dumps({"split": args.split, "interval_s": sc.interval_s, "menu": counts_out,
                                          "attn_batch": args.attn_batch, "embed": args.embed, "head": args.head,
                                          "rows": rows}, indent=1) + "\n")
     return 0
