@@ -134,6 +134,7 @@ class PPOHyperparams:
     fidelity: str = "fast"
     initial_plan: dict[str, Any] = field(default_factory=dict)
     freeze_layout: bool = False
+    freeze_replicas: list[str] = field(default_factory=list)
     rate_mults: list[float] = field(default_factory=lambda: [1.0])
     eval_freq: int = 20_000
     eval_episodes: int = 2
@@ -152,6 +153,8 @@ class PPOHyperparams:
             raise ValueError(f"train_split must be train or trainval, got {self.train_split!r}")
         if self.select not in ("best", "final"):
             raise ValueError(f"select must be best or final, got {self.select!r}")
+        if self.freeze_replicas and not self.freeze_layout:
+            raise ValueError(f"freeze_replicas {self.freeze_replicas} needs freeze_layout: true")
         if self.train_split == "trainval" and self.select == "best":
             raise ValueError("train_split trainval trains on the val split, so the best checkpoint on val "
                              "would be chosen on training data: use select: final")

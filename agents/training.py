@@ -75,7 +75,8 @@ def _env_factory(scenario: Any, split: str, seed: int, threads: int | None,
         env = make_env(scenario, split=split, seed=seed, fidelity=(restrict or {}).get("fidelity", "fast"),
                        rate_mults=(restrict or {}).get("rate_mults"))
         if restrict:
-            env = PlanRestriction(env, restrict.get("initial_plan") or None, bool(restrict.get("freeze_layout")))
+            env = PlanRestriction(env, restrict.get("initial_plan") or None, bool(restrict.get("freeze_layout")),
+                                  tuple(restrict.get("freeze_replicas") or ()))
         return Monitor(env)
     return make
 
@@ -182,7 +183,8 @@ def _train(args: TrainArgs, log: Callable[[str], None]) -> dict[str, Any]:
     Algo = _algo_class(hp.algo)
     t0 = time.time()
 
-    restrict = {"initial_plan": hp.initial_plan, "freeze_layout": hp.freeze_layout, "fidelity": hp.fidelity}
+    restrict = {"initial_plan": hp.initial_plan, "freeze_layout": hp.freeze_layout,
+                "freeze_replicas": list(hp.freeze_replicas), "fidelity": hp.fidelity}
     # training episodes draw their rate multiplier from hp.rate_mults; evaluation stays at x1
     venv_raw = make_vec_env(scenario, hp.train_split, hp.n_envs, args.seed, hp.vec_env,
                             {**restrict, "rate_mults": list(hp.rate_mults)})
@@ -259,7 +261,7 @@ def _train(args: TrainArgs, log: Callable[[str], None]) -> dict[str, Any]:
     tb_dir = model.logger.get_dir() if model.logger is not None else None
     extra = {"timesteps": int(model.num_timesteps), "seed": args.seed, "hyperparams": hp.flat(),
              "initial_plan": hp.initial_plan or None, "freeze_layout": hp.freeze_layout,
-             "bc": bc_stats, "train_seconds": round(train_s, 1), "command": " ".join(sys.argv)}
+             "freeze_replicas": list(hp.freeze_replicas), "bc": bc_stats, "train_seconds": round(train_s, 1), "command": " ".join(sys.argv)}
     if slo_cb is not None:
         extra["slo_weight"] = slo_cb.weight
     final_dir = save_checkpoint(model, venv, save / "final", scenario, hp.algo, {**extra, "selected": "final checkpoint"})

@@ -1,37 +1,60 @@
 """Training-time restriction of the env: start every episode from a chosen plan and,
 optionally, freeze each group's batch level and placement so the policy learns replica
-counts only.
+counts only, and freeze some groups' replica counts too.
 
 The same restriction is recorded in the checkpoint (``metadata.json``: ``initial_plan``,
-``freeze_layout``) and applied by :class:`agents.ppo.PPOController`, so the policy acts
-in evaluation and serving exactly as it was trained.
+``freeze_layout``, ``freeze_replicas``) and applied by :class:`agents.ppo.PPOController`, so
+the policy acts in evaluation and serving exactly as it was trained.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
 
 from runtime.codec import ActionDecoder
 from runtime.control import Plan
+from runtime.models import OPERATOR_GROUPS
 
 
-def frozen_mask(decoder: ActionDecoder, prev: Plan) -> np.ndarray:
+def frozen_mask(decoder: ActionDecoder, prev: Plan, freeze_replicas: Sequence[str] = ()) -> np.ndarray:
     """The codec's mask with each group's batch level and placement fixed to ``prev``'s
-    (:meth:`runtime.codec.ActionDecoder.action_mask` with ``freeze_layout``)."""
-    return decoder.action_mask(prev, freeze_layout=True)
+    (:meth:`runtime.codec.ActionDecoder.action_mask` with ``freeze_layout``), and the replica
+    choices of the groups in ``freeze_replicas`` limited to those keeping ``prev``'s count (left
+    as they are if none does)."""
+    mask = decoder.action_mask(prev, freeze_layout=True)
+    if freeze_replicas:
+        nd = decoder.n_replica_choices
+        nvec = decoder.nvec
+        offset = 0
+        for k, g in enumerate(OPERATOR_GROUPS):
+            if g in freeze_replicas:
+                r = prev[g].replicas
+                keep = np.array([decoder.replicas_for(i, r) == r for i in range(nd)])
+                if keep.any():
+                    mask[offset:offset + nd] &= keep
+            offset += int(nvec[3 * k] + nvec[3 * k + 1] + nvec[3 * k + 2])
+    return mask
 
 
 class PlanRestriction(gym.Wrapper):
     """Starts episodes from ``initial_plan`` and (``freeze_layout``) masks batch and
-    placement changes. Exposes ``action_masks()`` for MaskablePPO."""
+    placement changes, and replica changes of the groups in ``freeze_replicas`` (which then
+    keep the initial plan's counts; needs ``freeze_layout``). Exposes ``action_masks()`` for
+    MaskablePPO."""
 
     def __init__(self, env: gym.Env, initial_plan: Plan | Mapping[str, Any] | None = None,
-                 freeze_layout: bool = False) -> None:
+                 freeze_layout: bool = False, freeze_replicas: Sequence[str] = ()) -> None:
+        unknown = sorted(set(freeze_replicas) - set(OPERATOR_GROUPS))
+        if unknown:
+            raise ValueError(f"freeze_replicas: unknown operator groups {unknown}; expected some of {OPERATOR_GROUPS}")
+        if freeze_replicas and not freeze_layout:
+            raise ValueError("freeze_replicas needs freeze_layout (the frozen mask carries it)")
         super().__init__(env)
         self.initial_plan = Plan.from_dict(initial_plan) if isinstance(initial_plan, Mapping) else initial_plan
         self.freeze_layout = freeze_layout
+        self.freeze_replicas = tuple(freeze_replicas)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         options = dict(options or {})
@@ -43,4 +66,4 @@ class PlanRestriction(gym.Wrapper):
         base = self.env.unwrapped
         if not self.freeze_layout:
             return base.action_masks()
-        return frozen_mask(base.decoder, base.sim.timeline.target_plan)
+        return frozen_mask(base.decoder, base.sim.timeline.target_plan, self.freeze_replicas)
