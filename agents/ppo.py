@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from agents.checkpoint import Checkpoint, load_checkpoint
-from agents.wrappers import frozen_mask
+from agents.wrappers import fixed_counts, frozen_mask
 from runtime.codec import ActionDecoder, CodecConfig, ObservationEncoder, tp_follows_placement
 from runtime.control import ClusterState, Controller, Plan
 
@@ -45,8 +45,8 @@ class PPOController(Controller):
         self.initial_plan: Plan | None = Plan.from_dict(meta["initial_plan"]) if meta.get("initial_plan") else None
         #: batch levels and placements frozen during training (replica counts only)
         self.freeze_layout = bool(meta.get("freeze_layout", False))
-        #: groups whose replica counts were frozen during training (checkpoints before session 14: none)
-        self.freeze_replicas: tuple[str, ...] = tuple(meta.get("freeze_replicas") or ())
+        #: replica counts frozen during training, {group: count} (checkpoints before session 14: none)
+        self.fixed_replicas = fixed_counts(self.initial_plan, tuple(meta.get("freeze_replicas") or ()))
         sc = dict(meta.get("scenario") or {})
         self.model_tp: int | None = int(sc["model_tp"]) if sc.get("model_tp") else None
         self.group_tp: dict[str, int] = {g: int(t) for g, t in dict(sc.get("tp") or {}).items()}
@@ -66,7 +66,7 @@ class PPOController(Controller):
         obs = self.observe(state)
         kwargs: dict[str, Any] = {"deterministic": self.deterministic}
         if self.checkpoint.maskable:
-            kwargs["action_masks"] = frozen_mask(self.decoder, state.plan, self.freeze_replicas) if self.freeze_layout else \
+            kwargs["action_masks"] = frozen_mask(self.decoder, state.plan, self.fixed_replicas) if self.freeze_layout else \
                 self.decoder.action_mask(state.plan)
         action, _ = self.checkpoint.model.predict(obs, **kwargs)
         return np.asarray(action)

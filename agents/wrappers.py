@@ -18,31 +18,39 @@ from runtime.control import Plan
 from runtime.models import OPERATOR_GROUPS
 
 
-def frozen_mask(decoder: ActionDecoder, prev: Plan, freeze_replicas: Sequence[str] = ()) -> np.ndarray:
+def frozen_mask(decoder: ActionDecoder, prev: Plan, fixed_replicas: Mapping[str, int] | None = None) -> np.ndarray:
     """The codec's mask with each group's batch level and placement fixed to ``prev``'s
-    (:meth:`runtime.codec.ActionDecoder.action_mask` with ``freeze_layout``), and the replica
-    choices of the groups in ``freeze_replicas`` limited to those keeping ``prev``'s count (left
-    as they are if none does)."""
+    (:meth:`runtime.codec.ActionDecoder.action_mask` with ``freeze_layout``), and, for each group
+    of ``fixed_replicas``, only the replica choices that land nearest its fixed count (from
+    ``prev``'s count, so a plan changed from outside, e.g. topped up to a budget, returns to it)."""
     mask = decoder.action_mask(prev, freeze_layout=True)
-    if freeze_replicas:
+    if fixed_replicas:
         nd = decoder.n_replica_choices
         nvec = decoder.nvec
         offset = 0
         for k, g in enumerate(OPERATOR_GROUPS):
-            if g in freeze_replicas:
-                r = prev[g].replicas
-                keep = np.array([decoder.replicas_for(i, r) == r for i in range(nd)])
-                if keep.any():
-                    mask[offset:offset + nd] &= keep
+            if g in fixed_replicas:
+                r, want = prev[g].replicas, int(fixed_replicas[g])
+                dist = np.array([abs(decoder.replicas_for(i, r) - want) for i in range(nd)])
+                mask[offset:offset + nd] &= dist == dist.min()
             offset += int(nvec[3 * k] + nvec[3 * k + 1] + nvec[3 * k + 2])
     return mask
 
 
+def fixed_counts(initial_plan: Plan | None, freeze_replicas: Sequence[str]) -> dict[str, int]:
+    """{group: the initial plan's replica count} for the groups in ``freeze_replicas``."""
+    if not freeze_replicas:
+        return {}
+    if initial_plan is None:
+        raise ValueError(f"freeze_replicas {list(freeze_replicas)} needs an initial_plan (it holds the frozen counts)")
+    return {g: int(initial_plan[g].replicas) for g in freeze_replicas}
+
+
 class PlanRestriction(gym.Wrapper):
     """Starts episodes from ``initial_plan`` and (``freeze_layout``) masks batch and
-    placement changes, and replica changes of the groups in ``freeze_replicas`` (which then
-    keep the initial plan's counts; needs ``freeze_layout``). Exposes ``action_masks()`` for
-    MaskablePPO."""
+    placement changes, and replica changes of the groups in ``freeze_replicas``, which keep the
+    initial plan's counts (needs ``freeze_layout`` and ``initial_plan``). Exposes
+    ``action_masks()`` for MaskablePPO."""
 
     def __init__(self, env: gym.Env, initial_plan: Plan | Mapping[str, Any] | None = None,
                  freeze_layout: bool = False, freeze_replicas: Sequence[str] = ()) -> None:
@@ -51,10 +59,12 @@ class PlanRestriction(gym.Wrapper):
             raise ValueError(f"freeze_replicas: unknown operator groups {unknown}; expected some of {OPERATOR_GROUPS}")
         if freeze_replicas and not freeze_layout:
             raise ValueError("freeze_replicas needs freeze_layout (the frozen mask carries it)")
+        if freeze_replicas and initial_plan is None:
+            raise ValueError("freeze_replicas needs an initial_plan (it holds the frozen counts)")
         super().__init__(env)
         self.initial_plan = Plan.from_dict(initial_plan) if isinstance(initial_plan, Mapping) else initial_plan
         self.freeze_layout = freeze_layout
-        self.freeze_replicas = tuple(freeze_replicas)
+        self.fixed_replicas = fixed_counts(self.initial_plan, freeze_replicas)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         options = dict(options or {})
@@ -66,4 +76,4 @@ class PlanRestriction(gym.Wrapper):
         base = self.env.unwrapped
         if not self.freeze_layout:
             return base.action_masks()
-        return frozen_mask(base.decoder, base.sim.timeline.target_plan, self.freeze_replicas)
+        return frozen_mask(base.decoder, base.sim.timeline.target_plan, self.fixed_replicas)

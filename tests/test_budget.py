@@ -184,7 +184,9 @@ def test_budget_fill_wraps_any_controller(world):
                                        ("ppo", "utilisation")])
 def test_fixed_budget_mode_runs_on_the_whole_budget(name, rule):
     """In fixed-budget mode a whole-model controller runs budget // tp instances and the PPO
-    policy's pack plans hold the budget (never more), through plan changes."""
+    policy's pack plans hold the budget (never more), through plan changes. The proportional
+    rule keeps the plan's proportions, so it may stop a few GPUs short (the shipped session-14
+    policy's small plans: 20 of 24); the utilisation rule fills to within one GPU."""
     from agents.envtools import load_scenario, load_split, make_sim
     from agents.evaluate import budget_filled, run_timeline
     from agents.registry import make_controller
@@ -202,7 +204,8 @@ def test_fixed_budget_mode_runs_on_the_whole_budget(name, rule):
     if name == "model-level":
         assert set(tl.replicas["attn"]) == {6}
     else:
-        assert sum(g >= 23 for g in tl.gpus) >= 0.8 * len(tl.gpus)
+        full = 23 if rule == "utilisation" else 20
+        assert sum(g >= full for g in tl.gpus) >= 0.8 * len(tl.gpus)
         assert len({tuple(tl.replicas[g][i] for g in OPERATOR_GROUPS) for i in range(len(tl.gpus))}) > 1
 
 

@@ -144,26 +144,28 @@ def test_frozen_layout_mask_keeps_only_the_replica_choice():
     np.testing.assert_array_equal(frozen_mask(dec, prev), mask)
 
 
-def test_frozen_replicas_keep_the_groups_count_and_nothing_else():
+def test_frozen_replicas_return_to_the_fixed_count_and_touch_nothing_else():
     from agents.wrappers import PlanRestriction, frozen_mask
 
     dec = ActionDecoder(CodecConfig(replica_levels=(1, 2, 4, 8, 16), max_replicas=10,
                                     batch_levels=(8, 32, 128)))
     prev = Plan({**{g: OperatorPlan(3, 32, "pack", 1) for g in OPERATOR_GROUPS},
-                 "embed": OperatorPlan(4, 32, "pack", 1), "head": OperatorPlan(3, 32, "pack", 1)})
+                 "embed": OperatorPlan(7, 32, "pack", 1)})      # topped up from outside: 7 is no level
     per = 5 + 3 + len(PLACEMENTS)
     at = {g: OPERATOR_GROUPS.index(g) * per for g in OPERATOR_GROUPS}
-    mask = frozen_mask(dec, prev, ("embed", "head"))
-    assert list(mask[at["embed"]:at["embed"] + 5]) == [False, False, True, False, False]   # level 4 only
-    assert list(mask[at["head"]:at["head"] + 5]) == [True, True, True, True, False]       # no level is 3: unchanged
+    mask = frozen_mask(dec, prev, {"embed": 4, "head": 3})
+    assert list(mask[at["embed"]:at["embed"] + 5]) == [False, False, True, False, False]   # back to 4
+    assert list(mask[at["head"]:at["head"] + 5]) == [False, True, True, False, False]      # 3: levels 2 and 4 tie
     free = frozen_mask(dec, prev)
     for g in ("attn", "proj", "mlp"):
         np.testing.assert_array_equal(mask[at[g]:at[g] + per], free[at[g]:at[g] + per])
     np.testing.assert_array_equal(mask[at["embed"] + 5:at["embed"] + per], free[at["embed"] + 5:at["embed"] + per])
     with pytest.raises(ValueError, match="unknown operator groups \\['lm'\\]"):
-        PlanRestriction(None, None, True, ("lm",))
+        PlanRestriction(None, prev, True, ("lm",))
     with pytest.raises(ValueError, match="needs freeze_layout"):
-        PlanRestriction(None, None, False, ("embed",))
+        PlanRestriction(None, prev, False, ("embed",))
+    with pytest.raises(ValueError, match="needs an initial_plan"):
+        PlanRestriction(None, None, True, ("embed",))
 
 
 def test_level_mode_picks_absolute_replica_counts():
