@@ -140,22 +140,17 @@ def main(argv=None) -> int:
                "attainment": m["slo_attainment"], "avg_gpus": m["avg_gpus"], "peak_gpus": m["peak_gpus"],
                "energy_kwh": m["energy_kwh"], "ttft_p99_s": m["ttft_p99_s"], "tbt_p99_s": m["tbt_p99_s"],
                "gpus_per_interval": [float(g) for g in tl.gpus]}
-        for d in delays:
-            late = [schedule[0]] * d + schedule
-            s_d, tl_d = run_timeline(make_sim(sc, trace, "reference", 0), ScheduleController(late), menu[-1])
-            m_d = metrics(s_d, tl_d, sc.attainment_target)
-            row.setdefault("delayed", []).append({"delay_intervals": d, "attainment": m_d["slo_attainment"],
-                                                  "avg_gpus": m_d["avg_gpus"], "energy_kwh": m_d["energy_kwh"]})
-            print(f"tau {tau:g}, replayed {d} interval(s) late: reference {m_d['slo_attainment']:.4f} at "
-                  f"{m_d['avg_gpus']:.2f} avg GPUs ({m_d['energy_kwh']:.2f} kWh)", flush=True)
-        for w in windows:
-            reactive = reactive_schedule(schedule, w)
-            s_w, tl_w = run_timeline(make_sim(sc, trace, "reference", 0), ScheduleController(reactive), menu[-1])
-            m_w = metrics(s_w, tl_w, sc.attainment_target)
-            row.setdefault("reactive", []).append({"window_intervals": w, "attainment": m_w["slo_attainment"],
-                                                   "avg_gpus": m_w["avg_gpus"], "energy_kwh": m_w["energy_kwh"]})
-            print(f"tau {tau:g}, reactive: max of the last {w} interval(s): reference {m_w['slo_attainment']:.4f} at "
-                  f"{m_w['avg_gpus']:.2f} avg GPUs ({m_w['energy_kwh']:.2f} kWh)", flush=True)
+        variants = [("delayed", "delay_intervals", d, [schedule[0]] * d + schedule,
+                     f"replayed {d} interval(s) late") for d in delays]
+        variants += [("reactive", "window_intervals", w, reactive_schedule(schedule, w),
+                      f"reactive: max of the last {w} interval(s)") for w in windows]
+        for kind, field, n, plans, what in variants:
+            s_v, tl_v = run_timeline(make_sim(sc, trace, "reference", 0), ScheduleController(plans), menu[-1])
+            m_v = metrics(s_v, tl_v, sc.attainment_target)
+            row.setdefault(kind, []).append({field: n, "attainment": m_v["slo_attainment"],
+                                             "avg_gpus": m_v["avg_gpus"], "energy_kwh": m_v["energy_kwh"]})
+            print(f"tau {tau:g}, {what}: reference {m_v['slo_attainment']:.4f} at {m_v['avg_gpus']:.2f} avg GPUs "
+                  f"({m_v['energy_kwh']:.2f} kWh)", flush=True)
         rows.append(row)
         print(f"tau {tau:g}: reference {m['slo_attainment']:.4f} at {m['avg_gpus']:.2f} avg GPUs "
               f"(peak {m['peak_gpus']:.0f}, {m['energy_kwh']:.2f} kWh); fast search {fast_sum['slo_attainment']:.4f} at "
