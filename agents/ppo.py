@@ -66,8 +66,8 @@ class PPOController(Controller):
         obs = self.observe(state)
         kwargs: dict[str, Any] = {"deterministic": self.deterministic}
         if self.checkpoint.maskable:
-            kwargs["action_masks"] = frozen_mask(self.decoder, state.plan, self.fixed_replicas) if self.freeze_layout else \
-                self.decoder.action_mask(state.plan)
+            kwargs["action_masks"] = (frozen_mask(self.decoder, state.plan, self.fixed_replicas)
+                                       if self.freeze_layout else self.decoder.action_mask(state.plan))
         action, _ = self.checkpoint.model.predict(obs, **kwargs)
         return np.asarray(action)
 

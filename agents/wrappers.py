@@ -59,12 +59,11 @@ class PlanRestriction(gym.Wrapper):
             raise ValueError(f"freeze_replicas: unknown operator groups {unknown}; expected some of {OPERATOR_GROUPS}")
         if freeze_replicas and not freeze_layout:
             raise ValueError("freeze_replicas needs freeze_layout (the frozen mask carries it)")
-        if freeze_replicas and initial_plan is None:
-            raise ValueError("freeze_replicas needs an initial_plan (it holds the frozen counts)")
+        plan = Plan.from_dict(initial_plan) if isinstance(initial_plan, Mapping) else initial_plan
+        self.fixed_replicas = fixed_counts(plan, freeze_replicas)   # raises without an initial plan
         super().__init__(env)
-        self.initial_plan = Plan.from_dict(initial_plan) if isinstance(initial_plan, Mapping) else initial_plan
+        self.initial_plan = plan
         self.freeze_layout = freeze_layout
-        self.fixed_replicas = fixed_counts(self.initial_plan, freeze_replicas)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         options = dict(options or {})
