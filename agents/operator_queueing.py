@@ -90,6 +90,8 @@ class OperatorQueueingConfig:
         micro_batches: micro-batches ping-ponging between pools (the scenario's).
         micro_batching: ``adaptive`` (each iteration at the count in 1..micro_batches that
             finishes it soonest, ties to fewer) or ``fixed`` (the scenario's).
+        micro_batch_slack: with ``adaptive``, the fewest micro-batches within ``1 + slack``
+            of the fastest count's time (the scenario's).
         contention: slowdown per unit of co-located busy share (the scenario's).
         downscale_delay_s: a lower target must persist this long before replicas shrink (s).
         margin_up, margin_down, margin_max: growth per interval with an SLO miss, decay per
@@ -120,6 +122,7 @@ class OperatorQueueingConfig:
     pool_wait: str = "merged"
     micro_batches: int = 2
     micro_batching: str = "adaptive"
+    micro_batch_slack: float = 0.0
     contention: float = 0.5
     downscale_delay_s: float = 5.0
     margin_up: float = 1.15
@@ -340,7 +343,10 @@ class PlanModel:
             busy = {"attn": stages[1] * m * L, "proj": (stages[0] + stages[2]) * m * L, "mlp": stages[3] * m * L}
             return L * max(m * max(ring), sum(ring)), busy
 
-        total, busy = min((layers(m) for m in self.m_choices), key=lambda r: r[0])
+        timed = [layers(m) for m in self.m_choices]
+        total, busy = min(timed, key=lambda r: r[0])
+        if self.cfg.micro_batch_slack > 0:  # the engine's rule: fewest micro-batches within the slack
+            total, busy = next(r for r in timed if r[0] <= total * (1.0 + self.cfg.micro_batch_slack))
         r_e, r_h = max(replicas["embed"], 1), max(replicas["head"], 1)
         emb = lat.group_s("embed", max(1, int(round(tot_tokens / r_e))), 0, 1, self.tp["embed"], "decode") * slow["embed"]
         head = lat.group_s("head", max(1, int(round(tot_seqs / r_h))), 0, 1, self.tp["head"], "decode") * slow["head"]

@@ -98,6 +98,10 @@ class Scenario:
             1..micro_batches that finishes it soonest, ties to fewer: a decode-only iteration
             of memory-bound GEMMs runs whole, a prefill chunk is split to overlap the pools)
             or ``fixed`` (always ``micro_batches``).
+        micro_batch_slack: with ``adaptive``, an iteration runs as the fewest micro-batches
+            whose time is within ``1 + micro_batch_slack`` of the fastest count's (0 = the
+            fastest): each extra micro-batch re-reads every weight of the memory-bound GEMMs,
+            so a split that saves little time costs busy GPU time, hence energy.
         kv_reserve_tokens: KV tokens per batch slot a ``pack`` attention replica reserves.
         gpu_mem_util: share of GPU memory the server may use (vLLM gpu_memory_utilization).
         load_bw_bytes_per_s: weight-load bandwidth per GPU when a replica starts (bytes/s).
@@ -141,6 +145,7 @@ class Scenario:
     prefill_chunk_tokens: int = 1024
     micro_batches: int = 2
     micro_batching: str = "adaptive"
+    micro_batch_slack: float = 0.0
     kv_reserve_tokens: int = 2048
     gpu_mem_util: float = 0.9
     load_bw_bytes_per_s: float = 3.0e9
@@ -172,6 +177,8 @@ class Scenario:
         if self.micro_batching not in ("adaptive", "fixed"):
             raise ScenarioError(f"scenario field 'micro_batching' must be 'adaptive' or 'fixed', "
                                 f"got {self.micro_batching!r}")
+        if not (isinstance(self.micro_batch_slack, (int, float)) and 0.0 <= self.micro_batch_slack <= 1.0):
+            raise ScenarioError(f"scenario field 'micro_batch_slack' must be in [0, 1], got {self.micro_batch_slack!r}")
         missing = set(OPERATOR_GROUPS) - set(self.tp)
         if missing or set(self.tp) - set(OPERATOR_GROUPS):
             raise ScenarioError(f"scenario field 'tp' must give each of {OPERATOR_GROUPS}, got {dict(self.tp)}")

@@ -440,6 +440,8 @@ class StepModel:
         #: the most micro-batches an iteration is cut into, and the counts it may choose from
         self.m = scenario.micro_batches if self.hops else 1
         self.m_choices = tuple(range(1, self.m + 1)) if scenario.micro_batching == "adaptive" else (self.m,)
+        #: accepted slowdown for fewer micro-batches (adaptive only; 0 = the fastest count)
+        self.slack = float(scenario.micro_batch_slack) if len(self.m_choices) > 1 else 0.0
         self.replicas = {g: max(plan[g].replicas, 1) for g in OPERATOR_GROUPS}
         self.max_batch = {g: plan[g].max_batch for g in OPERATOR_GROUPS}
         #: everything the iteration time depends on besides the load (for memo keys shared
@@ -447,7 +449,7 @@ class StepModel:
         self.signature = (
             tuple(self.site[g] for g in OPERATOR_GROUPS), tuple(self.tp[g] for g in OPERATOR_GROUPS),
             tuple((self.replicas[g], self.max_batch[g]) for g in OPERATOR_GROUPS if self.site[g] != "local"),
-            self.m_choices, self.local_proc,
+            self.m_choices, self.slack, self.local_proc,
             tuple(sorted((k, tuple(sorted(v.items()))) for k, v in layout.peers.items() if v)))
         # tables for iteration(): the ring's distinct groups in first-use order, each timed once
         # per call as (kind, group, tp, replicas, max_batch) with kind 0 = attention, 1 = on the
@@ -535,13 +537,20 @@ class StepModel:
                 self._slow_cache = (items, slow)
         else:
             slow = None
-        # the layers at each allowed micro-batch count; the fastest wins (ties: fewer)
+        # the layers at each allowed micro-batch count; the fastest wins (ties: fewer), or with
+        # micro_batch_slack the fewest within (1 + slack) of the fastest
         best_ms, busy_ms = -1.0, {}
+        timed = []
         for m in self.m_choices:
             layers_ms, busy = self._layers(m, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tokens, tot_tokens, tot_seqs,
                                            slow)
+            if self.slack:
+                timed.append((layers_ms, busy))
             if best_ms < 0 or layers_ms < best_ms:
                 best_ms, busy_ms = layers_ms, busy
+        if timed:
+            bound = best_ms * (1.0 + self.slack)
+            best_ms, busy_ms = next(r for r in timed if r[0] <= bound)  # fewest micro-batches first
         total = best_ms
         send = p._send  # bytes -> ms
         bpt = self._bytes_per_token
