@@ -202,9 +202,10 @@ def test_registry_mirrors_the_scenarios_step_model_in_operator_queueing():
     from agents.envtools import load_scenario
     from agents.registry import make_controller
 
-    sc = load_scenario(micro_batches=3, micro_batching="fixed", contention=0.25)
+    sc = load_scenario(micro_batches=3, micro_batching="fixed", contention=0.25, micro_batch_slack=0.2)
     ctl, _ = make_controller("operator-queueing", sc)
     assert (ctl.config.micro_batches, ctl.config.micro_batching, ctl.config.contention) == (3, "fixed", 0.25)
+    assert ctl.config.micro_batch_slack == 0.2
     assert ctl.model.m_choices == (3,)
     # settings still win over the scenario
     ctl, _ = make_controller("operator-queueing", sc, settings={"operator-queueing": {"micro_batching": "adaptive"}})

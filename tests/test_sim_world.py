@@ -217,6 +217,45 @@ def test_adaptive_micro_batching_picks_the_faster_count_per_iteration():
     assert p2.ms < p1.ms and (pa.ms, pa.busy) == (p2.ms, p2.busy)
 
 
+def test_micro_batch_slack_trades_a_bounded_slowdown_for_fewer_weight_reads():
+    """With ``micro_batch_slack`` the engine runs the fewest micro-batches whose time is within
+    (1 + slack) of the fastest: just above the prefill chunk's measured gain it runs the chunk
+    whole (the one-micro-batch time and busy shares), just below it still splits."""
+    class WeightBoundDB(FakeDB):
+        def group_latency(self, group, gpu, model, tokens, context=0, batch=1, tp=1, phase="decode"):
+            if group in ("proj", "mlp"):
+                return (40.0 if group == "proj" else 160.0) + 0.5 * tokens
+            return super().group_latency(group, gpu, model, tokens, context, batch, tp, phase)
+
+    pred = ExecutionPredictor(WeightBoundDB(), "llama-2-70b", "h100")
+    plan = Scenario().disaggregated_plan({"embed": 1, "attn": 2, "proj": 1, "mlp": 1, "head": 1}, 8, "dedicated")
+
+    def model(**kw) -> StepModel:
+        sc = Scenario(**kw)
+        return StepModel(Placer(sc, pred).place(plan), pred, sc)
+
+    pre = (0, 0, 1024, 1024, 1, 2048, 2)
+    p1 = model(micro_batches=1, micro_batching="fixed").iteration(*pre)
+    p2 = model(micro_batches=2, micro_batching="fixed").iteration(*pre)
+    gain = p1.ms / p2.ms - 1.0
+    assert 0.0 < gain < 1.0
+    above = model(micro_batch_slack=gain * 1.01).iteration(*pre)
+    below = model(micro_batch_slack=gain * 0.99).iteration(*pre)
+    assert (above.ms, above.busy) == (p1.ms, p1.busy)
+    assert (below.ms, below.busy) == (p2.ms, p2.busy)
+    assert above.busy["mlp"] < below.busy["mlp"]  # the whole chunk reads the MLP weights once
+    # fixed micro-batching has one count to run: the slack changes nothing
+    fixed = model(micro_batching="fixed", micro_batch_slack=0.5)
+    assert fixed.slack == 0.0 and fixed.iteration(*pre).ms == p2.ms
+
+
+def test_scenario_rejects_a_micro_batch_slack_out_of_range():
+    from envs.scenario import ScenarioError
+
+    with pytest.raises(ScenarioError, match="micro_batch_slack.*1.5"):
+        Scenario(micro_batch_slack=1.5)
+
+
 def test_scenario_rejects_an_unknown_micro_batching_mode():
     from envs.scenario import ScenarioError
 
