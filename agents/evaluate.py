@@ -90,6 +90,8 @@ def metrics(summary: Mapping[str, Any], tl: Timeline, attainment_target: float) 
         "avg_gpus": gpu_s / duration if duration > 0 else 0.0,
         "peak_gpus": float(max(tl.gpus)) if tl.gpus else 0.0,
         "gpu_hours": gpu_s / 3600.0,
+        # GPUs still paid for attention units that drain their sequences after a scale-down
+        "avg_draining_gpus": float(summary.get("drain_gpu_seconds", 0.0)) / duration if duration > 0 else 0.0,
         "energy_kwh": float(summary["energy_j"]) / J_PER_KWH,
         "duration_s": duration,
     }

@@ -132,6 +132,8 @@ class Simulator(ABC):
         self.last_repairs: list[str] = []
         self.history: deque[float] = deque(maxlen=scenario.history_len)
         self.gpu_seconds = 0.0
+        #: the part of gpu_seconds paid for draining attention units (GPU-seconds)
+        self.drain_gpu_seconds = 0.0
         self.energy_j = 0.0
         self._acc_t = 0.0
         self.util: dict[str, float] = {}
@@ -175,6 +177,10 @@ class Simulator(ABC):
             watts += c.count * self.pred.power_w(min(u, 1.0))
         watts += max(paid - layout.n_gpus, 0) * self.pred.power_w(0.0)
         self.gpu_seconds += paid * span
+        tl = self.timeline
+        if tl.draining_units:  # as ClusterTimeline.gpus charges them, within what is paid beyond the target
+            self.drain_gpu_seconds += min(tl.draining_units * max(tl.target.unit_tp, 1),
+                                          max(paid - tl.target.n_gpus, 0)) * span
         self.energy_j += watts * span
         self._acc_t = t
 
@@ -188,6 +194,7 @@ class Simulator(ABC):
         self.k = 0
         self._acc_t = 0.0
         self.gpu_seconds = 0.0
+        self.drain_gpu_seconds = 0.0
         self.energy_j = 0.0
         self.util = {}
         self.history.clear()
@@ -284,7 +291,8 @@ class Simulator(ABC):
         """Whole-run metrics: slo_attainment, ttft/tbt p50/p99 (s), gpu_seconds, energy_j, counts."""
 
     def _cost_summary(self) -> dict:
-        return {"gpu_seconds": self.gpu_seconds, "energy_j": self.energy_j,
+        return {"gpu_seconds": self.gpu_seconds, "drain_gpu_seconds": self.drain_gpu_seconds,
+                "energy_j": self.energy_j,
                 "mean_gpus": self.gpu_seconds / self.now if self.now > 0 else 0.0,
                 "sim_time_s": self.now, "wall_s": self.wall_s, "fidelity": self.fidelity,
                 "slo_ttft_s": self.slo.ttft_s, "slo_tbt_s": self.slo.tbt_s, "clipped_requests": self.clipped}

@@ -146,15 +146,21 @@ def test_new_replicas_serve_only_after_their_weights_load_and_removed_units_drai
     while sim.now < load_s:
         st = sim.step(None)
     assert st.operators["attn"].replicas == 3 and st.operators["attn"].pending_replicas == 0
+    assert sim.drain_gpu_seconds == 0.0  # nothing drained yet
+    t_down = sim.now
     st = sim.step(Plan.model_level(1, 64, 4))
     assert st.operators["attn"].replicas == 1
-    assert any(u.draining for u in sim.units)
+    draining = sum(1 for u in sim.units if u.draining and not u.gone)
+    assert draining >= 1
     drained_at = None
     while not sim.done and sim.now < 200:
         st = sim.step(None)
         if drained_at is None and sim.timeline.draining_units == 0:
             drained_at = sim.now
     assert drained_at is not None and st.gpus_in_use == 4
+    # the draining instances' 4 GPUs each, paid from the scale-down until each is empty
+    assert 0.0 < sim.drain_gpu_seconds <= draining * 4 * (drained_at - t_down)
+    assert sim.summary()["drain_gpu_seconds"] == sim.drain_gpu_seconds < sim.gpu_seconds
 
 
 def test_switching_placement_is_blue_green_and_switching_back_cancels():

@@ -99,6 +99,8 @@ def test_evaluation_json_has_every_field(trained, tmp_path):
         r = data["controllers"][name]
         assert all(k in r for k in fields), (name, sorted(r))
         assert 0.0 <= r["slo_attainment"] <= 1.0 and r["peak_gpus"] >= r["avg_gpus"] > 0
+        assert 0.0 <= r["avg_draining_gpus"] < r["avg_gpus"]
+    assert data["controllers"]["static"]["avg_draining_gpus"] == 0.0  # a static plan never drains
     assert data["controllers"]["static"]["gpu_hours_vs_static"] == pytest.approx(1.0)
     assert data["controllers"]["model-level"]["energy_vs_model_level"] == pytest.approx(1.0)
     for png in ("gpus.png", "attainment.png", "replicas.png"):
