@@ -30,9 +30,7 @@ def frozen_mask(decoder: ActionDecoder, prev: Plan, fixed_replicas: Mapping[str,
         offset = 0
         for k, g in enumerate(OPERATOR_GROUPS):
             if g in fixed_replicas:
-                r, want = prev[g].replicas, int(fixed_replicas[g])
-                dist = np.array([abs(decoder.replicas_for(i, r) - want) for i in range(nd)])
-                mask[offset:offset + nd] &= dist == dist.min()
+                mask[offset:offset + nd] &= decoder.nearest_replica_choices(prev[g].replicas, fixed_replicas[g])
             offset += int(nvec[3 * k] + nvec[3 * k + 1] + nvec[3 * k + 2])
     return mask
 

@@ -149,6 +149,8 @@ class ActionDecoder:
     config: CodecConfig = field(default_factory=CodecConfig)
     #: masks already built, by what they depend on (read-only arrays; see :meth:`action_mask`)
     _masks: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: :meth:`nearest_replica_choices` already computed, by (current, want)
+    _nearest: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def nvec(self) -> np.ndarray:
@@ -168,6 +170,19 @@ class ActionDecoder:
         c = self.config
         r = c.replica_levels[index] if c.replica_levels else current + c.replica_deltas[index]
         return int(min(max(r, c.min_replicas), c.max_replicas))
+
+    def nearest_replica_choices(self, current: int, want: int) -> np.ndarray:
+        """Boolean mask over the replica sub-action: the choices whose count, from ``current``,
+        lands nearest ``want`` (read-only; cached, it is asked for at every step of a frozen group)."""
+        key = (int(current), int(want))
+        hit = self._nearest.get(key)
+        if hit is None:
+            if len(self._nearest) >= 4096:
+                self._nearest.clear()
+            dist = np.array([abs(self.replicas_for(i, key[0]) - key[1]) for i in range(self.n_replica_choices)])
+            hit = self._nearest[key] = dist == dist.min()
+            hit.flags.writeable = False
+        return hit
 
     def decode(self, action: np.ndarray, prev: Plan) -> Plan:
         """Apply ``action`` to ``prev``; raises ValueError if the action has the wrong shape."""

@@ -156,6 +156,8 @@ def test_frozen_replicas_return_to_the_fixed_count_and_touch_nothing_else():
     mask = frozen_mask(dec, prev, {"embed": 4, "head": 3})
     assert list(mask[at["embed"]:at["embed"] + 5]) == [False, False, True, False, False]   # back to 4
     assert list(mask[at["head"]:at["head"] + 5]) == [False, True, True, False, False]      # 3: levels 2 and 4 tie
+    np.testing.assert_array_equal(frozen_mask(dec, prev, {"embed": 4, "head": 3}), mask)  # cached choices unchanged
+    assert not dec.nearest_replica_choices(7, 4).flags.writeable
     free = frozen_mask(dec, prev)
     for g in ("attn", "proj", "mlp"):
         np.testing.assert_array_equal(mask[at[g]:at[g] + per], free[at[g]:at[g] + per])
