@@ -37,7 +37,8 @@ def checkpoint_name(data: dict, path: Path) -> str:
 
 
 def curves_from(paths: list[Path]) -> dict[str, list[dict[str, float]]]:
-    """``{"controller (mode, file)": points}`` from evaluation JSONs with a ``fixed_budget`` block."""
+    """``{"controller (checkpoint), mode": points}`` from evaluation JSONs with a ``fixed_budget`` block;
+    files with the same label (one grid run in two ranges) make one curve, sorted by rate."""
     out: dict[str, list[dict[str, float]]] = {}
     for p in paths:
         data = json.loads(p.read_text())
@@ -48,7 +49,9 @@ def curves_from(paths: list[Path]) -> dict[str, list[dict[str, float]]]:
         ckpt = checkpoint_name(data, p)
         for name, res in fb["controllers"].items():
             label = f"{name} ({ckpt}), {mode}" if name == "ppo" else f"{name}, {mode}"
-            out[label] = [{"k": float(t["k"]), "attainment": float(t["attainment"])} for t in res["tried"]]
+            pts = out.setdefault(label, [])   # files of one label (a grid run in two ranges) extend one curve
+            pts.extend({"k": float(t["k"]), "attainment": float(t["attainment"])} for t in res["tried"])
+            pts.sort(key=lambda q: q["k"])
     return out
 
 
