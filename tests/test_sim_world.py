@@ -190,25 +190,30 @@ def test_switching_placement_is_blue_green_and_switching_back_cancels():
     assert tl2.serving_plan(1.5) == tl2.target_plan and tl2.pending("mlp", 1.5) == 0
 
 
+class WeightBoundDB(FakeDB):
+    """A proj call costs 0.5 ms per layer, an MLP call 2 ms per layer whatever the tokens,
+    plus 0.5 ms per token (all 80 layers): a small batch reads weights, a big chunk computes."""
+
+    def group_latency(self, group, gpu, model, tokens, context=0, batch=1, tp=1, phase="decode"):
+        if group in ("proj", "mlp"):
+            return (40.0 if group == "proj" else 160.0) + 0.5 * tokens
+        return super().group_latency(group, gpu, model, tokens, context, batch, tp, phase)
+
+
+def weight_bound_step_model(**scenario) -> StepModel:
+    """Two dedicated attention units and one replica per pool, timed by :class:`WeightBoundDB`."""
+    pred = ExecutionPredictor(WeightBoundDB(), "llama-2-70b", "h100")
+    plan = Scenario().disaggregated_plan({"embed": 1, "attn": 2, "proj": 1, "mlp": 1, "head": 1}, 8, "dedicated")
+    sc = Scenario(**scenario)
+    return StepModel(Placer(sc, pred).place(plan), pred, sc)
+
+
 def test_adaptive_micro_batching_picks_the_faster_count_per_iteration():
     """A decode-only batch of a memory-bound pool runs whole (a half batch costs about as much
     as a whole one), a big prefill chunk is split so the pools overlap; the busy shares are
     those of the count chosen, so an unsplit decode reads each pool's weights once."""
-    class WeightBoundDB(FakeDB):
-        """A proj call costs 0.5 ms per layer, an MLP call 2 ms per layer whatever the tokens,
-        plus 0.5 ms per token (all 80 layers): a small batch reads weights, a big chunk computes."""
-
-        def group_latency(self, group, gpu, model, tokens, context=0, batch=1, tp=1, phase="decode"):
-            if group in ("proj", "mlp"):
-                return (40.0 if group == "proj" else 160.0) + 0.5 * tokens
-            return super().group_latency(group, gpu, model, tokens, context, batch, tp, phase)
-
-    pred = ExecutionPredictor(WeightBoundDB(), "llama-2-70b", "h100")
-    plan = Scenario().disaggregated_plan({"embed": 1, "attn": 2, "proj": 1, "mlp": 1, "head": 1}, 8, "dedicated")
-
     def model(mode: str, m: int) -> StepModel:
-        sc = Scenario(micro_batches=m, micro_batching=mode)
-        return StepModel(Placer(sc, pred).place(plan), pred, sc)
+        return weight_bound_step_model(micro_batches=m, micro_batching=mode)
 
     adaptive, one, two = model("adaptive", 2), model("fixed", 1), model("fixed", 2)
     assert adaptive.m_choices == (1, 2) and one.m_choices == (1,) and two.m_choices == (2,)
@@ -227,19 +232,7 @@ def test_micro_batch_slack_trades_a_bounded_slowdown_for_fewer_weight_reads():
     """With ``micro_batch_slack`` the engine runs the fewest micro-batches whose time is within
     (1 + slack) of the fastest: just above the prefill chunk's measured gain it runs the chunk
     whole (the one-micro-batch time and busy shares), just below it still splits."""
-    class WeightBoundDB(FakeDB):
-        def group_latency(self, group, gpu, model, tokens, context=0, batch=1, tp=1, phase="decode"):
-            if group in ("proj", "mlp"):
-                return (40.0 if group == "proj" else 160.0) + 0.5 * tokens
-            return super().group_latency(group, gpu, model, tokens, context, batch, tp, phase)
-
-    pred = ExecutionPredictor(WeightBoundDB(), "llama-2-70b", "h100")
-    plan = Scenario().disaggregated_plan({"embed": 1, "attn": 2, "proj": 1, "mlp": 1, "head": 1}, 8, "dedicated")
-
-    def model(**kw) -> StepModel:
-        sc = Scenario(**kw)
-        return StepModel(Placer(sc, pred).place(plan), pred, sc)
-
+    model = weight_bound_step_model
     pre = (0, 0, 1024, 1024, 1, 2048, 2)
     p1 = model(micro_batches=1, micro_batching="fixed").iteration(*pre)
     p2 = model(micro_batches=2, micro_batching="fixed").iteration(*pre)
