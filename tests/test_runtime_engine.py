@@ -492,8 +492,11 @@ def test_split_decode_throughput_is_close_to_monolithic():
             split.append(bench.split(m, ps, 24, "cpu", 8)["tokens_per_s"])
     finally:
         torch.set_num_threads(threads)
-    # measured: 0.31-0.33 with a queue hop per operator call, 0.76-0.82 with fused lanes
-    assert max(split) >= 0.55 * max(mono), (split, mono)
+    # measured: 0.31-0.33 with a queue hop per operator call, 0.76-0.82 with fused lanes. The
+    # median of the interleaved pairs' ratios: one run disturbed by the shared machine (a
+    # monolithic run at 1.6x its neighbours was seen in CI) cannot decide it either way
+    ratios = sorted(s / m for s, m in zip(split, mono))
+    assert ratios[1] >= 0.55, (split, mono)
 
 
 @pytest.mark.gpu
