@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Mapping
 
 from runtime.colocation import co_residence
@@ -539,16 +540,10 @@ class StepModel:
             slow = None
         # the layers at each allowed micro-batch count; the fastest wins (ties: fewer), or with
         # micro_batch_slack the fewest within (1 + slack) of the fastest
-        best_ms, busy_ms = -1.0, {}
-        timed = []
-        for m in self.m_choices:
-            layers_ms, busy = self._layers(m, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tokens, tot_tokens, tot_seqs,
-                                           slow)
-            if self.slack:
-                timed.append((layers_ms, busy))
-            if best_ms < 0 or layers_ms < best_ms:
-                best_ms, busy_ms = layers_ms, busy
-        if timed:
+        timed = [self._layers(m, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tokens, tot_tokens, tot_seqs, slow)
+                 for m in self.m_choices]
+        best_ms, busy_ms = min(timed, key=itemgetter(0))  # the first of equals: fewer micro-batches
+        if self.slack:
             bound = best_ms * (1.0 + self.slack)
             best_ms, busy_ms = next(r for r in timed if r[0] <= bound)  # fewest micro-batches first
         total = best_ms
