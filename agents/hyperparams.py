@@ -141,6 +141,7 @@ class PPOHyperparams:
     checkpoint_freq: int = 50_000
     train_split: str = "train"
     select: str = "best"
+    scenario_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.algo not in ("PPO", "MaskablePPO"):
@@ -158,11 +159,18 @@ class PPOHyperparams:
         if self.train_split == "trainval" and self.select == "best":
             raise ValueError("train_split trainval trains on the val split, so the best checkpoint on val "
                              "would be chosen on training data: use select: final")
+        if not isinstance(self.scenario_overrides, dict):
+            raise ValueError(f"scenario_overrides must map scenario fields to values, got {self.scenario_overrides!r}")
         self.bc = _nested(BCConfig, self.bc, "bc")
         self.slo_constraint = _nested(SLOConstraintConfig, self.slo_constraint, "slo_constraint")
         for name in ("n_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def training_world(self, scenario: Any) -> Any:
+        """The scenario the run's envs train in: ``scenario`` with ``scenario_overrides`` applied
+        (fields of the world's mechanics, e.g. the drain rule; the policy is judged in ``scenario``)."""
+        return scenario.replace(**self.scenario_overrides) if self.scenario_overrides else scenario
 
     def ppo_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the SB3 algorithm constructor."""

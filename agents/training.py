@@ -4,7 +4,8 @@ One function, :func:`train`, does the whole run:
 
 1. vectorised training envs on the scenario's training split (``train_split``: ``train``, or
    ``trainval`` to refit a recipe chosen on val on all data before the held-out split; DummyVecEnv or
-   SubprocVecEnv, one torch thread per subprocess) under VecNormalize;
+   SubprocVecEnv, one torch thread per subprocess) under VecNormalize, in the scenario with the
+   hyperparameters' ``scenario_overrides`` applied (the closing comparison uses the scenario as given);
 2. optionally behaviour cloning from the operator-queueing controller
    (:mod:`agents.imitation`) before PPO;
 3. PPO or MaskablePPO with TensorBoard logging, :class:`EpisodeMetricsCallback`
@@ -175,7 +176,10 @@ def _train(args: TrainArgs, log: Callable[[str], None]) -> dict[str, Any]:
         hp.eval_freq = int(args.eval_freq)
     overrides = {k: v for k, v in {"trace": args.trace, "model": args.model, "gpu": args.gpu}.items() if v}
     overrides.update(args.overrides)
-    scenario = load_scenario(args.scenario, **overrides)
+    # the scenario the policy is judged in, and the one its envs train in (the hyperparameter
+    # file's scenario_overrides: world mechanics such as the drain rule, recorded in metadata)
+    deploy = load_scenario(args.scenario, **overrides)
+    scenario = hp.training_world(deploy)
     save = Path(args.save)
     save.mkdir(parents=True, exist_ok=True)
     set_random_seed(args.seed)
@@ -280,4 +284,4 @@ def _train(args: TrainArgs, log: Callable[[str], None]) -> dict[str, Any]:
     eval_env.close()
     return {"checkpoint": str(save), "chosen": str(chosen), "final": str(final_dir), "train_seconds": train_s,
             "timesteps": int(model.num_timesteps), "logdir": tb_dir,
-            "bc": bc_stats, "best_mean_reward": float(eval_cb.best_mean_reward), "scenario": scenario}
+            "bc": bc_stats, "best_mean_reward": float(eval_cb.best_mean_reward), "scenario": deploy}

@@ -68,13 +68,16 @@ def _policy(env):  # noqa: ANN001, ANN202
 
 
 def _train_env(seed: int):  # noqa: ANN202
-    """The env as train.py builds it: PlanRestriction with ppo.yaml's initial plan and frozen layout."""
+    """The env as train.py builds it: ppo.yaml's training world, PlanRestriction with its initial
+    plan and frozen layout."""
     from agents.hyperparams import load_hyperparams
     from agents.wrappers import PlanRestriction
-    from envs import make_env
+    from envs import Scenario, make_env
 
     hp = load_hyperparams()
-    return PlanRestriction(make_env(seed=seed), hp.initial_plan or None, hp.freeze_layout)
+    over = dict(getattr(hp, "scenario_overrides", None) or {})  # trees before session 16 have none
+    scenario = Scenario.from_yaml().replace(**over) if over else None
+    return PlanRestriction(make_env(scenario, seed=seed), hp.initial_plan or None, hp.freeze_layout)
 
 
 def _masked_random(rng: np.random.Generator, mask: np.ndarray, nvec: np.ndarray) -> np.ndarray:

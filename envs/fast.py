@@ -13,8 +13,9 @@ mixture of decode-only and mixed iterations); calibration against the reference 
 reported in docs/SIMULATOR.md. All state is a handful of floats: an env step costs
 tens of microseconds.
 
-Plan changes follow the reference: removed attention units keep their share of the running
-sequences (a draining pool outside the serving units' slots and KV, still loading the shared
+Plan changes follow the reference: removed attention units hand the serving units what fits
+in their free slots and KV (``kv_migration``, the copy time left out: milliseconds) and keep
+the rest (a draining pool outside the serving units' slots and KV, still loading the shared
 pools) until those finish; the prefill load the shared pools see is solved with the pace it
 causes (a burst in which every unit prefills slows every unit); and SLO attainment is
 credited when requests finish, with the TTFT-met probability of the requests in the system
@@ -203,7 +204,24 @@ class FastSimulator(Simulator):
                 if self._unit_sig is not None and sig != self._unit_sig and self._U > 0:
                     # the KV holders were switched (placement / tp): the old units drain with
                     # every sequence they hold, the new ones start empty
-                    if n_dec > 0.5:
+                    if n_dec > 0.5 and sc.kv_migration:
+                        # the new units take what fits (they start with the prefilling ones)
+                        c = r_prompt + 0.5 * r_output
+                        U_new = float(max(layout.units, 1))
+                        room = min(U_new * float(layout.plan["attn"].max_batch) - n_pre,
+                                   (layout.unit_kv_tokens * U_new - n_pre * r_prompt) / (c + 1.0))
+                        moved = min(max(room, 0.0), n_dec)
+                        left = n_dec - moved
+                        kv = n_pre * r_prompt + moved * c
+                        if left >= 0.5:
+                            units = min(int(round(self._U)), math.ceil(self._U * left / n_dec - 1e-9))
+                            d_n += left
+                            d_kv += left * c
+                            d_units += units
+                            self.timeline.draining_units += units
+                            self._schedule_drain(units)
+                        n_dec = moved
+                    elif n_dec > 0.5:
                         d_n += n_dec
                         d_kv += kv
                         d_units += self._U
@@ -453,17 +471,39 @@ class FastSimulator(Simulator):
     def _on_drain(self, units: int) -> None:
         """``units`` serving attention units were removed: they take their share of the decoding
         sequences (and KV) with them into the draining pool, where those finish; the units keep
-        their GPUs until their longest sequence finishes (units that hold none are freed at once)."""
+        their GPUs until their longest sequence finishes (units that hold none are freed at once).
+        With ``kv_migration`` the serving units first take what fits (see the module docstring)."""
         U = self._U
         if U <= 0 or self.n_dec + self.n_pre < 0.5:
             self.timeline.drained(units)
             return
         f = min(units / U, 1.0)
-        self.d_n += f * self.n_dec
-        self.d_kv += f * self.n_dec * (self.r_prompt + 0.5 * self.r_output)
+        c = self.r_prompt + 0.5 * self.r_output
+        out = f * self.n_dec   # decoding sequences on the removed units
+        left = out
+        if self.sc.kv_migration:
+            # the serving units take what fits in their free batch slots and KV (the runtime's
+            # hand-off); the removed units keep the rest, and only those that hold some drain
+            lay = self.serving_layout(self.now)
+            U2 = float(max(lay.units, 1))
+            stay = self.n_dec - out + self.n_pre
+            room = min(U2 * float(lay.plan["attn"].max_batch) - stay,
+                       (lay.unit_kv_tokens * U2 - (self.kv - out * c)) / (c + 1.0))
+            left = out - min(max(room, 0.0), out)
+            if left < 0.5:
+                self.timeline.drained(units)
+                return
+            keep = min(units, math.ceil(units * left / out - 1e-9))
+            if keep < units:
+                self.timeline.drained(units - keep)
+            units = keep
+            self.n_dec -= left
+        else:
+            self.n_dec *= 1.0 - f
+        self.d_n += left
+        self.d_kv += left * c
         self.d_units += units
-        self.kv = max(self.kv - f * self.n_dec * (self.r_prompt + 0.5 * self.r_output), 0.0)
-        self.n_dec *= 1.0 - f
+        self.kv = max(self.kv - left * c, 0.0)
         self._schedule_drain(units)
 
     def _schedule_drain(self, units: int) -> None:

@@ -147,6 +147,13 @@ class ExecutionPredictor:
         nbytes = quantise(tokens) * self.cfg.d_model * self.cfg.dtype_bytes
         return self._send(nbytes)
 
+    def kv_send_ms(self, tokens: float, tp: int = 1) -> float:
+        """ms to copy ``tokens`` cached tokens of KV between two units of ``tp`` GPUs (each GPU
+        sends its 1/tp shard, in parallel)."""
+        if tokens <= 0:
+            return 0.0
+        return self._send(int(quantise(tokens) * self.kv_bytes_per_token // max(tp, 1)))
+
     # ------------------------------------------------------------------ whole-model helpers
     def mono_iteration_ms(self, tp: int, decode_seqs: float, decode_context: float, prefill_tokens: float = 0.0,
                           prefill_context: float = 0.0, prefill_seqs: float = 0.0) -> float:

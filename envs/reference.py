@@ -19,7 +19,10 @@ Serving discipline (vLLM / Sarathi-Serve style, documented in docs/SIMULATOR.md)
 * KV grows by one token per decoded token; when a unit's KV is full the most recently
   admitted sequence is preempted (recompute: back to the head of the queue, its KV freed,
   later re-prefilled over prompt + generated tokens, then it continues decoding);
-* removed units stop admitting and drain; their GPUs are paid until they are empty.
+* removed units stop admitting; with ``kv_migration`` (the runtime's behaviour) each first
+  hands its sequences, at its next iteration boundary, to the serving units with a free batch
+  slot and KV room (most free KV first, the copy taking the measured send/recv time of the
+  sequence's KV); what does not fit drains there, and its GPUs are paid until it is empty.
 """
 from __future__ import annotations
 
@@ -46,7 +49,8 @@ class Unit:
     """An attention unit: its batch, its KV and its iteration in flight."""
 
     __slots__ = ("uid", "kv_cap", "kv", "pre", "n_dec", "ctx_sum", "order", "finish_at", "it", "busy_until",
-                 "draining", "gone", "iter_plan", "last_tokens", "last_seqs", "pre_tokens", "cap_next")
+                 "draining", "gone", "iter_plan", "last_tokens", "last_seqs", "pre_tokens", "cap_next",
+                 "handoff")
 
     def __init__(self, uid: int, kv_cap: float) -> None:
         self.uid = uid
@@ -61,6 +65,7 @@ class Unit:
         self.it = 0                # iterations completed
         self.busy_until = -1.0     # end of the iteration in flight (< now: idle)
         self.draining = False
+        self.handoff = False  # removed, its sequences not yet offered to the serving units
         self.gone = False
         self.iter_plan: tuple = ()
         self.last_tokens = 0.0
@@ -107,7 +112,8 @@ class ReferenceSimulator(Simulator):
         self.gap_log: list[tuple[float, float]] = []          # (time, gap) of resumed sequences
         self.reject_t = np.full(n, np.nan)
         self._busy_acc: dict[str, float] = {}
-        self._retired = 0
+        self._retired = 0.0
+        self._t0 = 0.0
         self._tot_tokens = 0.0
         self._tot_seqs = 0.0
         self._unit_sig: tuple | None = None
@@ -163,6 +169,10 @@ class ReferenceSimulator(Simulator):
                 # boundary, where the newest are preempted to fit (the replica taking the
                 # memory is still loading its weights then); no new admissions meanwhile.
                 u.cap_next = cap
+        for u in self.units:
+            if u.handoff and u.busy_until < t:
+                self._handoff(u, t, live)
+                self._start_iteration(u, t)  # what stayed keeps iterating; retired if nothing did
         self._dispatch(t)
 
     def _start_drain(self, u: Unit, t: float, counted: bool) -> None:
@@ -171,10 +181,82 @@ class ReferenceSimulator(Simulator):
             self.timeline.draining_units += 1
         if u.seqs == 0 and u.busy_until < t:
             self._retire(u, t)
+        elif self.sc.kv_migration:
+            u.handoff = True  # at its next iteration boundary (now, if idle: end of _reconcile)
+
+    def _handoff(self, u: Unit, t: float, live: list[Unit] | None = None) -> None:
+        """Move the removed unit ``u``'s sequences (decoding first, then prefilling, in admission
+        order) to serving units with a free batch slot and KV room for them, the one with the
+        most free KV first, as the runtime's engine does; ``u`` keeps what fits nowhere.
+
+        A moved decoding sequence waits for its KV copy (``kv_send_ms``) and for the target's
+        iteration in flight: that wait is recorded as one extra TBT gap; its next tokens come
+        from the target's iterations. A moved prefill keeps its progress.
+        """
+        u.handoff = False
+        if live is None:
+            live = [v for v in self.units if not v.draining and not v.gone]
+        if not live or u.seqs == 0:
+            return
+        B = self.layout.plan["attn"].max_batch
+        tp = max(self.layout.unit_tp, 1)
+
+        def room(v: Unit) -> float:
+            cap = v.kv_cap if v.cap_next is None else min(v.kv_cap, v.cap_next)
+            return cap - v.kv
+
+        started: list[Unit] = []
+        order, u.order = u.order, []
+        for rid, ep in order:
+            if self.epoch[rid] != ep or self.state[rid] != DECODE:
+                continue
+            made = int(self.gen[rid] + u.it - self.dec_it0[rid])  # tokens generated so far
+            ctx = int(self.prompt[rid]) + made
+            best = max((v for v in live if v.seqs < B and room(v) >= ctx + 1), key=room, default=None)
+            if best is None:
+                u.order.append((rid, ep))
+                continue
+            self.gen[rid] = made
+            self.epoch[rid] += 1
+            new_ep = int(self.epoch[rid])
+            u.kv -= ctx
+            u.ctx_sum -= ctx
+            u.n_dec -= 1
+            idle = best.busy_until < t
+            first = best.it if idle else best.it + 1  # the first of best's iterations it joins
+            best.kv += ctx
+            best.ctx_sum += ctx
+            best.n_dec += 1
+            best.order.append((rid, new_ep))
+            self.dec_it0[rid] = first
+            best.finish_at.setdefault(first + int(self.output[rid] - made) - 1, []).append((rid, new_ep))
+            wait = self.pred.kv_send_ms(ctx, tp) / 1000.0 + (0.0 if idle else best.busy_until - t)
+            self.gap_log.append((t, wait))
+            if idle and best not in started:
+                started.append(best)
+        keep: deque[list] = deque()
+        for item in u.pre:
+            rid, remaining, total = item
+            best = max((v for v in live if v.seqs < B and room(v) >= total + 1), key=room, default=None)
+            if best is None:
+                keep.append(item)
+                continue
+            u.kv -= total
+            u.pre_tokens -= remaining
+            best.kv += total
+            best.pre.append(item)
+            best.pre_tokens += remaining
+            if best.busy_until < t and best not in started:
+                started.append(best)
+        u.pre = keep
+        for v in started:
+            if v.busy_until < t:
+                self._start_iteration(v, t)
 
     def _retire(self, u: Unit, t: float) -> None:
         u.gone = True
-        self._retired += 1
+        # counted among the units utilisation averages over for the share of the interval it lived
+        self._retired += min(max((t - self._t0) / self.dt, 0.0), 1.0)
         # its last iteration no longer loads the shared pools
         self._tot_tokens -= u.last_tokens
         self._tot_seqs -= u.last_seqs
@@ -334,6 +416,8 @@ class ReferenceSimulator(Simulator):
             self._prefilled(u, rid, t)
         u.busy_until = t - 1e-12
         if u.draining:
+            if u.handoff:
+                self._handoff(u, t)
             if u.seqs:
                 self._start_iteration(u, t)
             else:
@@ -404,7 +488,8 @@ class ReferenceSimulator(Simulator):
         if i < n and self.arrival[i] < t1 and not any(e[1] == _ARRIVE for e in self.events):
             self._push(self.arrival[i], _ARRIVE, i)
         self._busy_acc = {}
-        self._retired = 0   # units retired during this interval (their iterations count in util)
+        self._retired = 0.0  # units retired during this interval, weighted by the share of it they lived
+        self._t0 = t0
         ev = self.events
         while ev and ev[0][0] < t1:
             t, kind, _, payload = heapq.heappop(ev)
@@ -455,7 +540,7 @@ class ReferenceSimulator(Simulator):
         m.queue_tokens = float(sum(self.prompt[r] + self.output[r] for r in self.queue)) if len(self.queue) < 5000 \
             else float(len(self.queue) * (self.prompt.mean() + self.output.mean()))
         # busy is summed over every unit that iterated (serving, draining, retired meanwhile):
-        # average over the same units
+        # average over the same units, each retired one for the part of the interval it lived
         n_units = max(len(live) + self._retired, 1)
         m.util = {k: min(v / (dt * n_units), 1.0) for k, v in self._busy_acc.items()}
         self.util = m.util

@@ -111,6 +111,10 @@ class Scenario:
         drain_residual: fast model only: a removed attention unit keeps its GPUs for this share
             of the recent p99 output length in decode iterations (1.0 until session 13, the
             whole length; the reference drains each unit until its last sequence finishes).
+        kv_migration: a removed attention unit first hands its sequences (their KV, copied at the
+            measured send/recv time) to the serving units with a free batch slot and KV room, as
+            the runtime's engine does (``runtime/engine.py`` ``_retire``); only what does not fit
+            drains on the removed unit. False = every sequence drains where it is (sessions 1-15).
         max_request_tokens: prompt + output limit (tokens); longer trace requests are clipped
             (output to half of it, then the prompt to the rest), as Vidur clips to its max
             tokens. None = the model's context length (4096 for Llama-2).
@@ -153,6 +157,7 @@ class Scenario:
     contention: float = 0.5
     max_queue_wait_s: float = 120.0
     drain_residual: float = 1.0
+    kv_migration: bool = False
     max_request_tokens: int | None = None
     history_len: int = 8
     codec: Mapping[str, Any] = field(default_factory=dict)
@@ -162,6 +167,8 @@ class Scenario:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0):
                 raise ScenarioError(f"scenario field {name!r} must be > 0, got {v!r}")
+        if not isinstance(self.kv_migration, bool):
+            raise ScenarioError(f"scenario field 'kv_migration' must be true or false, got {self.kv_migration!r}")
         if not (isinstance(self.drain_residual, (int, float)) and 0.0 < self.drain_residual <= 1.0):
             raise ScenarioError(f"scenario field 'drain_residual' must be in (0, 1], got {self.drain_residual!r}")
         if not 0.0 < self.train_frac < 1.0:

@@ -800,15 +800,23 @@ class Engine:
         log.warning("%s: %d failed load(s) in a row; next attempt in %.1f s", group, n, wait)
 
     def _retire(self, rep: Replica, keep: list[Replica]) -> None:
-        """Stop routing to ``rep``; an attention replica first hands over its sequences' KV."""
+        """Stop routing to ``rep``; an attention replica first hands over its sequences' KV, each
+        to the ready replica with the most free KV among those with room for it and a free batch
+        slot (the plan's attention ``max_batch``, as admission counts them)."""
         rep.state = DRAINING
         if rep.group != "attn":
             return
+        limit = self._plan["attn"].max_batch
+        held: dict[int, int] = {}
+        for s in self._running:
+            if s.attn is not None:
+                held[s.attn.id] = held.get(s.attn.id, 0) + 1
         for s in [s for s in self._running if s.attn is rep]:
-            target = max((r for r in keep if r.ready and r.kv.can_reserve(s.kv_tokens)),
-                         key=lambda r: r.kv.free_blocks, default=None)
+            room = [r for r in keep if r.ready and held.get(r.id, 0) < limit and r.kv.can_reserve(s.kv_tokens)]
+            target = max(room, key=lambda r: r.kv.free_blocks, default=None)
             if target is None:
                 continue  # keeps being served by the draining replica until it finishes
+            held[target.id] = held.get(target.id, 0) + 1
             target.kv.reserve(s.id, s.kv_tokens)
             if s.n_cached:
                 ks, vs = rep.kv.export(s.id, s.n_cached)

@@ -321,6 +321,35 @@ def test_attention_max_batch_bounds_sequences_in_flight(model):
         eng.stop()
 
 
+def test_scale_down_hands_over_sequences_only_into_free_batch_slots(model):
+    """Attention 3 -> 1 with every slot full: the survivor has no free slot, so the removed
+    replicas keep their sequences (no replica ever holds more than max_batch); 3 -> 2 with
+    room: what fits moves. Every output equals the reference either way."""
+    plan = op_plan(3, 8).with_op("attn", max_batch=2)
+    for survivors in (1, 2):
+        eng = Engine(model, plan).start()
+        try:
+            ps = prompts(6, base=5 + survivors)
+            refs = [generate_split(model, p, 40) for p in ps]
+            seqs = [eng.submit(p, 40) for p in ps]
+            while sum(len(s.generated) for s in seqs) < 12:
+                time.sleep(0.001)
+            eng.apply(plan.with_op("attn", replicas=survivors))
+            most = 0
+            while not all(s.finished.is_set() for s in seqs):
+                with eng._lock:
+                    held: dict[int, int] = {}
+                    for s in eng._running:
+                        if s.attn is not None:
+                            held[s.attn.id] = held.get(s.attn.id, 0) + 1
+                    most = max([most, *held.values()])
+                time.sleep(0.0005)
+            assert most <= 2
+            assert [s.generated for s in seqs] == refs
+        finally:
+            eng.stop()
+
+
 def test_cancel_frees_kv_blocks(model):
     eng = Engine(model, op_plan(1, 4)).start()
     try:

@@ -119,9 +119,9 @@ def test_rate_multipliers_reach_the_training_envs_only_when_configured():
     assert make_vec_env(sc, "test", 1, 0, "dummy", {}).envs[0].unwrapped.rate_mults == (1.0,)
 
 
-def _small_run(tmp_path, monkeypatch, config: str) -> tuple[dict, list[str]]:
+def _small_run(tmp_path, monkeypatch, config: str) -> tuple[dict, list[str], list[bool]]:
     """A 256-step run of ``config`` (rollouts of 64, evaluations every 128 steps); returns the
-    training result and the splits the vectorised envs were built on."""
+    training result, the splits the vectorised envs were built on and their kv_migration."""
     import yaml
 
     import agents.training as training
@@ -131,32 +131,39 @@ def _small_run(tmp_path, monkeypatch, config: str) -> tuple[dict, list[str]]:
     cfg["opscale/OperatorScaling-v0"].update(n_steps=64, batch_size=64, n_epochs=1, eval_freq=128, eval_episodes=1)
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     splits: list[str] = []
+    worlds: list[bool] = []   # kv_migration of each env's scenario
     real = training.make_vec_env
 
     def spy(scenario, split, *a, **kw):
         splits.append(split)
+        worlds.append(scenario.kv_migration)
         return real(scenario, split, *a, **kw)
 
     monkeypatch.setattr(training, "make_vec_env", spy)
     out = train(TrainArgs(timesteps=256, n_envs=2, config=str(tmp_path / "cfg.yaml"), save=str(tmp_path / "ck"),
                           logdir=str(tmp_path / "tb"), progress_bar=False), log=lambda s: None)
-    return out, splits
+    return out, splits, worlds
 
 
 def test_default_refits_on_trainval_and_ships_the_final_checkpoint(tmp_path, monkeypatch):
-    out, splits = _small_run(tmp_path, monkeypatch, "agents/configs/ppo.yaml")
+    out, splits, worlds = _small_run(tmp_path, monkeypatch, "agents/configs/ppo.yaml")
     assert splits == ["trainval", "val"]          # training envs, then the (monitoring) evaluation env
     folder = Path(out["checkpoint"])
     assert out["chosen"] == out["final"]
     assert (folder / "policy.zip").read_bytes() == (folder / "final" / "policy.zip").read_bytes()
     meta = json.loads((folder / "metadata.json").read_text())
     assert meta["selected"] == "final checkpoint" and meta["hyperparams"]["train_split"] == "trainval"
+    # ppo.yaml's scenario_overrides: the envs train without the KV hand-over, the metadata records
+    # that world, and the closing comparison gets the scenario as given (the default hands over)
+    assert worlds == [False, False]
+    assert meta["scenario"]["kv_migration"] is False
+    assert out["scenario"].kv_migration is True
 
 
 def test_choice_stage_selects_on_the_validation_split(tmp_path, monkeypatch):
     """ppo-valselect.yaml: episodes from ``train``; EvalCallback scores on ``val`` (527 s, shorter
     than a 600 s episode), never on ``test``, and the best checkpoint is shipped."""
-    out, splits = _small_run(tmp_path, monkeypatch, "agents/configs/ppo-valselect.yaml")
+    out, splits, _ = _small_run(tmp_path, monkeypatch, "agents/configs/ppo-valselect.yaml")
     assert splits == ["train", "val"]
     folder = Path(out["checkpoint"])
     meta = json.loads((folder / "metadata.json").read_text())
@@ -181,7 +188,7 @@ def test_distribution_checks_off_changes_no_number(tmp_path, monkeypatch):
     import agents.training as training
 
     default = torch.distributions.Distribution._validate_args
-    off, _ = _small_run(tmp_path / "off", monkeypatch, "agents/configs/ppo.yaml")
+    off, _, _ = _small_run(tmp_path / "off", monkeypatch, "agents/configs/ppo.yaml")
     assert torch.distributions.Distribution._validate_args == default
 
     real = training._train
@@ -192,7 +199,7 @@ def test_distribution_checks_off_changes_no_number(tmp_path, monkeypatch):
             return real(args, log)
 
     monkeypatch.setattr(training, "_train", checked)
-    on, _ = _small_run(tmp_path / "on", monkeypatch, "agents/configs/ppo.yaml")
+    on, _, _ = _small_run(tmp_path / "on", monkeypatch, "agents/configs/ppo.yaml")
 
     def weights(folder: str) -> dict:
         with zipfile.ZipFile(Path(folder) / "policy.zip") as z:
