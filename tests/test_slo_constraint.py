@@ -116,3 +116,18 @@ def test_training_split_and_selection_settings_are_checked():
     # the choice stage is the default recipe otherwise
     choice.train_split, choice.select = default.train_split, default.select
     assert choice == default
+
+
+def test_scenario_overrides_give_the_training_world_and_name_bad_fields():
+    from envs import Scenario
+
+    sc = Scenario.from_yaml()
+    assert sc.kv_migration is True
+    hp = load_hyperparams()
+    assert hp.training_world(sc).kv_migration is False          # ppo.yaml trains with drains charged
+    assert hp.training_world(sc).replace(kv_migration=True) == sc  # and changes nothing else
+    assert PPOHyperparams().training_world(sc) is sc
+    with pytest.raises(ValueError, match=r"unknown scenario fields \['kv_migraton'\]"):
+        PPOHyperparams(scenario_overrides={"kv_migraton": False}).training_world(sc)
+    with pytest.raises(ValueError, match="scenario_overrides must map scenario fields to values"):
+        PPOHyperparams(scenario_overrides=[1])
