@@ -203,24 +203,23 @@ class FastSimulator(Simulator):
                 sig = (layout.plan["attn"].placement, layout.unit_tp)
                 if self._unit_sig is not None and sig != self._unit_sig and self._U > 0:
                     # the KV holders were switched (placement / tp): the old units drain with
-                    # every sequence they hold, the new ones start empty
+                    # every sequence they hold, the new ones start empty; with the hand-over the
+                    # new units first take what fits (the prefilling ones are theirs already)
                     if n_dec > 0.5 and sc.kv_migration:
-                        # the new units take what fits (they start with the prefilling ones)
                         c = r_prompt + 0.5 * r_output
                         U_new = float(max(layout.units, 1))
                         room = min(U_new * float(layout.plan["attn"].max_batch) - n_pre,
-                                   (layout.unit_kv_tokens * U_new - n_pre * r_prompt) / (c + 1.0))
-                        moved = min(max(room, 0.0), n_dec)
-                        left = n_dec - moved
-                        kv = n_pre * r_prompt + moved * c
+                                   (layout.unit_kv_tokens * U_new - (kv - n_dec * c)) / (c + 1.0))
+                        left = n_dec - min(max(room, 0.0), n_dec)
                         if left >= 0.5:
                             units = min(int(round(self._U)), math.ceil(self._U * left / n_dec - 1e-9))
                             d_n += left
                             d_kv += left * c
                             d_units += units
+                            n_dec -= left
+                            kv = max(kv - left * c, 0.0)
                             self.timeline.draining_units += units
                             self._schedule_drain(units)
-                        n_dec = moved
                     elif n_dec > 0.5:
                         d_n += n_dec
                         d_kv += kv

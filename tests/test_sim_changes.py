@@ -304,3 +304,24 @@ def test_fast_hand_over_with_room_frees_every_removed_unit():
 def test_kv_migration_must_be_a_bool():
     with pytest.raises(ValueError, match="'kv_migration' must be true or false, got 'yes'"):
         Scenario.from_yaml(kv_migration="yes")
+
+
+def test_fast_placement_switch_hands_sequences_to_the_new_units():
+    """Attention pack -> dedicated (a blue/green switch): when the new units take over, the old
+    ones hand them what fits (everything, under this light load); without the hand-over every
+    old unit drains with all its decoding sequences."""
+    out = {}
+    for mig in (True, False):
+        sc = Scenario.from_yaml(kv_migration=mig)
+        sim = make_simulator(sc, steady_trace(), fidelity="fast")
+        sim.reset(packed(sc, 4))
+        for _ in range(3):
+            sim.step(None)
+        before = sim.n_dec
+        sim.step(sc.disaggregated_plan({"embed": 1, "attn": 4, "proj": 3, "mlp": 6, "head": 1}, 64, "pack")
+                 .with_op("attn", placement="dedicated"))
+        sim.step(None)
+        out[mig] = (before, sim.d_n, sim.d_units, sim.n_dec)
+    before, d_n, d_units, n_dec = out[True]
+    assert before > 10 and d_n == 0.0 and d_units == 0.0 and n_dec > 0.5 * before
+    assert out[False][1] > 0.0 and out[False][2] == 4.0
