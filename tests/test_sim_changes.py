@@ -1,6 +1,9 @@
 """Plan changes in both fidelities: draining attention units, the load they leave on shared
-pools, the utilisation they report, and the changing-plan check of envs.validate."""
+pools, the utilisation they report, the KV hand-over of removed units (kv_migration), and the
+changing-plan check of envs.validate."""
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -196,11 +199,17 @@ def test_changing_plan_check_random_walk_within_targets():
 
 # ---- the KV hand-over of removed attention units (kv_migration, session 16) --------------
 
-def _scale_down_run(sc: Scenario, trace: Trace, before: int, after: int, warm: int = 3):
-    sim = make_simulator(sc, trace, fidelity="reference")
-    sim.reset(packed(sc, before))
-    for _ in range(warm):
+def _warmed(sc: Scenario, fidelity: str, attn: int, trace: Trace | None = None, steps: int = 3):
+    """A simulator started on ``packed(sc, attn)`` that has served ``steps`` intervals."""
+    sim = make_simulator(sc, trace or steady_trace(), fidelity=fidelity)
+    sim.reset(packed(sc, attn))
+    for _ in range(steps):
         sim.step(None)
+    return sim
+
+
+def _scale_down_run(sc: Scenario, trace: Trace, before: int, after: int):
+    sim = _warmed(sc, "reference", before, trace)
     running = sum(u.seqs for u in sim.units if not u.gone)
     sim.step(packed(sc, after))
     return sim, running
@@ -267,10 +276,7 @@ def test_fast_hand_over_is_hand_computable():
     """4 -> 1 units: the survivor's free slots and KV bound what moves; the rest drains on the
     fewest removed units that can hold it."""
     sc = Scenario.from_yaml(kv_migration=True)
-    sim = make_simulator(sc, steady_trace(), fidelity="fast")
-    sim.reset(packed(sc, 4))
-    for _ in range(3):
-        sim.step(None)
+    sim = _warmed(sc, "fast", 4)
     n_dec, n_pre, kv = sim.n_dec, sim.n_pre, sim.kv
     c = sim.r_prompt + 0.5 * sim.r_output
     sim.timeline.apply(packed(sc, 1), sim.now)
@@ -282,17 +288,13 @@ def test_fast_hand_over_is_hand_computable():
     assert sim.d_n == pytest.approx(left if left >= 0.5 else 0.0)
     assert sim.n_dec == pytest.approx(n_dec - sim.d_n)
     if left >= 0.5:
-        import math
         assert sim.d_units == math.ceil(3 * left / (0.75 * n_dec) - 1e-9)
     assert sim.timeline.draining_units == sim.d_units
 
 
 def test_fast_hand_over_with_room_frees_every_removed_unit():
     sc = Scenario.from_yaml(kv_migration=True)
-    sim = make_simulator(sc, steady_trace(), fidelity="fast")
-    sim.reset(packed(sc, 8))
-    for _ in range(3):
-        sim.step(None)
+    sim = _warmed(sc, "fast", 8)
     n_dec = sim.n_dec
     assert n_dec > 10
     st = sim.step(packed(sc, 4))
@@ -313,10 +315,7 @@ def test_fast_placement_switch_hands_sequences_to_the_new_units():
     out = {}
     for mig in (True, False):
         sc = Scenario.from_yaml(kv_migration=mig)
-        sim = make_simulator(sc, steady_trace(), fidelity="fast")
-        sim.reset(packed(sc, 4))
-        for _ in range(3):
-            sim.step(None)
+        sim = _warmed(sc, "fast", 4)
         before = sim.n_dec
         sim.step(sc.disaggregated_plan({"embed": 1, "attn": 4, "proj": 3, "mlp": 6, "head": 1}, 64, "pack")
                  .with_op("attn", placement="dedicated"))
