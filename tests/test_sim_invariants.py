@@ -1,6 +1,7 @@
 """Invariants under hypothesis-generated plans and traces, for both fidelities:
 no request is lost (finished, queued/running or rejected with a reason), no queue or KV
-count goes negative, no GPU holds more than its usable memory, GPUs never exceed max_gpus."""
+count goes negative, no GPU holds more than its usable memory, GPUs never exceed max_gpus;
+with and without the KV hand-over of removed attention units (kv_migration)."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,9 +48,9 @@ def _check_layouts(sim) -> None:
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6))
-def test_reference_loses_no_request_and_stays_physical(trace, seq):
-    sim = make_simulator(SC, trace, fidelity="reference")
+@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6), handover=st.booleans())
+def test_reference_loses_no_request_and_stays_physical(trace, seq, handover):
+    sim = make_simulator(SC.replace(kv_migration=handover), trace, fidelity="reference")
     sim.reset(seq[0])
     steps = 0
     while not sim.done and steps < 400:
@@ -70,12 +71,13 @@ def test_reference_loses_no_request_and_stays_physical(trace, seq):
         assert np.all((sim.state == DONE) | rejected)
         done = sim.state == DONE
         assert np.all(sim.ttft[done] >= 0) and np.all(sim.finish_t[done] >= sim.arrival[done])
+        assert np.array_equal(sim.gen[done], sim.output[done])  # every token, once, moved or not
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6))
-def test_fast_model_conserves_requests_and_stays_non_negative(trace, seq):
-    sim = make_simulator(SC, trace, fidelity="fast")
+@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6), handover=st.booleans())
+def test_fast_model_conserves_requests_and_stays_non_negative(trace, seq, handover):
+    sim = make_simulator(SC.replace(kv_migration=handover), trace, fidelity="fast")
     sim.reset(seq[0])
     steps = 0
     while not sim.done and steps < 400:
