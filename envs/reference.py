@@ -109,7 +109,7 @@ class ReferenceSimulator(Simulator):
         self.layout: Layout | None = None
         self.sm: StepModel | None = None
         self.iter_log: list[tuple[float, float, float]] = []  # (end time, duration, decoding seqs)
-        self.gap_log: list[tuple[float, float]] = []          # (time, gap) of resumed sequences
+        self.gap_log: list[tuple[float, float]] = []          # (time, gap) of resumed and handed-over sequences
         self.reject_t = np.full(n, np.nan)
         self._busy_acc: dict[str, float] = {}
         self._retired = 0.0
