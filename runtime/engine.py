@@ -44,7 +44,7 @@ import collections
 import logging
 import threading
 import time
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -56,6 +56,7 @@ from torch import nn
 from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
 from runtime.kvcache import KVLayout, PagedKVCache
 from runtime.metrics import RuntimeMetrics, pct
+from runtime.microbatch import MicroBatchChooser
 from runtime.model import LlamaModel
 from runtime.models import OPERATOR_GROUPS
 from runtime.pools import (DRAINING, LOADING, READY, Replica, WorkerDied, WorkItem, assign_slots, clone_to,
@@ -115,6 +116,14 @@ class EngineConfig:
             with each further failure up to ``respawn_backoff_max_s``; a load that succeeds
             resets it. Replicas that die serving are replaced at once.
         respawn_backoff_max_s: the longest wait between load attempts (seconds).
+        micro_batches: the most micro-batches an iteration through the pools (the per-group
+            path, not fused lanes) is cut into; the parts (of about equal new tokens, a
+            sequence never split) go through the layers at the same time, so one pool works on
+            one while another works on the next (ping-pong). 1 = never cut.
+        micro_batching: ``adaptive``: per iteration the count in 1..``micro_batches`` that has
+            run iterations like it fastest, measured (:class:`runtime.microbatch.MicroBatchChooser`;
+            the simulators' ``micro_batching: adaptive`` takes the fastest from the profiles);
+            ``fixed``: always ``micro_batches`` (as many as there are sequences, at most).
     """
 
     device: str = "cpu"
@@ -133,6 +142,14 @@ class EngineConfig:
     pin_weights: bool = True
     respawn_backoff_s: float = 0.5
     respawn_backoff_max_s: float = 30.0
+    micro_batches: int = 2
+    micro_batching: str = "adaptive"
+
+    def __post_init__(self) -> None:
+        if int(self.micro_batches) != self.micro_batches or self.micro_batches < 1:
+            raise ValueError(f"EngineConfig.micro_batches must be an integer >= 1, got {self.micro_batches!r}")
+        if self.micro_batching not in ("adaptive", "fixed"):
+            raise ValueError(f"EngineConfig.micro_batching must be 'adaptive' or 'fixed', got {self.micro_batching!r}")
 
 
 #: Events a request's callback receives: ("token", token_id, index), ("done", reason, None),
@@ -538,6 +555,13 @@ class Engine:
         self.iteration_log: collections.deque[IterationRecord] = collections.deque(maxlen=1_000_000)
         self.start_s = time.perf_counter()
         self._nvml = _Nvml() if self.config.device == "cuda" else None
+        #: runs the micro-batches after the first of a cut iteration (the driver runs the first);
+        #: started with the driver
+        self._micro_pool: ThreadPoolExecutor | None = None
+        #: iterations of the per-group path cut into more than one micro-batch
+        self.micro_batched_iterations = 0
+        #: picks each such iteration's micro-batch count from measured times (adaptive)
+        self.micro = MicroBatchChooser(self.config.micro_batches)
 
     # ---- lifecycle --------------------------------------------------------------------
     def start(self, wait_ready: float | None = 60.0) -> "Engine":
@@ -553,6 +577,8 @@ class Engine:
                 log.info("pinned %.2f GB of master weights in %.2f s", nbytes / 1e9, time.perf_counter() - t0)
         with self._lock:
             self._reconcile()
+        if self.config.micro_batches > 1 and self._micro_pool is None:
+            self._micro_pool = ThreadPoolExecutor(self.config.micro_batches - 1, thread_name_prefix="opscale-micro")
         self._driver = threading.Thread(target=self._drive, name="opscale-driver", daemon=True)
         self._driver.start()
         if wait_ready:
@@ -598,6 +624,9 @@ class Engine:
             for reps in self.replicas.values():
                 for r in reps:
                     r.join(timeout)
+        if self._micro_pool is not None:
+            self._micro_pool.shutdown(wait=True)
+            self._micro_pool = None
             # free device memory now (the engine and its replicas reference each other, so
             # without this it waits for the garbage collector: on a GPU, engines started one
             # after another then ran out of memory)
@@ -1044,8 +1073,67 @@ class Engine:
             out[pos[id(s)]] = t
         return out
 
+    @staticmethod
+    def _micro_batches(batch: list[Sequence], m: int) -> list[list[Sequence]]:
+        """Cut ``batch`` into at most ``m`` parts of about equal new tokens (a sequence is never
+        split; the longest are placed first, each into the part with the fewest tokens, ties to
+        the first). Each part keeps ``batch``'s order (sorted by attention replica)."""
+        m = min(m, len(batch))
+        if m <= 1:
+            return [batch]
+        new = [len(s.tokens) - s.n_cached for s in batch]
+        load = [0] * m
+        part = [0] * len(batch)
+        for i in sorted(range(len(batch)), key=lambda i: -new[i]):
+            k = load.index(min(load))
+            part[i] = k
+            load[k] += new[i]
+        return [p for p in ([s for s, k in zip(batch, part) if k == j] for j in range(m)) if p]
+
     def _iterate_hops(self, batch: list[Sequence]) -> list[int]:
-        """One step of ``batch`` (sorted by attention replica), every operator call a hop to its pool."""
+        """One step of ``batch`` (sorted by attention replica), every operator call a hop to its pool.
+
+        The layers run per micro-batch (``EngineConfig.micro_batches`` / ``micro_batching``),
+        the micro-batches at the same time; the LM head then samples for the whole batch in
+        its order, so the sampling generators are drawn from as in an uncut iteration.
+        """
+        new_tokens = sum(len(s.tokens) - s.n_cached for s in batch)
+        prefill = new_tokens > len(batch)
+        if self.config.micro_batching == "fixed":
+            m = min(self.config.micro_batches, len(batch))
+        else:
+            m = self.micro.choose(prefill, new_tokens, len(batch))
+        parts = self._micro_batches(batch, m)
+        t0 = time.perf_counter()
+        if len(parts) == 1:
+            xl = self._layers_hops(batch)
+        else:
+            self.micro_batched_iterations += 1
+            futs = [self._micro_pool.submit(self._layers_hops, p) for p in parts[1:]]  # type: ignore[union-attr]
+            try:
+                first = self._layers_hops(parts[0])
+            finally:
+                rest = self._gather(futs)  # never leave work running; raises the first failure
+            at = {id(s): i for i, s in enumerate(batch)}
+            order = [at[id(s)] for p in parts for s in p]
+            cat = self._cat([first, *rest])
+            xl = torch.empty_like(cat)
+            xl[torch.tensor(order, device=cat.device)] = cat
+        self.micro.record(prefill, new_tokens, len(parts), time.perf_counter() - t0)
+        temps = torch.tensor([s.temperature for s in batch], dtype=torch.float32)
+        mb = self._plan["head"].max_batch
+        futs = []
+        for c in range(0, len(batch), mb):
+            c1 = min(c + mb, len(batch))
+            rep = self._route("head")
+            futs.append(rep.submit(WorkItem(_head, (xl[c:c1], temps[c:c1], self._gens.get(rep.id)),
+                                            tokens=c1 - c, seqs=c1 - c)))
+        out = self._cat(self._gather(futs))
+        return [int(t) for t in out.tolist()]
+
+    def _layers_hops(self, batch: list[Sequence]) -> torch.Tensor:
+        """Embedding and every layer of ``batch`` (sorted by attention replica) through the
+        pools; the hidden state of each sequence's last token, one row per sequence."""
         rows, ids, meta, spans = [], [], [], []
         row = 0
         for i, s in enumerate(batch):
@@ -1068,17 +1156,7 @@ class Engine:
             o = self._stage("proj", _o_proj, rows, (att,), layer)
             x = self._stage("mlp", _mlp, rows, (x, o), layer)
         last = torch.tensor([r1 - 1 for _, r1 in rows], device=x.device)
-        xl = x[last]
-        temps = torch.tensor([s.temperature for s in batch], dtype=torch.float32)
-        mb = self._plan["head"].max_batch
-        futs = []
-        for c in range(0, len(batch), mb):
-            c1 = min(c + mb, len(batch))
-            rep = self._route("head")
-            futs.append(rep.submit(WorkItem(_head, (xl[c:c1], temps[c:c1], self._gens.get(rep.id)),
-                                            tokens=c1 - c, seqs=c1 - c)))
-        out = self._cat(self._gather(futs))
-        return [int(t) for t in out.tolist()]
+        return x[last]
 
     def _commit(self, batch: list[Sequence], tokens: list[int]) -> None:
         now = time.perf_counter()

@@ -543,3 +543,87 @@ def test_cuda_fused_lanes_match_greedy_reference_and_weights_are_pinned():
         assert eng.observe().operators["mlp"].utilisation > 0
     finally:
         eng.stop()
+
+
+# ---- micro-batches on the per-group path ----------------------------------------------------
+
+def test_micro_batches_split_by_new_tokens_and_keep_the_batch_order():
+    from types import SimpleNamespace
+
+    def seq(name: str, new: int, cached: int = 4) -> SimpleNamespace:
+        return SimpleNamespace(name=name, tokens=[0] * (cached + new), n_cached=cached)
+
+    cut = Engine._micro_batches
+    # new tokens 5, 1, 1, 3, 1 -> longest first, each to the lighter part (ties: the first):
+    # a(5) -> 0; d(3) -> 1; b(1) -> 1 (4); c(1) -> 1 (5); e(1) -> 0 (5 vs 5: the first)
+    b = [seq("a", 5), seq("b", 1), seq("c", 1), seq("d", 3), seq("e", 1)]
+    assert [[s.name for s in p] for p in cut(b, 2)] == [["a", "e"], ["b", "c", "d"]]
+    decode = [seq("a", 1), seq("b", 1), seq("c", 1)]
+    assert [[s.name for s in p] for p in cut(decode, 2)] == [["a", "c"], ["b"]]
+    assert [[s.name for s in p] for p in cut(decode, 5)] == [["a"], ["b"], ["c"]]  # at most one part per sequence
+    assert cut(b, 1) == [b]
+    one = [seq("a", 7)]
+    assert cut(one, 2) == [one]
+    with pytest.raises(ValueError, match="micro_batches must be an integer >= 1, got 0"):
+        EngineConfig(micro_batches=0)
+    with pytest.raises(ValueError, match="micro_batching must be 'adaptive' or 'fixed', got 'always'"):
+        EngineConfig(micro_batching="always")
+
+
+@pytest.mark.parametrize("micro_batches,mode", [(1, "adaptive"), (2, "fixed"), (3, "fixed"), (2, "adaptive")])
+def test_iterations_through_the_pools_are_micro_batched_and_outputs_match(model, monkeypatch, micro_batches, mode):
+    import threading as th
+
+    import runtime.engine as engine_mod
+
+    ran_on: set[str] = set()
+    parts: list[int] = []
+    layers = engine_mod.Engine._layers_hops
+    cut = engine_mod.Engine._micro_batches
+
+    def recording(self, batch):
+        ran_on.add(th.current_thread().name.split("_")[0])
+        return layers(self, batch)
+
+    def counting(batch, m):
+        out = cut(batch, m)
+        parts.append(len(out))
+        return out
+
+    monkeypatch.setattr(engine_mod.Engine, "_layers_hops", recording)
+    monkeypatch.setattr(engine_mod.Engine, "_micro_batches", staticmethod(counting))
+    ps = prompts(10, base=23)
+    refs = [generate_split(model, p, 6) for p in ps]
+    conf = EngineConfig(micro_batches=micro_batches, micro_batching=mode)
+    eng = Engine(model, op_plan(1, 4, "dedicated"), conf).start()
+    try:
+        with eng._lock:  # the driver waits: the first iteration admits 4 prompts at once
+            seqs = [eng.submit(p, 6) for p in ps]
+        wait_all(seqs)
+        assert [s.generated for s in seqs] == refs
+        assert eng.micro_batched_iterations == sum(n > 1 for n in parts)
+        if micro_batches == 1:
+            assert eng.micro_batched_iterations == 0 and ran_on == {"opscale-driver"}
+        elif mode == "fixed":  # every iteration of two or more sequences is cut, as far as it can be
+            assert max(parts) == micro_batches and eng.micro_batched_iterations >= len(parts) - 4
+            assert ran_on == {"opscale-driver", "opscale-micro"}
+        else:  # adaptive: both counts measured in each kind of iteration seen, then the faster
+            assert 0 < eng.micro_batched_iterations < len(parts)
+            assert eng.micro.mean(False, 4, 1) is not None and eng.micro.mean(False, 4, 2) is not None
+    finally:
+        eng.stop()
+
+
+def test_a_replica_dying_in_a_micro_batched_iteration_loses_nothing(model):
+    ps = prompts(8, base=31)
+    refs = [generate_split(model, p, 5) for p in ps]
+    eng = Engine(model, op_plan(2, 4, "dedicated"), EngineConfig(micro_batching="fixed")).start()
+    try:
+        with eng._lock:
+            eng.replicas["mlp"][0].kill()  # dies at the end of its first item: in a cut prefill
+            seqs = [eng.submit(p, 5) for p in ps]
+        wait_all(seqs)
+        assert [s.generated for s in seqs] == refs
+        assert eng.aborted_iterations >= 1 and eng.micro_batched_iterations >= 1
+    finally:
+        eng.stop()
