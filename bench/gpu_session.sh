@@ -10,6 +10,8 @@
 #    (python -m runtime.profile), to compare with the shipped H100 rows
 #    (bench/profile_compare.py, run afterwards on any machine).
 # 4. a torch.profiler operator table of each side at batch 16 (op_table_llama-2-7b_b16.txt).
+# 5. micro-batches on the runtime's per-group path: whole / fixed 2 / adaptive
+#    (bench/micro_batches.py; run before step 4 so a time limit cuts the table, not this).
 # PROFILE=0 skips step 3 (the profiles do not depend on the engine).
 # Each step has its own time limit so that a slow step leaves the others' results.
 # Results land in $OUT (default bench/results/gpu); docs/BENCHMARKS.md and docs/PROFILES.md
@@ -49,6 +51,9 @@ log "3b. profile one llama-2-70b layer"
 timeout 120 $PY -m runtime.profile --model llama-2-70b --device cuda --power-window 0.1 -q \
   --out "$OUT/profile_llama-2-70b.csv"
 fi
+log "5. micro-batches on the per-group path (whole / fixed 2 / adaptive), llama-2-7b"
+timeout 200 $PY bench/micro_batches.py --model llama-2-7b --device cuda --dtype float16 --requests 32 --prompt 512 \
+  --tokens 32 --repeats 3 --json "$OUT/micro_batches_llama-2-7b.json" 2>/dev/null | tail -4
 log "4. operator tables (torch.profiler), llama-2-7b, batch 16"
 timeout 150 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 16 --prompt 128 --tokens 64 \
   --repeats 1 --no-scale-up --op-table "$OUT/op_table_llama-2-7b_b16.txt" > /dev/null
