@@ -17,12 +17,18 @@ chunk goes to the least-loaded ready replica of the pool (attention chunks go to
 replica holding the sequences' KV cache). Replicas of a pool work on their chunks in
 parallel; each is a worker thread with its own queue and device.
 
-Admission control lives with the attention pool: a request reserves KV blocks for
-``prompt + max_tokens`` tokens on one attention replica before it starts, so a running
-sequence never runs out of cache memory, and an attention replica holds at most the attn
-group's ``max_batch`` sequences (the simulator's batch slots of an attention unit). Requests that cannot get blocks wait (FIFO, at
-most ``max_waiting``); beyond that they are refused with :class:`Overloaded`; a request
-larger than one replica's cache is refused with :class:`RequestRejected`.
+Admission control lives with the attention pool: an attention replica holds at most the
+attn group's ``max_batch`` sequences (the simulator's batch slots of an attention unit), and
+a request starts only where KV blocks are free for it. With ``kv_allocation: on_demand``
+(the default, as vLLM and the simulators do) it takes blocks for the tokens it holds plus
+room for one more, its table grows as it decodes, and when a replica runs out of blocks
+before an iteration its newest sequences are preempted: their blocks are freed and they go
+back to the head of the admission queue, keeping the tokens generated so far, which a
+prefill over prompt + generated recomputes once they are re-admitted. With ``reserve`` a
+request takes every block it can ever need (``prompt + max_tokens``) at admission, so
+nothing is ever preempted but fewer requests run at once. Requests that cannot get blocks
+wait (FIFO, at most ``max_waiting``); beyond that they are refused with :class:`Overloaded`;
+a request larger than one replica's cache is refused with :class:`RequestRejected`.
 
 Plan changes (:meth:`Engine.apply`) are carried out by the driver between iterations,
 when no work is in flight: new replicas load weights on their own thread and join when
@@ -124,6 +130,10 @@ class EngineConfig:
             run iterations like it fastest, measured (:class:`runtime.microbatch.MicroBatchChooser`;
             the simulators' ``micro_batching: adaptive`` takes the fastest from the profiles);
             ``fixed``: always ``micro_batches`` (as many as there are sequences, at most).
+        kv_allocation: ``on_demand``: a sequence holds KV blocks for the tokens it has and
+            grows them as it decodes; the newest sequences of a replica short of blocks are
+            preempted (recomputed later). ``reserve``: blocks for ``prompt + max_tokens`` at
+            admission, never preempted.
     """
 
     device: str = "cpu"
@@ -144,12 +154,15 @@ class EngineConfig:
     respawn_backoff_max_s: float = 30.0
     micro_batches: int = 2
     micro_batching: str = "adaptive"
+    kv_allocation: str = "on_demand"
 
     def __post_init__(self) -> None:
         if int(self.micro_batches) != self.micro_batches or self.micro_batches < 1:
             raise ValueError(f"EngineConfig.micro_batches must be an integer >= 1, got {self.micro_batches!r}")
         if self.micro_batching not in ("adaptive", "fixed"):
             raise ValueError(f"EngineConfig.micro_batching must be 'adaptive' or 'fixed', got {self.micro_batching!r}")
+        if self.kv_allocation not in ("on_demand", "reserve"):
+            raise ValueError(f"EngineConfig.kv_allocation must be 'on_demand' or 'reserve', got {self.kv_allocation!r}")
 
 
 #: Events a request's callback receives: ("token", token_id, index), ("done", reason, None),
@@ -198,6 +211,11 @@ class Sequence:
     def kv_tokens(self) -> int:
         """Tokens of KV the sequence can ever need (the last generated token is never fed)."""
         return len(self.prompt) + self.max_tokens - 1
+
+    @property
+    def kv_now(self) -> int:
+        """Tokens of KV the sequence's next iteration needs: every token fed so far."""
+        return len(self.prompt) + len(self.generated)
 
 
 @dataclass(frozen=True)
@@ -560,6 +578,8 @@ class Engine:
         self._micro_pool: ThreadPoolExecutor | None = None
         #: iterations of the per-group path cut into more than one micro-batch
         self.micro_batched_iterations = 0
+        #: sequences preempted for KV memory (``kv_allocation: on_demand``), each time counted
+        self.preemptions = 0
         #: picks each such iteration's micro-batch count from measured times (adaptive)
         self.micro = MicroBatchChooser(self.config.micro_batches)
 
@@ -841,12 +861,13 @@ class Engine:
             if s.attn is not None:
                 held[s.attn.id] = held.get(s.attn.id, 0) + 1
         for s in [s for s in self._running if s.attn is rep]:
-            room = [r for r in keep if r.ready and held.get(r.id, 0) < limit and r.kv.can_reserve(s.kv_tokens)]
+            need = self._kv_admit_tokens(s)
+            room = [r for r in keep if r.ready and held.get(r.id, 0) < limit and r.kv.can_reserve(need)]
             target = max(room, key=lambda r: r.kv.free_blocks, default=None)
             if target is None:
                 continue  # keeps being served by the draining replica until it finishes
             held[target.id] = held.get(target.id, 0) + 1
-            target.kv.reserve(s.id, s.kv_tokens)
+            target.kv.reserve(s.id, self._kv_hold_tokens(s))
             if s.n_cached:
                 ks, vs = rep.kv.export(s.id, s.n_cached)
                 target.kv.import_(s.id, ks, vs)
@@ -865,6 +886,47 @@ class Engine:
             log.warning("%d sequences lost their KV cache with %r; they will recompute it", len(lost), dead)
 
     # ---- driver -----------------------------------------------------------------------
+    def _kv_hold_tokens(self, s: Sequence) -> int:
+        """Tokens of KV a sequence reserves where it starts (admission or hand-over)."""
+        return s.kv_tokens if self.config.kv_allocation == "reserve" else s.kv_now
+
+    def _kv_admit_tokens(self, s: Sequence) -> int:
+        """Free KV tokens a replica must have to take ``s``: its reservation, and with
+        on-demand allocation room for one more token (as the simulators admit)."""
+        return s.kv_tokens if self.config.kv_allocation == "reserve" else s.kv_now + 1
+
+    def _grow_kv(self) -> None:
+        """On-demand allocation: before an iteration, extend every running sequence's blocks to
+        what it feeds; on a replica short of blocks, preempt its newest sequences first (their
+        blocks freed, back to the head of the admission queue with their generated tokens)."""
+        if self.config.kv_allocation != "on_demand":
+            return
+        by_rep: dict[int, list[Sequence]] = {}
+        for s in self._running:  # admission order
+            if s.attn is not None and s.attn.kv is not None:
+                by_rep.setdefault(s.attn.id, []).append(s)
+        preempted: list[Sequence] = []
+        for seqs in by_rep.values():
+            kv = seqs[0].attn.kv  # type: ignore[union-attr]
+            need = [kv.blocks_to_extend(s.id, s.kv_now) for s in seqs]
+            while sum(need) > kv.free_blocks and len(seqs) > 1:
+                s = seqs.pop()
+                need.pop()
+                kv.release(s.id)
+                s.attn = None
+                s.n_cached = 0
+                preempted.append(s)
+            for s in seqs:
+                kv.extend(s.id, s.kv_now)
+        if preempted:
+            self.preemptions += len(preempted)
+            self.metrics.preemptions.inc(len(preempted))
+            for s in preempted:
+                self._running.remove(s)
+            for s in sorted(preempted, key=lambda s: s.id, reverse=True):
+                self._waiting.appendleft(s)  # oldest first at the head
+            log.info("preempted %d sequences for KV memory; they will recompute their cache", len(preempted))
+
     def _admit(self) -> None:
         budget = self.config.max_prefill_tokens
         admitted = 0
@@ -878,12 +940,13 @@ class Engine:
             need = len(s.tokens)
             if admitted and need > budget:
                 break
-            attn = [r for r in self.replicas["attn"] if r.state == READY and r.kv.can_reserve(s.kv_tokens)
+            need = self._kv_admit_tokens(s)
+            attn = [r for r in self.replicas["attn"] if r.state == READY and r.kv.can_reserve(need)
                     and per_replica.get(r.id, 0) < limit]
             if not attn:
                 break
             target = max(attn, key=lambda r: r.kv.free_blocks)
-            target.kv.reserve(s.id, s.kv_tokens)
+            target.kv.reserve(s.id, self._kv_hold_tokens(s))
             s.attn = target
             per_replica[target.id] = per_replica.get(target.id, 0) + 1
             self._waiting.popleft()
@@ -900,6 +963,7 @@ class Engine:
                     self._finish(s, "cancelled")
                 self._reconcile()
                 self._admit()
+                self._grow_kv()
                 batch = [s for s in self._running if s.attn is not None]
                 if not batch:
                     self._wake.wait(self.config.idle_wait_s)

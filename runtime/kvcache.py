@@ -1,10 +1,11 @@
 """Paged KV-cache memory owned by one attention replica.
 
 The cache is a pool of fixed-size blocks per layer, ``[n_blocks, block_tokens, n_kv_heads,
-head_dim]`` for K and for V. A sequence reserves, at admission, every block it can ever
-need (``prompt + max_tokens`` tokens), so a running sequence never runs out of KV memory
-and the runtime never has to preempt: a request that cannot get its blocks waits in the
-admission queue or is rejected with a reason (see :class:`runtime.engine.Engine`).
+head_dim]`` for K and for V. A sequence holds a table of blocks: reserved for the tokens it
+holds at admission and grown (:meth:`PagedKVCache.extend`) as it decodes, or reserved at
+once for every token it can ever need; which of the two, and what happens when blocks run
+out (preemption), is the engine's policy (``EngineConfig.kv_allocation``, see
+:class:`runtime.engine.Engine`).
 
 Sizes: ``block_tokens`` tokens per block; bytes per token are
 ``2 x n_layers x n_kv_heads x head_dim x element_size`` (K and V over all layers).
@@ -177,6 +178,17 @@ class PagedKVCache:
         if need > len(self._free):
             raise KVCacheError(f"sequence {seq_id} needs {need} blocks, {len(self._free)} free")
         self._tables[seq_id] = [self._free.pop() for _ in range(need)]
+
+    def blocks_to_extend(self, seq_id: int, tokens: int) -> int:
+        """Blocks sequence ``seq_id`` still needs to hold ``tokens`` tokens (0 if it has them)."""
+        return max(self.layout.blocks_for(tokens) - len(self._table(seq_id)), 0)
+
+    def extend(self, seq_id: int, tokens: int) -> None:
+        """Grow the reservation of ``seq_id`` to hold ``tokens`` tokens; raises KVCacheError if short."""
+        need = self.blocks_to_extend(seq_id, tokens)
+        if need > len(self._free):
+            raise KVCacheError(f"sequence {seq_id} needs {need} more blocks, {len(self._free)} free")
+        self._tables[seq_id].extend(self._free.pop() for _ in range(need))
 
     def release(self, seq_id: int) -> None:
         """Return a sequence's blocks to the pool (no-op for unknown ids)."""

@@ -86,6 +86,8 @@ class RuntimeMetrics:
         self.gpus = Gauge("opscale_gpus_in_use", "GPUs (CPU: placement slots) holding replicas", registry=r)
         self.plan_changes = Counter("opscale_plan_changes", "Plans applied", registry=r)
         self.worker_deaths = Counter("opscale_worker_deaths", "Replicas that died", ["group"], registry=r)
+        self.preemptions = Counter("opscale_preemptions", "Sequences preempted for KV memory (recomputed later)",
+                                   registry=r)
         for g in OPERATOR_GROUPS:
             for c in (self.op_queue, self.op_batch, self.op_max_batch, self.op_tokens):
                 c.labels(group=g)

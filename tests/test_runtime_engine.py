@@ -66,6 +66,23 @@ def test_kv_reserve_release_and_roundtrip():
         kv.gather(0, [1], 1)
 
 
+def test_kv_extend_grows_a_table_block_by_block():
+    lay = KVLayout(1, 1, 2, 4, torch.float32)
+    kv = PagedKVCache(lay, capacity_bytes=lay.bytes_per_block * 4)
+    kv.reserve(1, 3)  # 1 block
+    assert kv.blocks_to_extend(1, 4) == 0 and kv.blocks_to_extend(1, 5) == 1 and kv.blocks_to_extend(1, 13) == 3
+    kv.extend(1, 9)  # 3 blocks in all
+    assert kv.reserved_tokens(1) == 12 and kv.free_blocks == 1
+    kv.extend(1, 12)  # has them: nothing taken
+    assert kv.free_blocks == 1
+    with pytest.raises(KVCacheError, match="sequence 1 needs 2 more blocks, 1 free"):
+        kv.extend(1, 17)
+    with pytest.raises(KVCacheError, match="holds no blocks"):
+        kv.extend(2, 4)
+    kv.release(1)
+    assert kv.free_blocks == 4
+
+
 def test_kv_capacity_below_one_block_is_an_error():
     lay = KVLayout(2, 2, 16, 16, torch.float32)
     with pytest.raises(KVCacheError, match="less than one block"):
@@ -627,3 +644,37 @@ def test_a_replica_dying_in_a_micro_batched_iteration_loses_nothing(model):
         assert eng.aborted_iterations >= 1 and eng.micro_batched_iterations >= 1
     finally:
         eng.stop()
+
+
+# ---- KV allocation on demand, preemption ------------------------------------------------------
+
+@pytest.mark.parametrize("allocation", ["on_demand", "reserve"])
+def test_on_demand_kv_admits_more_and_preemption_loses_nothing(model, allocation):
+    # 4 blocks of 16 tokens on the one attention replica; 6 requests of 8 + 20 tokens (27 of KV,
+    # 2 blocks each at the end): reserved, 2 run at a time; on demand, 4 start (9 tokens, 1 block
+    # each) and the newest are preempted when the others cross 16 tokens
+    lay = KVLayout(TINY.n_layers, TINY.n_kv_heads, TINY.head_dim, 16, torch.float64)
+    conf = EngineConfig(kv_bytes_per_replica=4 * lay.bytes_per_block, kv_allocation=allocation, log_iterations=True)
+    ps = [[(5 * i + 3 * j + 1) % TINY.vocab_size for j in range(8)] for i in range(6)]
+    refs = [generate_split(model, p, 20) for p in ps]
+    eng = Engine(model, op_plan(1, 8), conf).start()
+    try:
+        with eng._lock:
+            seqs = [eng.submit(p, 20) for p in ps]
+        wait_all(seqs)
+        assert [s.generated for s in seqs] == refs
+        assert all(s.finish_reason == "length" for s in seqs)
+        widest = max(r.decode_seqs + r.prefill_seqs for r in eng.iteration_log)
+        if allocation == "reserve":
+            assert eng.preemptions == 0 and widest == 2
+        else:
+            assert eng.preemptions > 0 and widest == 4
+            assert eng.metrics.preemptions._value.get() == eng.preemptions
+        assert eng.replicas["attn"][0].kv.free_blocks == 4  # every block back
+    finally:
+        eng.stop()
+
+
+def test_kv_allocation_setting_is_checked():
+    with pytest.raises(ValueError, match="kv_allocation must be 'on_demand' or 'reserve', got 'lazy'"):
+        EngineConfig(kv_allocation="lazy")
