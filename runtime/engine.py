@@ -892,8 +892,11 @@ class Engine:
 
     def _kv_admit_tokens(self, s: Sequence) -> int:
         """Free KV tokens a replica must have to take ``s``: its reservation, and with
-        on-demand allocation room for one more token (as the simulators admit)."""
-        return s.kv_tokens if self.config.kv_allocation == "reserve" else s.kv_now + 1
+        on-demand allocation room for one more token (as the simulators admit) unless it will
+        never feed another (else a request that fits a replica exactly would never start)."""
+        if self.config.kv_allocation == "reserve":
+            return s.kv_tokens
+        return min(s.kv_now + 1, s.kv_tokens)
 
     def _grow_kv(self) -> None:
         """On-demand allocation: before an iteration, extend every running sequence's blocks to

@@ -678,3 +678,17 @@ def test_on_demand_kv_admits_more_and_preemption_loses_nothing(model, allocation
 def test_kv_allocation_setting_is_checked():
     with pytest.raises(ValueError, match="kv_allocation must be 'on_demand' or 'reserve', got 'lazy'"):
         EngineConfig(kv_allocation="lazy")
+
+
+def test_a_request_that_fills_a_replica_exactly_is_served_on_demand(model):
+    # found by tests/test_runtime_invariants.py: 4 prompt tokens + 1 generated need 4 tokens of
+    # KV (the last token is never fed) = the replica's one block; admission asked for 5 and the
+    # request waited forever
+    lay = KVLayout(TINY.n_layers, TINY.n_kv_heads, TINY.head_dim, 4, torch.float64)
+    conf = EngineConfig(kv_bytes_per_replica=lay.bytes_per_block, kv_block_tokens=4)
+    eng = Engine(model, op_plan(1, 1), conf).start()
+    try:
+        assert eng.generate([119, 0, 0, 0], 1, timeout=10) == generate_split(model, [119, 0, 0, 0], 1)
+        assert eng.generate([7, 1, 2], 2, timeout=10) == generate_split(model, [7, 1, 2], 2)
+    finally:
+        eng.stop()
