@@ -644,9 +644,6 @@ class Engine:
             for reps in self.replicas.values():
                 for r in reps:
                     r.join(timeout)
-        if self._micro_pool is not None:
-            self._micro_pool.shutdown(wait=True)
-            self._micro_pool = None
             # free device memory now (the engine and its replicas reference each other, so
             # without this it waits for the garbage collector: on a GPU, engines started one
             # after another then ran out of memory)
@@ -655,6 +652,9 @@ class Engine:
                     for r in reps:
                         if r.exited:
                             r.release()
+        if self._micro_pool is not None:
+            self._micro_pool.shutdown(wait=True)
+            self._micro_pool = None
 
     @property
     def running(self) -> bool:
@@ -943,8 +943,8 @@ class Engine:
             need = len(s.tokens)
             if admitted and need > budget:
                 break
-            need = self._kv_admit_tokens(s)
-            attn = [r for r in self.replicas["attn"] if r.state == READY and r.kv.can_reserve(need)
+            kv_need = self._kv_admit_tokens(s)
+            attn = [r for r in self.replicas["attn"] if r.state == READY and r.kv.can_reserve(kv_need)
                     and per_replica.get(r.id, 0) < limit]
             if not attn:
                 break

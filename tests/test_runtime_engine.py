@@ -692,3 +692,27 @@ def test_a_request_that_fills_a_replica_exactly_is_served_on_demand(model):
         assert eng.generate([7, 1, 2], 2, timeout=10) == generate_split(model, [7, 1, 2], 2)
     finally:
         eng.stop()
+
+
+@pytest.mark.parametrize("allocation", ["on_demand", "reserve"])
+def test_prefill_budget_counts_prompt_tokens_whatever_the_kv_allocation(model, allocation):
+    # 10 prompt tokens per iteration, prompts of 5: two start together, however much KV they take
+    conf = EngineConfig(max_prefill_tokens=10, kv_allocation=allocation, log_iterations=True)
+    ps = [[(3 * i + j) % TINY.vocab_size for j in range(5)] for i in range(4)]
+    eng = Engine(model, op_plan(1, 8), conf).start()
+    try:
+        with eng._lock:
+            seqs = [eng.submit(p, 20) for p in ps]
+        wait_all(seqs)
+        assert eng.iteration_log[0].prefill_seqs == 2 and eng.iteration_log[0].prefill_tokens == 10
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_stop_releases_every_replica(model, micro_batches):
+    eng = Engine(model, op_plan(1, 4), EngineConfig(micro_batches=micro_batches)).start()
+    eng.generate([1, 2, 3], 2)
+    reps = [r for rs in eng.replicas.values() for r in rs]
+    eng.stop()
+    assert reps and all(r.modules is None and r.kv is None for r in reps)
