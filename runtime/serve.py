@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-replicas", type=int, default=8, help="most replicas per group a plan may ask for")
     p.add_argument("--kv-mib", type=float, default=64.0, help="KV-cache memory per attention replica (MiB)")
     p.add_argument("--max-waiting", type=int, default=512, help="requests that may wait for KV before 429s")
+    p.add_argument("--kv-allocation", choices=("on_demand", "reserve"), default="on_demand",
+                   help="KV blocks grown as sequences decode, newest preempted when short (default), or "
+                        "reserved for prompt + max_tokens at admission")
+    p.add_argument("--micro-batches", type=int, default=2,
+                   help="most micro-batches an iteration through the pools is cut into (1: never)")
+    p.add_argument("--micro-batching", choices=("adaptive", "fixed"), default="adaptive",
+                   help="per iteration the count measured fastest (default), or always --micro-batches")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT target (seconds)")
     p.add_argument("--slo-tbt", type=float, default=0.5, help="TBT target (seconds)")
     p.add_argument("--host", default="127.0.0.1")
@@ -102,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--budget needs --controller (it tops the controller's plans up to the budget)")
     if args.budget is not None and args.budget < 1:
         raise SystemExit(f"--budget must be >= 1 placement slot, got {args.budget}")
+    if args.micro_batches < 1:
+        raise SystemExit(f"--micro-batches must be >= 1, got {args.micro_batches}")
     dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "float32")]
 
     from runtime.model import build_model
@@ -109,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg, device="cpu", dtype=dtype, weights_dir=args.weights, seed=args.seed)
     econf = EngineConfig(device=args.device, kv_bytes_per_replica=int(args.kv_mib * 2**20),
                          max_waiting=args.max_waiting, max_replicas=args.max_replicas,
-                         slo=SLO(args.slo_ttft, args.slo_tbt), seed=args.seed)
+                         slo=SLO(args.slo_ttft, args.slo_tbt), seed=args.seed, kv_allocation=args.kv_allocation,
+                         micro_batches=args.micro_batches, micro_batching=args.micro_batching)
     engine = Engine(model, initial_plan(args), econf).start()
     loop = None
     if args.controller:

@@ -190,6 +190,10 @@ def test_serve_cli_refuses_bad_arguments(tmp_path):
         main(["--model", "tiny", "--budget", "4"])
     with pytest.raises(SystemExit, match="--budget must be >= 1 placement slot, got 0"):
         main(["--model", "tiny", "--controller", "static", "--budget", "0"])
+    with pytest.raises(SystemExit, match="--micro-batches must be >= 1, got 0"):
+        main(["--model", "tiny", "--micro-batches", "0"])
+    a = build_parser().parse_args(["--model", "tiny", "--kv-allocation", "reserve", "--micro-batching", "fixed"])
+    assert (a.kv_allocation, a.micro_batches, a.micro_batching) == ("reserve", 2, "fixed")
     args = build_parser().parse_args(["--model", "tiny", "--plan", '{"mlp": {"replicas": 1, "max_batch": 4}}'])
     with pytest.raises(SystemExit, match=r"--plan: plan lacks operator groups \['attn', 'embed', 'head', 'proj'\]"):
         initial_plan(args)
