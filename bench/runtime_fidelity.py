@@ -153,18 +153,21 @@ def predict(model_name: str, workload: Workload, host: HostProfile, max_batch: i
 
 
 def measure(model: Any, workload: Workload, max_batch: int, prefill_tokens: int, kv_bytes: int, slo: SLO,
-            seed: int = 0) -> tuple[dict[str, Any], list[Any]]:
-    """Replay ``workload`` live against the HTTP server; loadgen summary and the iteration log."""
+            seed: int = 0, kv_allocation: str = "on_demand") -> tuple[dict[str, Any], list[Any]]:
+    """Replay ``workload`` live against the HTTP server; loadgen summary (with the engine's
+    preemption count) and the iteration log."""
     eng = Engine(model, Plan.model_level(1, max_batch, 1),
                  EngineConfig(kv_bytes_per_replica=kv_bytes, max_prefill_tokens=prefill_tokens, slo=slo,
-                              max_waiting=100_000, log_iterations=True)).start()
+                              max_waiting=100_000, log_iterations=True, kv_allocation=kv_allocation)).start()
     srv = ServerThread(create_app(eng)).start()
     try:
         eng.generate([1, 2, 3], 4)  # warm-up
         eng.iteration_log.clear()
         t0 = time.perf_counter()
         results = asyncio.run(replay(srv.url, workload, model.cfg.vocab_size, timeout_s=600, seed=seed))
-        return summarise(results, time.perf_counter() - t0), list(eng.iteration_log)
+        summary = summarise(results, time.perf_counter() - t0)
+        summary["preemptions"] = eng.preemptions
+        return summary, list(eng.iteration_log)
     finally:
         srv.stop()
         eng.stop()
@@ -209,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--prefill-tokens", type=int, default=2048)
     p.add_argument("--kv-mib", type=float, default=64.0)
+    p.add_argument("--kv-allocation", choices=("on_demand", "reserve"), default="on_demand",
+                   help="the runtime's KV allocation (EngineConfig.kv_allocation); the simulator admits on demand")
     p.add_argument("--no-overhead", action="store_true", help="predict from kernel times only")
     p.add_argument("--fit-floor", action="store_true", help="also fit the per-iteration floor (see fit_overhead)")
     p.add_argument("--seed", type=int, default=0)
@@ -237,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     cut = lambda start: workload_from_trace(args.trace, args.rate_scale, args.duration, start,  # noqa: E731
                                             args.max_requests, args.max_prompt, args.max_output)
     # calibration on a different slice of the trace, served the same way
-    _, log = measure(model, cut(args.calib_start), args.max_batch, args.prefill_tokens, kv_bytes, slo, args.seed + 1)
+    _, log = measure(model, cut(args.calib_start), args.max_batch, args.prefill_tokens, kv_bytes, slo, args.seed + 1,
+                     args.kv_allocation)
     cal = fit_overhead(ExecutionPredictor(kernel_only, args.model, "cpu"), log, cfg.n_layers, args.fit_floor)
     overhead = None if args.no_overhead else OverheadModel(
         cal["floor_ms_per_layer"], cal["base_ms"], cal["per_seq_ms"], cal["prefill_base_ms"], cal["prefill_kernel_scale"])
@@ -245,13 +251,14 @@ def main(argv: list[str] | None = None) -> int:
     wl = cut(args.start)
     sim = predict(args.model, wl, host, args.max_batch, args.prefill_tokens, slo, args.seed)
     sim0 = predict(args.model, wl, kernel_only, args.max_batch, args.prefill_tokens, slo, args.seed)
-    live, _ = measure(model, wl, args.max_batch, args.prefill_tokens, kv_bytes, slo, args.seed)
+    live, _ = measure(model, wl, args.max_batch, args.prefill_tokens, kv_bytes, slo, args.seed, args.kv_allocation)
     rows = {}
     for k in ("ttft_p50_s", "ttft_p99_s", "tbt_p50_s", "tbt_p99_s"):
         rows[k] = {"predicted": sim.get(k), "measured": live.get(k), "rel_error": _rel(sim.get(k), live.get(k)),
                    "predicted_kernels_only": sim0.get(k), "rel_error_kernels_only": _rel(sim0.get(k), live.get(k))}
     out = {"model": args.model, "trace": args.trace, "rate_scale": args.rate_scale, "start_s": args.start,
            "duration_s": args.duration, "requests": len(wl.arrival_s), "max_batch": args.max_batch,
+           "kv_mib": args.kv_mib, "kv_allocation": args.kv_allocation,
            "prompt_mean": float(np.mean(wl.prompt_tokens)), "output_mean": float(np.mean(wl.output_tokens)),
            "calibration": cal, "overhead_used": overhead is not None, "torch_threads": torch.get_num_threads(),
            "compare": rows, "simulator_summary": {k: v for k, v in sim.items() if isinstance(v, (int, float))},
