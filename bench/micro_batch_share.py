@@ -4,9 +4,9 @@
 
 Runs one controller over a split in the reference simulator and, for every iteration between
 disaggregated pools (a unit whose groups are not all on its own GPUs), times it at each allowed
-micro-batch count with the step model, as the rule does, and counts which count wins (the
-fastest, ties to fewer), separately for iterations carrying prompt tokens and decode-only
-ones. The runtime's measured rule (runtime/microbatch.py) is meant to make the same choice;
+micro-batch count with the step model and picks with its own rule (``StepModel.pick``: the
+fastest, ties to fewer, or the fewest within the scenario's slack), counting the winners
+separately for iterations carrying prompt tokens and decode-only ones. The runtime's measured rule (runtime/microbatch.py) is meant to make the same choice;
 this is what it is compared with (docs/RUNTIME.md "Micro-batches").
 
 The contention slowdowns used for the count are the step model's of its last evaluation (the
@@ -44,9 +44,10 @@ def count(split: str, controller: str, checkpoint: str | None) -> dict[str, dict
             tokens = n_dec + p_tok
             slow = sm._slow_cache[1] if sm._has_peers else None
             tt, ts = max(self._tot_tokens, tokens), max(self._tot_seqs, n_dec + n_pre)
-            ms = [sm._layers(m, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tokens, tt, ts, slow)[0] for m in sm.m_choices]
-            best = min(range(len(ms)), key=lambda i: ms[i])
-            counts["prefill" if p_tok > 0 else "decode"][sm.m_choices[best]] += 1
+            each = [sm._layers(m, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tokens, tt, ts, slow) for m in sm.m_choices]
+            chosen = sm.pick(each)  # the step model's own rule (slack included)
+            m = sm.m_choices[next(i for i, r in enumerate(each) if r is chosen)]
+            counts["prefill" if p_tok > 0 else "decode"][m] += 1
         return out
 
     ReferenceSimulator._time = _time

@@ -542,10 +542,7 @@ class StepModel:
         # micro_batch_slack the fewest within (1 + slack) of the fastest
         timed = [self._layers(m, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tokens, tot_tokens, tot_seqs, slow)
                  for m in self.m_choices]
-        best_ms, busy_ms = min(timed, key=itemgetter(0))  # the first of equals: fewer micro-batches
-        if self.slack:
-            bound = best_ms * (1.0 + self.slack)
-            best_ms, busy_ms = next(r for r in timed if r[0] <= bound)  # fewest micro-batches first
+        best_ms, busy_ms = self.pick(timed)
         total = best_ms
         send = p._send  # bytes -> ms
         bpt = self._bytes_per_token
@@ -568,6 +565,16 @@ class StepModel:
         total = p.step_ms(kernel, n_dec, kernel * p_tok / tokens)
         busy = {k: min(v / total, 1.0) for k, v in busy_ms.items()}
         return StepResult(total, busy)
+
+    def pick(self, timed: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+        """The micro-batch count's result an iteration runs, from ``timed`` (one ``_layers`` result
+        per count of ``m_choices``, in order): the fastest, ties to fewer micro-batches; with
+        ``micro_batch_slack`` the fewest within ``1 + slack`` of the fastest."""
+        best = min(timed, key=itemgetter(0))  # the first of equals: fewer micro-batches
+        if self.slack:
+            bound = best[0] * (1.0 + self.slack)
+            best = next(r for r in timed if r[0] <= bound)  # fewest micro-batches first
+        return best
 
     def _layers(self, m: int, n_dec: float, ctx_dec: float, p_tok: float, ctx_pre: float, n_pre: float,
                 tokens: float, tot_tokens: float, tot_seqs: float,

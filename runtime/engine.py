@@ -1167,7 +1167,7 @@ class Engine:
         new_tokens = sum(len(s.tokens) - s.n_cached for s in batch)
         prefill = new_tokens > len(batch)
         if self.config.micro_batching == "fixed":
-            m = min(self.config.micro_batches, len(batch))
+            m = self.config.micro_batches  # as many parts as there are sequences, at most
         else:
             m = self.micro.choose(prefill, new_tokens, len(batch))
         parts = self._micro_batches(batch, m)
