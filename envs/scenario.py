@@ -102,6 +102,13 @@ class Scenario:
             whose time is within ``1 + micro_batch_slack`` of the fastest count's (0 = the
             fastest): each extra micro-batch re-reads every weight of the memory-bound GEMMs,
             so a split that saves little time costs busy GPU time, hence energy.
+        pool_dispatch: how a stateless remote pool (projections, MLP) shares a merged call among
+            its replicas. ``spread``: every replica takes an equal part of every call.
+            ``fill``: a call of decode tokens only (one token per sequence) goes to the fewest
+            replicas that take it in parts of at most the pool's ``max_batch`` sequences, as the
+            runtime's engine cuts it; calls carrying prompt tokens are spread. In the
+            memory-bound range a GEMM takes about as long for 30 tokens as for 200 and reads its
+            weights once per call, so spreading decodes costs busy time (energy) for little speed.
         kv_reserve_tokens: KV tokens per batch slot a ``pack`` attention replica reserves.
         gpu_mem_util: share of GPU memory the server may use (vLLM gpu_memory_utilization).
         load_bw_bytes_per_s: weight-load bandwidth per GPU when a replica starts (bytes/s).
@@ -150,6 +157,7 @@ class Scenario:
     micro_batches: int = 2
     micro_batching: str = "adaptive"
     micro_batch_slack: float = 0.0
+    pool_dispatch: str = "spread"
     kv_reserve_tokens: int = 2048
     gpu_mem_util: float = 0.9
     load_bw_bytes_per_s: float = 3.0e9
@@ -186,6 +194,8 @@ class Scenario:
                                 f"got {self.micro_batching!r}")
         if not (isinstance(self.micro_batch_slack, (int, float)) and 0.0 <= self.micro_batch_slack <= 1.0):
             raise ScenarioError(f"scenario field 'micro_batch_slack' must be in [0, 1], got {self.micro_batch_slack!r}")
+        if self.pool_dispatch not in ("spread", "fill"):
+            raise ScenarioError(f"scenario field 'pool_dispatch' must be 'spread' or 'fill', got {self.pool_dispatch!r}")
         missing = set(OPERATOR_GROUPS) - set(self.tp)
         if missing or set(self.tp) - set(OPERATOR_GROUPS):
             raise ScenarioError(f"scenario field 'tp' must give each of {OPERATOR_GROUPS}, got {dict(self.tp)}")

@@ -443,6 +443,8 @@ class StepModel:
         self.m_choices = tuple(range(1, self.m + 1)) if scenario.micro_batching == "adaptive" else (self.m,)
         #: accepted slowdown for fewer micro-batches (adaptive only; 0 = the fastest count)
         self.slack = float(scenario.micro_batch_slack) if len(self.m_choices) > 1 else 0.0
+        #: decode-only calls to remote pools go to the fewest replicas (pool_dispatch: fill)
+        self.fill = scenario.pool_dispatch == "fill"
         self.replicas = {g: max(plan[g].replicas, 1) for g in OPERATOR_GROUPS}
         self.max_batch = {g: plan[g].max_batch for g in OPERATOR_GROUPS}
         #: everything the iteration time depends on besides the load (for memo keys shared
@@ -450,7 +452,7 @@ class StepModel:
         self.signature = (
             tuple(self.site[g] for g in OPERATOR_GROUPS), tuple(self.tp[g] for g in OPERATOR_GROUPS),
             tuple((self.replicas[g], self.max_batch[g]) for g in OPERATOR_GROUPS if self.site[g] != "local"),
-            self.m_choices, self.slack, self.local_proc,
+            self.m_choices, self.slack, self.fill, self.local_proc,
             tuple(sorted((k, tuple(sorted(v.items()))) for k, v in layout.peers.items() if v)))
         # tables for iteration(): the ring's distinct groups in first-use order, each timed once
         # per call as (kind, group, tp, replicas, max_batch) with kind 0 = attention, 1 = on the
@@ -588,7 +590,9 @@ class StepModel:
         # ms of each group (all layers) for one micro-batch as this unit sees it
         gts = []
         q_tok_m = -1
-        for kind, g, tp, r, mb in self._groups:
+        fill = self.fill
+        share = [1.0] * len(self._groups)  # busy share of a call's time per replica of each group
+        for i, (kind, g, tp, r, mb) in enumerate(self._groups):
             if kind == 0:  # attention: decode kernel over the decodes, prefill kernel over the chunk
                 gt = 0.0
                 if n_dec > 0:
@@ -602,21 +606,29 @@ class StepModel:
                     q_tok_m = quantise(tok_m)
                 gt = group(g, q_tok_m, 0, 1, tp, "decode")
             else:  # a shared remote pool: every unit's tokens, in calls of at most max_batch sequences
-                seqs = tot_seqs / r
+                k = r  # replicas taking part (pool_dispatch)
+                if fill and tot_tokens <= tot_seqs and tot_seqs < r * mb:
+                    k = min(r, max(1, math.ceil(tot_seqs / mb)))  # decodes only: the fewest replicas
+                    share[i] = k / r
+                seqs = tot_seqs / k
                 calls = max(1.0, seqs / mb)
-                per_call = tot_tokens / r / calls / m
+                per_call = tot_tokens / k / calls / m
                 gt = (group(g, quantise(per_call), 0, 1, tp, "decode") if per_call > 0 else 0.0) * calls
             gts.append(gt)
         busy_ms: dict[str, float] = {}
         stage_ms = []
         for proc, ops in self._stages:
             t = 0
+            b = 0  # busy ms of one replica of the process: t, less the replicas a filled call leaves idle
             for i, frac in ops:
-                t += frac * gts[i] / L
+                x = frac * gts[i] / L
+                t += x
+                b += x * share[i]
             if slow is not None:
                 t *= slow[proc]
+                b *= slow[proc]
             stage_ms.append(t)
-            busy_ms[proc] = busy_ms.get(proc, 0.0) + t * m * L
+            busy_ms[proc] = busy_ms.get(proc, 0.0) + b * m * L
         if self.hops:
             hop_ms = p._send(quantise(tok_m) * self._bytes_per_token)  # = p.send_ms(tok_m)
             ring = stage_ms + [hop_ms] * self.hops
