@@ -92,6 +92,8 @@ class OperatorQueueingConfig:
             finishes it soonest, ties to fewer) or ``fixed`` (the scenario's).
         micro_batch_slack: with ``adaptive``, the fewest micro-batches within ``1 + slack``
             of the fastest count's time (the scenario's).
+        pool_dispatch: ``spread`` or ``fill`` (decode-only calls to a stateless pool on the
+            fewest replicas, in parts of at most ``pool_batch`` sequences; the scenario's).
         contention: slowdown per unit of co-located busy share (the scenario's).
         downscale_delay_s: a lower target must persist this long before replicas shrink (s).
         margin_up, margin_down, margin_max: growth per interval with an SLO miss, decay per
@@ -123,6 +125,7 @@ class OperatorQueueingConfig:
     micro_batches: int = 2
     micro_batching: str = "adaptive"
     micro_batch_slack: float = 0.0
+    pool_dispatch: str = "spread"
     contention: float = 0.5
     downscale_delay_s: float = 5.0
     margin_up: float = 1.15
@@ -149,6 +152,8 @@ class OperatorQueueingConfig:
             raise ValueError(f"wait_quantile must be in (0, 1) or None, got {self.wait_quantile}")
         if self.pool_wait not in ("merged", "erlang"):
             raise ValueError(f"pool_wait must be 'merged' or 'erlang', got {self.pool_wait!r}")
+        if self.pool_dispatch not in ("spread", "fill"):
+            raise ValueError(f"pool_dispatch must be 'spread' or 'fill', got {self.pool_dispatch!r}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be >= 1, got {self.micro_batches}")
         if self.micro_batching not in ("adaptive", "fixed"):
@@ -319,14 +324,19 @@ class PlanModel:
         if tokens <= 0:
             return 0.0, {}
         tot_tokens, tot_seqs = max(tot_tokens, tokens), max(tot_seqs, n_dec + n_pre)
+        fill = self.cfg.pool_dispatch == "fill"
 
         def layers(m: int) -> tuple[float, dict[str, float]]:
             """(seconds of all layers, busy seconds per group) cut into ``m`` micro-batches."""
-            def pool_s(g: str) -> float:
+            def pool_s(g: str) -> tuple[float, float]:
+                """(seconds of the pool's stage, busy share of it per replica)."""
                 r = max(replicas[g], 1)
-                calls = max(1.0, tot_seqs / r / batch[g])
-                per_call = tot_tokens / r / calls / m
-                return lat.group_s(g, max(1, int(round(per_call))), 0, 1, self.tp[g], "decode") * calls
+                k = r
+                if fill and tot_tokens <= tot_seqs and tot_seqs < r * batch[g]:  # the engine's pool_dispatch
+                    k = min(r, max(1, math.ceil(tot_seqs / batch[g])))
+                calls = max(1.0, tot_seqs / k / batch[g])
+                per_call = tot_tokens / k / calls / m
+                return lat.group_s(g, max(1, int(round(per_call))), 0, 1, self.tp[g], "decode") * calls, k / r
 
             attn = 0.0
             if n_dec > 0:
@@ -335,12 +345,13 @@ class PlanModel:
             if p_tok > 0:
                 attn += lat.group_s("attn", max(1, int(round(p_tok / m))), int(ctx_pre), max(1, int(round(n_pre / m))),
                                     self.tp["attn"], "prefill")
-            proj, mlp = pool_s("proj"), pool_s("mlp")
+            (proj, proj_share), (mlp, mlp_share) = pool_s("proj"), pool_s("mlp")
             stages = [self.qkv_frac * proj / L * slow["proj"], attn / L * slow["attn"],
                       (1 - self.qkv_frac) * proj / L * slow["proj"], mlp / L * slow["mlp"]]
             hop = lat.send_s(max(1, int(round(tokens / m))))
             ring = stages + [hop] * HOPS_PER_LAYER
-            busy = {"attn": stages[1] * m * L, "proj": (stages[0] + stages[2]) * m * L, "mlp": stages[3] * m * L}
+            busy = {"attn": stages[1] * m * L, "proj": (stages[0] + stages[2]) * m * L * proj_share,
+                    "mlp": stages[3] * m * L * mlp_share}
             return L * max(m * max(ring), sum(ring)), busy
 
         timed = [layers(m) for m in self.m_choices]

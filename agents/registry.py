@@ -177,7 +177,7 @@ def make_controller(name: str, scenario: Any, *, slo: SLO | None = None, trace: 
         return ml, scenario.initial_plan()
     own.pop("max_batch", None)
     # the planning model mirrors the scenario's step model unless the settings say otherwise
-    for key in ("micro_batches", "micro_batching", "micro_batch_slack", "contention"):
+    for key in ("micro_batches", "micro_batching", "micro_batch_slack", "pool_dispatch", "contention"):
         own.setdefault(key, getattr(scenario, key))
     cfg_q = _dataclass_from(OperatorQueueingConfig, own, f"controllers: {name}")
     if budget_gpus is not None:  # plan within a fixed budget instead of being cut to it

@@ -147,6 +147,28 @@ class FastSimulator(Simulator):
             hit = put(self._it, key, (ms / 1000.0, busy), 32_768)
         return hit
 
+    def _dec_iter(self, layout: Layout, sm: StepModel, n_dec: float, ctx: float, bg_chunk: float, prompt: float,
+                  extra: float) -> tuple[float, dict]:
+        """(seconds, busy shares) of a decode-only iteration of a unit (see :meth:`_iter`).
+
+        With ``pool_dispatch: fill`` a remote pool's merged call is filled onto few replicas only
+        when it carries no prompt tokens, i.e. when none of the other units is prefilling. Each
+        prefills a share ``bg_chunk / chunk`` of its iterations, so that happens with probability
+        ``p0 = (1 - bg_chunk / chunk) ** (units - 1)``; the result is the mix of the pure-decode
+        call (filled) and the call with the others' prompt tokens given that one at least carries
+        some (``bg_chunk / (1 - p0)`` each, spread). With ``spread`` it is the average call."""
+        U = layout.units
+        if not (sm.fill and sm.remote) or bg_chunk <= 0 or U <= 1:
+            return self._iter(layout, sm, n_dec, ctx, 0.0, 0.0, bg_chunk, prompt, extra)
+        fb = min(bg_chunk / float(self.sc.prefill_chunk_tokens), 1.0)
+        p0 = (1.0 - fb) ** (U - 1)
+        t_mix, b_mix = self._iter(layout, sm, n_dec, ctx, 0.0, 0.0, bg_chunk / (1.0 - p0), prompt, extra)
+        if p0 <= 0.0:
+            return t_mix, b_mix
+        t_dec, b_dec = self._iter(layout, sm, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra)
+        busy = {k: p0 * b_dec.get(k, 0.0) + (1.0 - p0) * b_mix.get(k, 0.0) for k in b_dec.keys() | b_mix.keys()}
+        return p0 * t_dec + (1.0 - p0) * t_mix, busy
+
     # ------------------------------------------------------------------ one interval
     def _run(self, t0: float, t1: float) -> IntervalMetrics:
         sc = self.sc
@@ -293,7 +315,7 @@ class FastSimulator(Simulator):
                 if ref is None or ref[0] is not sm or abs(nd_u - ref[1]) > (0.1 * ref[1] if ref[1] > 20.0 else 2.0) \
                         or abs(bg - ref[2]) > (0.1 * ref[2] if ref[2] > 320.0 else 32.0) \
                         or abs(d_n - ref[3]) > (0.1 * ref[3] if ref[3] > 20.0 else 2.0):
-                    T_dec, busy_d = self._iter(layout, sm, max(nd_u, 1.0), ctx, 0.0, 0.0, bg, r_prompt, d_n)
+                    T_dec, busy_d = self._dec_iter(layout, sm, max(nd_u, 1.0), ctx, bg, r_prompt, d_n)
                     T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg, r_prompt, d_n)
                     self._op_ref = op_pt
                     self._op_val = (T_dec, busy_d, T_full, busy_m)

@@ -46,6 +46,8 @@ replica (the plan still asks for it).
 """
 from __future__ import annotations
 
+import bisect
+
 import collections
 import logging
 import threading
@@ -134,6 +136,15 @@ class EngineConfig:
             grows them as it decodes; the newest sequences of a replica short of blocks are
             preempted (recomputed later). ``reserve``: blocks for ``prompt + max_tokens`` at
             admission, never preempted.
+        pool_dispatch: how a stage's rows are shared among the ready replicas of a stateless
+            pool (embedding, projections, MLP) on the per-group path. ``fill``: rows of decode
+            tokens only go out in chunks of ``max_batch`` sequences, to as few replicas as that
+            takes (a memory-bound GEMM reads its weights once per call, and takes about as long
+            for 30 tokens as for 200); rows carrying prompt tokens are cut into one part of about
+            equal tokens per ready replica (a prompt's token rows may be split: these operators
+            work token by token), each part again into calls of at most ``max_batch`` sequences.
+            ``spread``: every stage is cut the second way. The simulators' ``pool_dispatch``
+            follows the same rules (envs/world.py).
     """
 
     device: str = "cpu"
@@ -155,6 +166,7 @@ class EngineConfig:
     micro_batches: int = 2
     micro_batching: str = "adaptive"
     kv_allocation: str = "on_demand"
+    pool_dispatch: str = "fill"
 
     def __post_init__(self) -> None:
         if int(self.micro_batches) != self.micro_batches or self.micro_batches < 1:
@@ -163,6 +175,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.micro_batching must be 'adaptive' or 'fixed', got {self.micro_batching!r}")
         if self.kv_allocation not in ("on_demand", "reserve"):
             raise ValueError(f"EngineConfig.kv_allocation must be 'on_demand' or 'reserve', got {self.kv_allocation!r}")
+        if self.pool_dispatch not in ("fill", "spread"):
+            raise ValueError(f"EngineConfig.pool_dispatch must be 'fill' or 'spread', got {self.pool_dispatch!r}")
 
 
 #: Events a request's callback receives: ("token", token_id, index), ("done", reason, None),
@@ -528,6 +542,41 @@ def _run_lane(rep: Replica, lane: Lane, item: WorkItem) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------
 
+
+
+def pool_calls(rows: list[tuple[int, int]], max_batch: int, replicas: int, dispatch: str = "fill"
+               ) -> list[tuple[int, int, int]]:
+    """The calls a stage of a stateless pool is cut into: ``(first row, end row, sequences)``.
+
+    ``rows`` holds each sequence's ``(first row, end row)`` of the stage's input, contiguous from
+    row 0. With ``dispatch="fill"`` rows of decode tokens only (one row per sequence) go out in
+    chunks of ``max_batch`` sequences. Otherwise (``spread``, or rows carrying prompt tokens) the
+    rows are cut into ``replicas`` parts of about equal rows (tokens), a sequence's rows split
+    where a cut falls, and a part overlapping more than ``max_batch`` sequences is cut again at
+    the start of its ``max_batch + 1``-th. Every row is in exactly one call, in order.
+    """
+    n_seq = len(rows)
+    if n_seq == 0:
+        return []
+    n_tok = rows[-1][1]
+    if dispatch == "fill" and n_tok == n_seq:
+        return [(rows[c][0], rows[min(c + max_batch, n_seq) - 1][1], min(max_batch, n_seq - c))
+                for c in range(0, n_seq, max_batch)]
+    starts = [r0 for r0, _ in rows]
+    k = max(1, min(int(replicas), n_tok))
+    calls = []
+    for j in range(k):
+        a, b = n_tok * j // k, n_tok * (j + 1) // k
+        if b <= a:
+            continue
+        i0 = bisect.bisect_right(starts, a) - 1   # the sequence row a belongs to
+        i1 = bisect.bisect_left(starts, b)        # sequences starting before b
+        while i1 - i0 > max_batch:
+            cut = starts[i0 + max_batch]
+            calls.append((a, cut, max_batch))
+            a, i0 = cut, i0 + max_batch
+        calls.append((a, b, i1 - i0))
+    return calls
 
 class Engine:
     """Operator-split serving of one model with pools that a :class:`Plan` sizes.
@@ -1019,14 +1068,14 @@ class Engine:
 
     def _stage(self, group: str, fn: Callable[..., Any], rows: list[tuple[int, int]],
                tensors: tuple[torch.Tensor, ...], *lead: Any) -> Any:
-        """Run ``fn(rep, *lead, *tensor_slices)`` over chunks of ``max_batch`` sequences of a pool."""
+        """Run ``fn(rep, *lead, *tensor_slices)`` over the calls :func:`pool_calls` cuts a stage
+        of a pool into, each to the least-loaded ready replica."""
         mb = self._plan[group].max_batch
+        n_ready = sum(r.state == READY for r in self.replicas[group])
         futs = []
-        for c in range(0, len(rows), mb):
-            r0, r1 = rows[c][0], rows[min(c + mb, len(rows)) - 1][1]
+        for r0, r1, seqs in pool_calls(rows, mb, n_ready, self.config.pool_dispatch):
             rep = self._route(group)
-            item = WorkItem(fn, (*lead, *(t[r0:r1] for t in tensors)), tokens=r1 - r0, seqs=min(mb, len(rows) - c))
-            futs.append(rep.submit(item))
+            futs.append(rep.submit(WorkItem(fn, (*lead, *(t[r0:r1] for t in tensors)), tokens=r1 - r0, seqs=seqs)))
         return self._cat(self._gather(futs))
 
     def _attn_stage(self, fn: Callable[..., Any], spans: list[tuple[Replica, int, int]], rows: list[tuple[int, int]],

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most micro-batches an iteration through the pools is cut into (1: never)")
     p.add_argument("--micro-batching", choices=("adaptive", "fixed"), default="adaptive",
                    help="per iteration the count measured fastest (default), or always --micro-batches")
+    p.add_argument("--pool-dispatch", choices=("fill", "spread"), default="fill",
+                   help="decode rows to the fewest replicas of a projection / MLP pool in max_batch chunks, "
+                        "rows with prompt tokens spread over all (default), or every stage spread")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT target (seconds)")
     p.add_argument("--slo-tbt", type=float, default=0.5, help="TBT target (seconds)")
     p.add_argument("--host", default="127.0.0.1")
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     econf = EngineConfig(device=args.device, kv_bytes_per_replica=int(args.kv_mib * 2**20),
                          max_waiting=args.max_waiting, max_replicas=args.max_replicas,
                          slo=SLO(args.slo_ttft, args.slo_tbt), seed=args.seed, kv_allocation=args.kv_allocation,
-                         micro_batches=args.micro_batches, micro_batching=args.micro_batching)
+                         micro_batches=args.micro_batches, micro_batching=args.micro_batching,
+                         pool_dispatch=args.pool_dispatch)
     engine = Engine(model, initial_plan(args), econf).start()
     loop = None
     if args.controller:

@@ -130,21 +130,22 @@ def test_best_fit_packing_matches_the_simulator_placer(sim_world, reps, attn_bat
         assert packed.peers[g] == pytest.approx(layout.peers.get(g, {}))
 
 
-@pytest.mark.parametrize("slack", [0.0, 0.2])
+@pytest.mark.parametrize("slack,dispatch", [(0.0, "spread"), (0.2, "spread"), (0.0, "fill")])
 @pytest.mark.parametrize("reps,attn_batch", PLANS[:2])
-def test_iteration_time_matches_the_simulator_step_model(sim_world, reps, attn_batch, slack):
+def test_iteration_time_matches_the_simulator_step_model(sim_world, reps, attn_batch, slack, dispatch):
     """Same plan, same load: the controller's iteration time is within 3 % of the
     simulator's StepModel (both from the shipped profiles; grids differ slightly), with the
-    fastest micro-batch count and with the energy-aware slack rule alike."""
+    fastest micro-batch count and with the energy-aware slack rule alike, and with decode
+    calls spread over or filled onto the stateless pools' replicas."""
     from dataclasses import replace
 
     from envs.world import StepModel
 
     sc, pred, placer, ctx = sim_world
-    sc = replace(sc, micro_batch_slack=slack)
+    sc = replace(sc, micro_batch_slack=slack, pool_dispatch=dispatch)
     sm = StepModel(placer.place(pack_plan(sc, reps, attn_batch)), pred, sc)
     model = PlanModel(ctx, OperatorQueueingConfig(micro_batches=sc.micro_batches, micro_batching=sc.micro_batching,
-                                                  micro_batch_slack=slack))
+                                                  micro_batch_slack=slack, pool_dispatch=dispatch))
     batch = {g: attn_batch if g == "attn" else 256 for g in OPERATOR_GROUPS}
     a = reps["attn"]
     with warnings.catch_warnings():

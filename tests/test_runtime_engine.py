@@ -716,3 +716,73 @@ def test_stop_releases_every_replica(model, micro_batches):
     reps = [r for rs in eng.replicas.values() for r in rs]
     eng.stop()
     assert reps and all(r.modules is None and r.kv is None for r in reps)
+
+
+# ---- pool dispatch --------------------------------------------------------------------------
+
+def test_pool_calls_hand_computed():
+    from runtime.engine import pool_calls
+
+    dec5 = [(i, i + 1) for i in range(5)]
+    # decode rows only: fill = chunks of max_batch sequences, as few as that takes
+    assert pool_calls(dec5, 2, 3, "fill") == [(0, 2, 2), (2, 4, 2), (4, 5, 1)]
+    assert pool_calls(dec5, 8, 3, "fill") == [(0, 5, 5)]
+    # spread: one part of about equal rows per replica
+    assert pool_calls(dec5, 4, 2, "spread") == [(0, 2, 2), (2, 5, 3)]
+    # a 10-token prompt and two decodes: spread over 2 replicas even with fill, the prompt split
+    mixed = [(0, 10), (10, 11), (11, 12)]
+    assert pool_calls(mixed, 8, 2, "fill") == [(0, 6, 1), (6, 12, 3)]
+    # one replica, more sequences than max_batch in its part: cut at sequence starts
+    rows = [(0, 4), (4, 5), (5, 6), (6, 7), (7, 8)]
+    assert pool_calls(rows, 2, 1, "fill") == [(0, 5, 2), (5, 7, 2), (7, 8, 1)]
+    assert pool_calls([], 4, 2, "fill") == []
+
+
+def test_pool_calls_cover_every_row_once_within_max_batch():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from runtime.engine import pool_calls
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(1, 40), min_size=1, max_size=30), st.integers(1, 8), st.integers(1, 6),
+           st.sampled_from(["fill", "spread"]))
+    def check(lengths, max_batch, replicas, dispatch):
+        rows, r = [], 0
+        for n in lengths:
+            rows.append((r, r + n))
+            r += n
+        calls = pool_calls(rows, max_batch, replicas, dispatch)
+        assert calls[0][0] == 0 and calls[-1][1] == r
+        assert all(a < b for a, b, _ in calls) and all(c[1] == d[0] for c, d in zip(calls, calls[1:]))
+        for a, b, seqs in calls:
+            overlapping = sum(1 for r0, r1 in rows if r0 < b and r1 > a)
+            assert seqs == overlapping <= max_batch
+        if dispatch == "fill" and r == len(rows):  # decodes only: the fewest calls
+            assert len(calls) == -(-len(rows) // max_batch)
+
+    check()
+
+
+@pytest.mark.parametrize("dispatch", ["fill", "spread"])
+def test_a_prompt_is_spread_over_the_mlp_pool_and_decodes_fill_one_replica(model, dispatch):
+    plan = op_plan(1, 4, "dedicated").with_op("mlp", replicas=2, max_batch=4)
+    p = [(3 * j + 1) % TINY.vocab_size for j in range(12)]
+    ref = generate_split(model, p, 6)
+    eng = Engine(model, plan, EngineConfig(pool_dispatch=dispatch)).start()
+    try:
+        eng.wait_ready()
+        s = eng.submit(p, 6)
+        wait_all([s])
+        assert s.generated == ref
+        done = sorted(r.items_done for r in eng.replicas["mlp"])
+        # the prefill iteration: one call per layer on each replica; the 5 decode iterations: one
+        # call per layer, on whichever replica is least loaded (both idle: the first)
+        assert done == [TINY.n_layers, 6 * TINY.n_layers]
+    finally:
+        eng.stop()
+
+
+def test_pool_dispatch_setting_is_checked():
+    with pytest.raises(ValueError, match="pool_dispatch"):
+        EngineConfig(pool_dispatch="round-robin")

@@ -39,16 +39,20 @@ def cases(draw):  # noqa: ANN001, ANN201
         "change": draw(st.none() | st.tuples(st.integers(1, 3), st.integers(1, 8),
                                              st.sampled_from(["pack", "dedicated"]))),
         "after_s": draw(st.sampled_from([0.0, 0.005, 0.02])),
+        # projection and MLP pools: replicas, max_batch, and how a stage is shared among them
+        "pools": draw(st.tuples(st.integers(1, 2), st.integers(1, 8), st.sampled_from(["fill", "spread"]))),
     }
 
 
-def plan_of(attn: int, attn_batch: int, placement: str) -> Plan:
+def plan_of(attn: int, attn_batch: int, placement: str, pools: tuple[int, int] = (1, 8)) -> Plan:
     ops = {g: OperatorPlan(1, 8, placement) for g in OPERATOR_GROUPS}
     ops["attn"] = OperatorPlan(attn, attn_batch, placement)
+    for g in ("proj", "mlp"):
+        ops[g] = OperatorPlan(pools[0], pools[1], placement)
     return Plan(ops)
 
 
-# 60 examples (~15 s here). Of 100 examples counted once: 39 preempt, 29 cut micro-batches, and
+# 60 examples (~15 s here; session 18 added the projection / MLP pools' size and dispatch). Of 100 examples counted once: 39 preempt, 29 cut micro-batches, and
 # 6 retire an attention replica that still holds sequences (hand-over). 300 passed locally in
 # session 17, after the admission fix this test found (a request filling a replica exactly
 # never started).
@@ -58,14 +62,15 @@ def test_every_request_ends_with_the_reference_tokens_and_no_block_leaks(case):
     lay = KVLayout(TINY.n_layers, TINY.n_kv_heads, TINY.head_dim, BLOCK, torch.float64)
     conf = EngineConfig(kv_bytes_per_replica=case["blocks"] * lay.bytes_per_block, kv_block_tokens=BLOCK,
                         kv_allocation=case["alloc"],
-                        micro_batches=case["micro"][0], micro_batching=case["micro"][1])
-    eng = Engine(MODEL, plan_of(case["attn"], case["attn_batch"], case["placement"]), conf).start()
+                        micro_batches=case["micro"][0], micro_batching=case["micro"][1],
+                        pool_dispatch=case["pools"][2])
+    eng = Engine(MODEL, plan_of(case["attn"], case["attn_batch"], case["placement"], case["pools"][:2]), conf).start()
     try:
         with eng._lock:  # all queued before the first iteration: the most contention for memory
             seqs = [eng.submit(p, m) for p, m in case["reqs"]]
         if case["change"] is not None:  # scaling while they run: hand-overs, drains, new replicas
             time.sleep(case["after_s"])
-            eng.apply(plan_of(*case["change"]))
+            eng.apply(plan_of(*case["change"], case["pools"][:2]))
         deadline = time.perf_counter() + 20
         for s in seqs:
             assert s.finished.wait(max(deadline - time.perf_counter(), 0.01)), f"request {s.id} did not finish"

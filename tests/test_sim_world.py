@@ -248,6 +248,37 @@ def test_micro_batch_slack_trades_a_bounded_slowdown_for_fewer_weight_reads():
     assert fixed.slack == 0.0 and fixed.iteration(*pre).ms == p2.ms
 
 
+def test_pool_dispatch_fill_puts_decodes_on_the_fewest_replicas_and_spreads_prompts():
+    """Four MLP replicas of max_batch 8, two units of 8 decodes (16 sequences merged), one
+    micro-batch. Spread: each replica takes 4 tokens (160 + 0.5 x 4 = 162 ms over the layers),
+    all four busy for it. Fill: ceil(16 / 8) = 2 replicas take 8 tokens each (164 ms), the
+    other two idle: the iteration is 2 ms longer and the MLP's busy time per replica halves
+    (x 164 / 162). A call carrying prompt tokens is spread either way."""
+    pred = ExecutionPredictor(WeightBoundDB(), "llama-2-70b", "h100")
+    plan = Scenario().disaggregated_plan({"embed": 1, "attn": 2, "proj": 1, "mlp": 4, "head": 1}, 8, "dedicated")
+
+    def model(dispatch: str) -> StepModel:
+        sc = Scenario(micro_batches=1, pool_dispatch=dispatch)
+        return StepModel(Placer(sc, pred).place(plan), pred, sc)
+
+    spread, fill = model("spread"), model("fill")
+    assert spread.signature != fill.signature  # memo tables never mix the two rules
+    dec = (8, 1000, 0, 0, 0, 16, 16)
+    s, f = spread.iteration(*dec), fill.iteration(*dec)
+    assert f.ms - s.ms == pytest.approx(2.0)
+    assert f.busy["mlp"] * f.ms == pytest.approx(0.5 * 164 / 162 * s.busy["mlp"] * s.ms)
+    assert f.busy["proj"] * f.ms == pytest.approx(s.busy["proj"] * s.ms)  # one replica: nothing to fill
+    pre = (0, 0, 1024, 1024, 1, 2048, 2)
+    assert (fill.iteration(*pre).ms, fill.iteration(*pre).busy) == (spread.iteration(*pre).ms, spread.iteration(*pre).busy)
+
+
+def test_scenario_rejects_an_unknown_pool_dispatch():
+    from envs.scenario import ScenarioError
+
+    with pytest.raises(ScenarioError, match="pool_dispatch.*round-robin"):
+        Scenario(pool_dispatch="round-robin")
+
+
 def test_scenario_rejects_a_micro_batch_slack_out_of_range():
     from envs.scenario import ScenarioError
 
