@@ -48,9 +48,10 @@ def _check_layouts(sim) -> None:
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6), handover=st.booleans())
-def test_reference_loses_no_request_and_stays_physical(trace, seq, handover):
-    sim = make_simulator(SC.replace(kv_migration=handover), trace, fidelity="reference")
+@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6), handover=st.booleans(),
+       dispatch=st.sampled_from(["spread", "fill"]))
+def test_reference_loses_no_request_and_stays_physical(trace, seq, handover, dispatch):
+    sim = make_simulator(SC.replace(kv_migration=handover, pool_dispatch=dispatch), trace, fidelity="reference")
     sim.reset(seq[0])
     steps = 0
     while not sim.done and steps < 400:
@@ -75,9 +76,10 @@ def test_reference_loses_no_request_and_stays_physical(trace, seq, handover):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6), handover=st.booleans())
-def test_fast_model_conserves_requests_and_stays_non_negative(trace, seq, handover):
-    sim = make_simulator(SC.replace(kv_migration=handover), trace, fidelity="fast")
+@given(trace=traces(), seq=st.lists(plans(), min_size=1, max_size=6), handover=st.booleans(),
+       dispatch=st.sampled_from(["spread", "fill"]))
+def test_fast_model_conserves_requests_and_stays_non_negative(trace, seq, handover, dispatch):
+    sim = make_simulator(SC.replace(kv_migration=handover, pool_dispatch=dispatch), trace, fidelity="fast")
     sim.reset(seq[0])
     steps = 0
     while not sim.done and steps < 400:
