@@ -3,6 +3,7 @@ documented step formula bit for bit, its contention cache must follow the busy s
 and the bench's training stream must send what train.py's envs receive."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -26,27 +27,33 @@ def formula(sm: StepModel, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tot_tokens, to
     L = sm.layers
 
     def layers(m: int) -> tuple[float, dict[str, float]]:  # all layers cut into m micro-batches
-        def group_time(g: str) -> float:  # ms of group g (all layers) for one micro-batch
+        def group_time(g: str) -> tuple[float, float]:
+            """(ms of group g, all layers, for one micro-batch; busy share per replica of it)"""
             if g == "attn":
                 t = 0.0
                 if n_dec > 0:
                     t += p.group_ms("attn", n_dec / m, ctx_dec, n_dec / m, sm.tp[g], "decode")
                 if p_tok > 0:
                     t += p.group_ms("attn", p_tok / m, ctx_pre, max(n_pre / m, 1), sm.tp[g], "prefill")
-                return t
+                return t, 1.0
             if sm.site[g] == "local":
-                return p.group_ms(g, tokens / m, tp=sm.tp[g])
+                return p.group_ms(g, tokens / m, tp=sm.tp[g]), 1.0
             r, mb = sm.replicas[g], sm.max_batch[g]
-            calls = max(1.0, tot_seqs / r / mb)
-            return p.group_ms(g, tot_tokens / r / calls / m, tp=sm.tp[g]) * calls
+            k = r  # pool_dispatch fill: a decode-only call on the fewest replicas of max_batch sequences
+            if sm.fill and tot_tokens <= tot_seqs and tot_seqs < r * mb:
+                k = min(r, max(1, math.ceil(tot_seqs / mb)))
+            calls = max(1.0, tot_seqs / k / mb)
+            return p.group_ms(g, tot_tokens / k / calls / m, tp=sm.tp[g]) * calls, k / r
 
         busy: dict[str, float] = {}
         stage_ms = []
         for site, ops in sm.stages:
             proc = sm.local_proc if site == "local" else site
-            t = sum(frac * group_time(g) / L for g, frac in ops) * sm.contention(proc, util)
+            times = [(frac * group_time(g)[0] / L, group_time(g)[1]) for g, frac in ops]
+            t = sum(x for x, _ in times) * sm.contention(proc, util)
+            b = sum(x * share for x, share in times) * sm.contention(proc, util)
             stage_ms.append(t)
-            busy[proc] = busy.get(proc, 0.0) + t * m * L
+            busy[proc] = busy.get(proc, 0.0) + b * m * L
         if sm.hops:
             ring = stage_ms + [p.send_ms(tokens / m)] * sm.hops
             layer = max(m * max(ring), sum(ring))

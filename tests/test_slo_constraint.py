@@ -122,10 +122,11 @@ def test_scenario_overrides_give_the_training_world_and_name_bad_fields():
     from envs import Scenario
 
     sc = Scenario.from_yaml()
-    assert sc.kv_migration is True
+    assert sc.kv_migration is True and sc.pool_dispatch == "fill"
     hp = load_hyperparams()
-    assert hp.training_world(sc).kv_migration is False          # ppo.yaml trains with drains charged
-    assert hp.training_world(sc).replace(kv_migration=True) == sc  # and changes nothing else
+    world = hp.training_world(sc)
+    assert world.kv_migration is False and world.pool_dispatch == "spread"  # ppo.yaml trains with drains charged
+    assert world.replace(kv_migration=True, pool_dispatch="fill") == sc     # and changes nothing else
     assert PPOHyperparams().training_world(sc) is sc
     with pytest.raises(ValueError, match=r"unknown scenario fields \['kv_migraton'\]"):
         PPOHyperparams(scenario_overrides={"kv_migraton": False}).training_world(sc)
