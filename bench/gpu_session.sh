@@ -12,6 +12,9 @@
 # 4. a torch.profiler operator table of each side at batch 16 (op_table_llama-2-7b_b16.txt).
 # 5. micro-batches on the runtime's per-group path: whole / fixed 2 / adaptive
 #    (bench/micro_batches.py; run before step 4 so a time limit cuts the table, not this).
+# 6. decode calls spread over two projection / MLP replicas against filled onto one
+#    (bench/pool_dispatch.py: the MLP pool's busy seconds and NVML energy, the simulators'
+#    pool_dispatch assumption on real hardware; also before step 4).
 # PROFILE=0 skips step 3 (the profiles do not depend on the engine).
 # Each step has its own time limit so that a slow step leaves the others' results.
 # Results land in $OUT (default bench/results/gpu); docs/BENCHMARKS.md and docs/PROFILES.md
@@ -54,6 +57,9 @@ fi
 log "5. micro-batches on the per-group path (whole / fixed 2 / adaptive), llama-2-7b"
 timeout 200 $PY bench/micro_batches.py --model llama-2-7b --device cuda --dtype float16 --requests 32 --prompt 512 \
   --tokens 32 --repeats 3 --json "$OUT/micro_batches_llama-2-7b.json" 2>/dev/null | tail -4
+log "6. pool dispatch (spread / fill) with 2 projection / MLP replicas, llama-2-7b: MLP busy time and NVML energy"
+timeout 200 $PY bench/pool_dispatch.py --model llama-2-7b --device cuda --dtype float16 --requests 64 --prompt 256 \
+  --tokens 64 --replicas 2 --batch 64 --repeats 3 --json "$OUT/pool_dispatch_llama-2-7b.json" 2>/dev/null | tail -3
 log "4. operator tables (torch.profiler), llama-2-7b, batch 16"
 timeout 150 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 16 --prompt 128 --tokens 64 \
   --repeats 1 --no-scale-up --op-table "$OUT/op_table_llama-2-7b_b16.txt" > /dev/null
