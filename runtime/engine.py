@@ -47,7 +47,6 @@ replica (the plan still asks for it).
 from __future__ import annotations
 
 import bisect
-
 import collections
 import logging
 import threading
@@ -540,10 +539,6 @@ def _run_lane(rep: Replica, lane: Lane, item: WorkItem) -> torch.Tensor:
     return tokens
 
 
-# ---------------------------------------------------------------------------------------
-
-
-
 def pool_calls(rows: list[tuple[int, int]], max_batch: int, replicas: int, dispatch: str = "fill"
                ) -> list[tuple[int, int, int]]:
     """The calls a stage of a stateless pool is cut into: ``(first row, end row, sequences)``.
@@ -577,6 +572,10 @@ def pool_calls(rows: list[tuple[int, int]], max_batch: int, replicas: int, dispa
             a, i0 = cut, i0 + max_batch
         calls.append((a, b, i1 - i0))
     return calls
+
+
+# ---------------------------------------------------------------------------------------
+
 
 class Engine:
     """Operator-split serving of one model with pools that a :class:`Plan` sizes.
