@@ -64,9 +64,11 @@ class BusyMeter:
         self._orig(t, util)
 
 
-def breakdown(name: str, scenario: Any, split: str, checkpoint: str | None) -> dict[str, Any]:
-    """Runs ``name`` over ``split`` (reference simulator) and returns its metrics plus the split."""
-    trace = load_split(scenario, split)
+def breakdown(name: str, scenario: Any, split: str, checkpoint: str | None,
+              window_s: float | None = None) -> dict[str, Any]:
+    """Runs ``name`` over ``split`` (its first ``window_s`` seconds if given; reference simulator)
+    and returns its metrics plus the split of its busy time."""
+    trace = load_split(scenario, split, window_s)
     sim = make_sim(scenario, trace, "reference", 0)
     meter = BusyMeter(sim)
     ctl, plan0 = make_controller(name, scenario, slo=sim.slo, trace=trace, checkpoint=checkpoint,
