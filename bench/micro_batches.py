@@ -41,6 +41,44 @@ from runtime_overhead import DTYPES, engine_config  # noqa: E402
 SETTINGS = {"whole": (1, "fixed"), "fixed": (2, "fixed"), "adaptive": (2, "adaptive")}
 
 
+def serve_all(eng: Engine, prompts: list[list[int]], tokens: int) -> dict:
+    """Submit every prompt at once (the driver waits until all are queued) and wait for them: wall
+    time to the last token and mean time to first token (seconds) from the submission, and the
+    generated tokens."""
+    with eng._lock:
+        t0 = time.perf_counter()
+        seqs = [eng.submit(p, tokens) for p in prompts]
+    for s in seqs:
+        s.finished.wait(600)
+    return {"wall_s": max(s.last_token_s for s in seqs) - t0,
+            "ttft_mean_s": statistics.mean(s.first_token_s - t0 for s in seqs),
+            "outputs": [s.generated for s in seqs]}
+
+
+def workload_args(p: argparse.ArgumentParser, batch: int, prompt: int, tokens: int) -> None:
+    """The command line of an engine workload bench (this one, bench/pool_dispatch.py)."""
+    p.add_argument("--model", default="small")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--batch", type=int, default=batch, help="max_batch of every group (attention: sequences at once)")
+    p.add_argument("--prompt", type=int, default=prompt, help="prompt tokens per request")
+    p.add_argument("--tokens", type=int, default=tokens, help="generated tokens per request")
+    p.add_argument("--prefill-tokens", type=int, default=1024, help="EngineConfig.max_prefill_tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per operator call (CPU)")
+    p.add_argument("--json", default=None)
+
+
+def workload(args: argparse.Namespace) -> tuple[LlamaModel, list[list[int]]]:
+    """The model (random weights, seed 0) and the prompts the workload arguments describe."""
+    torch.set_num_threads(args.threads)
+    cfg = get_model(args.model)
+    model = build_model(cfg, dtype=DTYPES[args.dtype], seed=0)
+    prompts = [[(31 * b + 7 * j + 1) % cfg.vocab_size for j in range(args.prompt)] for b in range(args.requests)]
+    return model, prompts
+
+
 def run_once(model: LlamaModel, prompts: list[list[int]], tokens: int, device: str, setting: str,
              prefill_tokens: int, batch: int) -> dict:
     """Serve ``prompts`` at once under one setting; wall, TTFT, TBT (seconds) and the outputs."""
@@ -53,39 +91,19 @@ def run_once(model: LlamaModel, prompts: list[list[int]], tokens: int, device: s
         eng.generate(prompts[0][:8], 2)  # warm-up
         eng.observe()  # start the interval the TBT percentiles come from
         it0, cut0 = eng.iterations, eng.micro_batched_iterations
-        with eng._lock:  # the driver waits until all are queued
-            t0 = time.perf_counter()
-            seqs = [eng.submit(p, tokens) for p in prompts]
-        for s in seqs:
-            s.finished.wait(600)
-        wall = max(s.last_token_s for s in seqs) - t0
+        out = serve_all(eng, prompts, tokens)
         st = eng.observe()
         its = eng.iterations - it0
-        return {"wall_s": wall, "ttft_mean_s": statistics.mean(s.first_token_s - t0 for s in seqs),
-                "tbt_p50_s": st.tbt_p50_s, "cut_share": (eng.micro_batched_iterations - cut0) / max(its, 1),
-                "outputs": [s.generated for s in seqs]}
+        return {**out, "tbt_p50_s": st.tbt_p50_s, "cut_share": (eng.micro_batched_iterations - cut0) / max(its, 1)}
     finally:
         eng.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--requests", type=int, default=32)
-    p.add_argument("--batch", type=int, default=16, help="max_batch of every group (attention: sequences at once)")
-    p.add_argument("--prompt", type=int, default=256, help="prompt tokens per request")
-    p.add_argument("--tokens", type=int, default=16, help="generated tokens per request")
-    p.add_argument("--prefill-tokens", type=int, default=1024, help="EngineConfig.max_prefill_tokens")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per operator call (CPU)")
-    p.add_argument("--json", default=None)
+    workload_args(p, batch=16, prompt=256, tokens=16)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = get_model(args.model)
-    model = build_model(cfg, dtype=DTYPES[args.dtype], seed=0)
-    prompts = [[(31 * b + 7 * j + 1) % cfg.vocab_size for j in range(args.prompt)] for b in range(args.requests)]
+    model, prompts = workload(args)
     runs: dict[str, list[dict]] = {k: [] for k in SETTINGS}
     for r in range(args.repeats):
         for k in SETTINGS:

@@ -25,20 +25,18 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.control import OperatorPlan, Plan  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
-from runtime.model import LlamaModel, build_model  # noqa: E402
-from runtime.models import OPERATOR_GROUPS, get_model  # noqa: E402
+from runtime.model import LlamaModel  # noqa: E402
+from runtime.models import OPERATOR_GROUPS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_overhead import DTYPES, engine_config  # noqa: E402
+from micro_batches import serve_all, workload, workload_args  # noqa: E402
+from runtime_overhead import engine_config  # noqa: E402
 
 SETTINGS = ("spread", "fill")
 
@@ -69,41 +67,22 @@ def run_once(model: LlamaModel, prompts: list[list[int]], tokens: int, device: s
         eng.observe()  # start the measured interval
         it0 = eng.iterations
         calls0 = sum(r.items_done for r in eng.replicas["mlp"])
-        with eng._lock:  # the driver waits until all are queued
-            t0 = time.perf_counter()
-            seqs = [eng.submit(p, tokens) for p in prompts]
-        for s in seqs:
-            s.finished.wait(600)
-        wall = max(s.last_token_s for s in seqs) - t0
+        out = serve_all(eng, prompts, tokens)
         st = eng.observe()
         its = max(eng.iterations - it0, 1)
-        return {"wall_s": wall, "ttft_mean_s": statistics.mean(s.first_token_s - t0 for s in seqs),
-                "tbt_p50_s": st.tbt_p50_s, "mlp_busy_s": taken["iv"].groups["mlp"].busy_s,
+        return {**out, "tbt_p50_s": st.tbt_p50_s, "mlp_busy_s": taken["iv"].groups["mlp"].busy_s,
                 "mlp_calls_per_iteration": (sum(r.items_done for r in eng.replicas["mlp"]) - calls0) / its,
-                "energy_j": st.energy_j, "outputs": [s.generated for s in seqs]}
+                "energy_j": st.energy_j}
     finally:
         eng.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="small")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
-    p.add_argument("--requests", type=int, default=32)
+    workload_args(p, batch=64, prompt=128, tokens=32)
     p.add_argument("--replicas", type=int, default=2, help="replicas of the projection and MLP pools")
-    p.add_argument("--batch", type=int, default=64, help="max_batch of every group (attention: sequences at once)")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
-    p.add_argument("--tokens", type=int, default=32, help="generated tokens per request")
-    p.add_argument("--prefill-tokens", type=int, default=1024, help="EngineConfig.max_prefill_tokens")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per operator call (CPU)")
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = get_model(args.model)
-    model = build_model(cfg, dtype=DTYPES[args.dtype], seed=0)
-    prompts = [[(31 * b + 7 * j + 1) % cfg.vocab_size for j in range(args.prompt)] for b in range(args.requests)]
+    model, prompts = workload(args)
     runs: dict[str, list[dict]] = {k: [] for k in SETTINGS}
     metrics = ("wall_s", "ttft_mean_s", "tbt_p50_s", "mlp_busy_s", "mlp_calls_per_iteration", "energy_j")
     for r in range(args.repeats):
