@@ -49,7 +49,7 @@ def formula(sm: StepModel, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tot_tokens, to
         stage_ms = []
         for site, ops in sm.stages:
             proc = sm.local_proc if site == "local" else site
-            times = [(frac * group_time(g)[0] / L, group_time(g)[1]) for g, frac in ops]
+            times = [(frac * gt / L, share) for (gt, share), frac in ((group_time(g), frac) for g, frac in ops)]
             t = sum(x for x, _ in times) * sm.contention(proc, util)
             b = sum(x * share for x, share in times) * sm.contention(proc, util)
             stage_ms.append(t)
