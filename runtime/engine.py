@@ -49,6 +49,7 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -144,6 +145,12 @@ class EngineConfig:
             work token by token), each part again into calls of at most ``max_batch`` sequences.
             ``spread``: every stage is cut the second way. The simulators' ``pool_dispatch``
             follows the same rules (envs/world.py).
+        pools: ``local``: every replica is a worker thread of this process. ``ray``: the
+            stateless groups of ``ray`` (embedding, projections, MLP, LM head by default) run as
+            Ray Serve deployments, on any node of the Ray cluster, scaled by the plan
+            (runtime/rayserve.py); attention and its KV cache stay here.
+        ray: settings of the Ray Serve pools (``pools: ray``); None = the defaults of
+            :class:`runtime.rayserve.RayPoolsConfig` (a local Ray instance, CPU replicas).
     """
 
     device: str = "cpu"
@@ -166,6 +173,8 @@ class EngineConfig:
     micro_batching: str = "adaptive"
     kv_allocation: str = "on_demand"
     pool_dispatch: str = "fill"
+    pools: str = "local"
+    ray: Any = None
 
     def __post_init__(self) -> None:
         if int(self.micro_batches) != self.micro_batches or self.micro_batches < 1:
@@ -176,6 +185,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kv_allocation must be 'on_demand' or 'reserve', got {self.kv_allocation!r}")
         if self.pool_dispatch not in ("fill", "spread"):
             raise ValueError(f"EngineConfig.pool_dispatch must be 'fill' or 'spread', got {self.pool_dispatch!r}")
+        if self.pools not in ("local", "ray"):
+            raise ValueError(f"EngineConfig.pools must be 'local' or 'ray', got {self.pools!r}")
 
 
 #: Events a request's callback receives: ("token", token_id, index), ("done", reason, None),
@@ -630,6 +641,8 @@ class Engine:
         self.preemptions = 0
         #: picks each such iteration's micro-batch count from measured times (adaptive)
         self.micro = MicroBatchChooser(self.config.micro_batches)
+        #: the Ray Serve pools (``pools: ray``), created by :meth:`start`
+        self._remote: Any = None
 
     # ---- lifecycle --------------------------------------------------------------------
     def start(self, wait_ready: float | None = 60.0) -> "Engine":
@@ -643,6 +656,11 @@ class Engine:
             nbytes = pin_host(self.model)
             if nbytes:
                 log.info("pinned %.2f GB of master weights in %.2f s", nbytes / 1e9, time.perf_counter() - t0)
+        if self.config.pools == "ray" and self._remote is None:
+            from runtime.rayserve import RayPools, RayPoolsConfig
+
+            rcfg = self.config.ray or RayPoolsConfig(seed=self.config.seed)
+            self._remote = RayPools({g: self._masters[g] for g in rcfg.groups}, rcfg)
         with self._lock:
             self._reconcile()
         if self.config.micro_batches > 1 and self._micro_pool is None:
@@ -703,6 +721,9 @@ class Engine:
         if self._micro_pool is not None:
             self._micro_pool.shutdown(wait=True)
             self._micro_pool = None
+        if self._remote is not None:
+            self._remote.shutdown()
+            self._remote = None
 
     @property
     def running(self) -> bool:
@@ -831,6 +852,13 @@ class Engine:
         return load
 
     def _spawn(self, group: str, slot: str, device: str) -> Replica:
+        if self._remote is not None and group in self._remote.groups:
+            from runtime.rayserve import RemoteReplica
+
+            remote = RemoteReplica(group, slot, self._remote, on_done=self._item_done)
+            self.replicas[group].append(remote)  # type: ignore[arg-type]
+            log.info("spawned %r", remote)
+            return remote  # type: ignore[return-value]
         rep = Replica(group, slot, device, self._loader(group), on_done=self._item_done)
         if group == "attn":
             rep.kv = PagedKVCache(self.layout, self.config.kv_bytes_per_replica, device)
@@ -1107,7 +1135,7 @@ class Engine:
         peers = {}
         for g in ("embed", "proj", "mlp", "head"):
             ready = [r for r in self.replicas[g] if r.state == READY]
-            here = [r for r in ready if r.slot == attn.slot and r.device == attn.device]
+            here = [r for r in ready if not r.remote and r.slot == attn.slot and r.device == attn.device]
             if not here or (n_seqs > plan[g].max_batch and len(ready) > len(here)):
                 return None
             peers[g] = here[lane_no % len(here)]
@@ -1322,8 +1350,9 @@ class Engine:
         with self._lock:
             reps = [r for rs in self.replicas.values() for r in rs if r.alive]
         if self.config.device == "cuda":
-            devs = sorted({r.device for r in reps}, key=str)
-            return len(devs), devs
+            devs = sorted({r.device for r in reps if not r.remote}, key=str)
+            remote = math.ceil(self._remote.gpus() - 1e-9) if self._remote is not None else 0
+            return len(devs) + remote, devs
         return len({r.slot for r in reps}), []
 
     def observe(self) -> ClusterState:
@@ -1348,7 +1377,7 @@ class Engine:
                 reps = [r for r in self.replicas[g] if r.alive]
                 serving = [r for r in reps if r.state in (READY, DRAINING)]
                 gi = iv.groups[g]
-                mem = sum(_param_bytes(r.modules) + (r.kv.memory_bytes if r.kv is not None else 0)
+                mem = sum(r.weight_bytes() + (r.kv.memory_bytes if r.kv is not None else 0)
                           for r in serving)
                 ops[g] = OperatorState(
                     replicas=sum(r.state == READY for r in reps), max_batch=plan[g].max_batch,
@@ -1398,12 +1427,6 @@ class Engine:
             self.metrics.running.set(len(self._running))
             self.metrics.waiting.set(len(self._waiting))
         self.metrics.gpus.set(self._gpus()[0])
-
-
-def _param_bytes(modules: Any) -> int:
-    if not isinstance(modules, nn.Module):
-        return 0
-    return sum(p.numel() * p.element_size() for p in modules.parameters())
 
 
 class _Nvml:

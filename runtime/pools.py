@@ -77,6 +77,9 @@ class Replica:
         synchronize: call ``torch.cuda.synchronize`` after each item (CUDA timing).
     """
 
+    #: runs in this process (a :class:`runtime.rayserve.RemoteReplica` says True)
+    remote = False
+
     def __init__(self, group: str, slot: str, device: str, load: Callable[[torch.device], Any],
                  on_done: Callable[["Replica", WorkItem, float, float], None] | None = None) -> None:
         self.id = next(_replica_ids)
@@ -197,6 +200,13 @@ class Replica:
         """Token-steps of items waiting in the queue (not the running one)."""
         with self._q.mutex:
             return sum(it.tokens for it in self._q.queue if it is not None)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights this replica holds (0 before it has loaded)."""
+        mods = self.modules
+        if not isinstance(mods, torch.nn.Module):
+            return 0
+        return sum(p.numel() * p.element_size() for p in mods.parameters())
 
     def submit(self, item: WorkItem) -> Future:
         """Queue a work item; fails it at once if the replica is dead."""

@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-dispatch", choices=("fill", "spread"), default="fill",
                    help="decode rows to the fewest replicas of a projection / MLP pool in max_batch chunks, "
                         "rows with prompt tokens spread over all (default), or every stage spread")
+    p.add_argument("--pools", choices=("local", "ray"), default="local",
+                   help="stateless pools (embedding, projections, MLP, LM head) as threads of this process "
+                        "(default), or as Ray Serve deployments on a Ray cluster (runtime/rayserve.py)")
+    p.add_argument("--ray-address", default=None,
+                   help="with --pools ray: the Ray cluster to join (e.g. auto); default: a local Ray instance")
+    p.add_argument("--ray-gpus", type=float, default=None,
+                   help="with --pools ray: GPUs Ray reserves per pool replica (a fraction packs several on one "
+                        "GPU); default 1 with --device cuda, else 0")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT target (seconds)")
     p.add_argument("--slo-tbt", type=float, default=0.5, help="TBT target (seconds)")
     p.add_argument("--host", default="127.0.0.1")
@@ -114,6 +122,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--budget must be >= 1 placement slot, got {args.budget}")
     if args.micro_batches < 1:
         raise SystemExit(f"--micro-batches must be >= 1, got {args.micro_batches}")
+    if args.pools != "ray" and (args.ray_address is not None or args.ray_gpus is not None):
+        raise SystemExit("--ray-address / --ray-gpus need --pools ray")
+    if args.ray_gpus is not None and args.ray_gpus < 0:
+        raise SystemExit(f"--ray-gpus must be >= 0, got {args.ray_gpus}")
+    ray_cfg = None
+    if args.pools == "ray":
+        try:
+            from runtime.rayserve import STATELESS, RayPoolsConfig
+        except ImportError as e:  # pragma: no cover - ray is a declared dependency
+            raise SystemExit(f"--pools ray: {e}; install ray[serve]") from None
+        gpus = args.ray_gpus if args.ray_gpus is not None else (1.0 if args.device == "cuda" else 0.0)
+        ray_cfg = RayPoolsConfig(address=args.ray_address, num_gpus={g: gpus for g in STATELESS} if gpus else {},
+                                 seed=args.seed)
     dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "float32")]
 
     from runtime.model import build_model
@@ -123,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                          max_waiting=args.max_waiting, max_replicas=args.max_replicas,
                          slo=SLO(args.slo_ttft, args.slo_tbt), seed=args.seed, kv_allocation=args.kv_allocation,
                          micro_batches=args.micro_batches, micro_batching=args.micro_batching,
-                         pool_dispatch=args.pool_dispatch)
+                         pool_dispatch=args.pool_dispatch, pools=args.pools, ray=ray_cfg)
     engine = Engine(model, initial_plan(args), econf).start()
     loop = None
     if args.controller:

@@ -1,0 +1,157 @@
+"""The Ray Serve pools (runtime/rayserve.py): same tokens as in process, scaling and faults lose nothing.
+
+The engine tests below share one engine whose stateless pools run on a local Ray instance
+(marker ``ray``; skipped where ray is not installed). Each sets the plan it needs first.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from runtime.control import OperatorPlan, Plan
+from runtime.engine import Engine, EngineConfig
+from runtime.model import build_model, generate_monolithic
+from runtime.models import OPERATOR_GROUPS, get_model
+from runtime.rayserve import STATELESS, RayPoolsConfig
+
+TINY = get_model("tiny")
+
+
+def plan(**replicas: int) -> Plan:
+    return Plan({g: OperatorPlan(replicas.get(g, 1), 3, "pack") for g in OPERATOR_GROUPS})
+
+
+def prompts(n: int, base: int = 3) -> list[list[int]]:
+    return [[(13 * i + 7 * j + base) % TINY.vocab_size for j in range(3 + (i % 9))] for i in range(n)]
+
+
+def wait_all(seqs, timeout: float = 120.0) -> None:
+    deadline = time.perf_counter() + timeout
+    for s in seqs:
+        assert s.finished.wait(max(deadline - time.perf_counter(), 0.01)), f"request {s.id} did not finish"
+
+
+def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.perf_counter() + timeout
+    while not cond():
+        assert time.perf_counter() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# ---- configuration errors (no Ray needed) --------------------------------------------------
+
+def test_ray_pools_config_names_the_problem():
+    with pytest.raises(ValueError, match=r"\['attn'\] cannot run on Ray Serve"):
+        RayPoolsConfig(groups=("attn", "mlp"))
+    with pytest.raises(ValueError, match="num_gpus.*'embed'"):
+        RayPoolsConfig(groups=("mlp",), num_gpus={"embed": 1.0})
+    with pytest.raises(ValueError, match="num_gpus"):
+        RayPoolsConfig(num_gpus={"mlp": -1.0})
+    with pytest.raises(ValueError, match="EngineConfig.pools must be 'local' or 'ray', got 'k8s'"):
+        EngineConfig(pools="k8s")
+
+
+def test_serve_cli_ray_flags_need_ray_pools():
+    from runtime.serve import main
+
+    with pytest.raises(SystemExit, match="need --pools ray"):
+        main(["--model", "tiny", "--ray-address", "auto"])
+    with pytest.raises(SystemExit, match="--ray-gpus must be >= 0"):
+        main(["--model", "tiny", "--pools", "ray", "--ray-gpus", "-1"])
+
+
+# ---- one engine on a local Ray instance -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(TINY, dtype=torch.float64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def refs(model):
+    return {tuple(p): generate_monolithic(model, p, 8) for p in prompts(12)}
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    eng = Engine(model, plan(), EngineConfig(pools="ray", max_replicas=4)).start(wait_ready=180)
+    yield eng
+    eng.stop()
+    serve.shutdown()
+    ray.shutdown()
+
+
+def served(engine: Engine) -> list:
+    """Submit the twelve reference prompts (8 tokens each); returns their sequences."""
+    return [engine.submit(p, 8) for p in prompts(12)]
+
+
+def check(seqs, refs) -> None:
+    wait_all(seqs)
+    assert [s.finish_reason for s in seqs] == ["length"] * len(seqs)
+    assert [list(s.generated) for s in seqs] == [refs[tuple(s.prompt)] for s in seqs]
+
+
+@pytest.mark.ray
+def test_ray_pools_give_the_in_process_tokens(engine, refs):
+    engine.apply(plan(mlp=2))
+    engine.wait_ready(120)
+    pools = engine._remote
+    assert set(pools.groups) == set(STATELESS)
+    assert all(r.remote for g in STATELESS for r in engine.replicas[g])
+    assert not any(r.remote for r in engine.replicas["attn"])
+    check(served(engine), refs)
+    assert pools.running("mlp") == 2 and pools.running("proj") == 1
+    assert all(sum(pools.pid_calls[g].values()) > 0 for g in STATELESS)  # every stateless call went to Serve
+    st = engine.observe()
+    # a replica's weights are counted where it runs: 2 MLP replicas x the MLP group's bytes
+    mlp_bytes = pools.weight_bytes("mlp")
+    assert mlp_bytes == sum(p.numel() * 8 for p in engine._masters["mlp"].parameters())
+    assert st.operators["mlp"].memory_bytes == pytest.approx(2 * mlp_bytes)
+
+
+@pytest.mark.ray
+def test_ray_pools_scale_with_requests_in_flight(engine, refs):
+    engine.apply(plan(mlp=1))
+    engine.wait_ready(120)
+    pools = engine._remote
+    wait_for(lambda: pools.running("mlp") == 1, what="one MLP replica")
+    check(served(engine), refs)
+    (first_pid, before), = pools.pid_calls["mlp"].most_common(1)
+    # scale up while requests run: the running replica is kept (Serve's in-place update), two join
+    seqs = served(engine)
+    engine.apply(plan(mlp=3, proj=2))
+    check(seqs, refs)
+    engine.wait_ready(120)
+    assert pools.running("mlp") == 3 and pools.running("proj") == 2
+    check(served(engine), refs)
+    assert pools.pid_calls["mlp"][first_pid] > before  # the first replica still serves: not restarted
+    assert len(pools.pid_calls["mlp"]) >= 2
+    # scale down while requests run: Serve drains the replicas it stops, nothing is lost
+    seqs = served(engine)
+    engine.apply(plan(mlp=1))
+    check(seqs, refs)
+    engine.wait_ready(120)
+    wait_for(lambda: pools.running("mlp") == 1 and pools.running("proj") == 1, what="scale-down in Serve")
+    assert sum(r.state == "ready" for r in engine.replicas["mlp"]) == 1
+
+
+@pytest.mark.ray
+def test_ray_pool_replica_death_loses_nothing(engine, refs):
+    engine.apply(plan(mlp=2))
+    engine.wait_ready(120)
+    deaths = engine.metrics.worker_deaths.labels(group="mlp")._value.get()
+    seqs = served(engine)
+    engine.kill_replica("mlp")  # the Serve replica answering its next call exits mid-batch
+    check(seqs, refs)
+    wait_for(lambda: engine.metrics.worker_deaths.labels(group="mlp")._value.get() == deaths + 1,
+             what="the dead proxy to be replaced")
+    engine.wait_ready(120)
+    assert engine._remote.running("mlp") == 2
+    check(served(engine), refs)
