@@ -15,6 +15,9 @@
 # 6. decode calls spread over two projection / MLP replicas against filled onto one
 #    (bench/pool_dispatch.py: the MLP pool's busy seconds and NVML energy, the simulators'
 #    pool_dispatch assumption on real hardware; also before step 4).
+# 7. the stateless pools as Ray Serve deployments on the same GPU (num_gpus 0.2 each) against
+#    in-process pools: the hop of a stateless call on GPU hardware (bench/ray_pools.py; skipped
+#    where ray is not installed; before step 4).
 # PROFILE=0 skips step 3 (the profiles do not depend on the engine).
 # Each step has its own time limit so that a slow step leaves the others' results.
 # Results land in $OUT (default bench/results/gpu); docs/BENCHMARKS.md and docs/PROFILES.md
@@ -60,6 +63,13 @@ timeout 200 $PY bench/micro_batches.py --model llama-2-7b --device cuda --dtype 
 log "6. pool dispatch (spread / fill) with 2 projection / MLP replicas, llama-2-7b: MLP busy time and NVML energy"
 timeout 200 $PY bench/pool_dispatch.py --model llama-2-7b --device cuda --dtype float16 --requests 64 --prompt 256 \
   --tokens 64 --replicas 2 --batch 64 --repeats 3 --json "$OUT/pool_dispatch_llama-2-7b.json" 2>/dev/null | tail -3
+log "7. Ray Serve pools vs in-process pools (hop of a stateless call), llama-2-7b"
+if $PY -c "import ray.serve" 2>/dev/null; then
+  timeout 300 $PY bench/ray_pools.py --model llama-2-7b --device cuda --dtype float16 --requests 16 --prompt 128 \
+    --tokens 16 --repeats 2 --json "$OUT/ray_pools_llama-2-7b.json" 2>/dev/null | tail -3
+else
+  echo "ray[serve] not installed: skipped"
+fi
 log "4. operator tables (torch.profiler), llama-2-7b, batch 16"
 timeout 150 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 16 --prompt 128 --tokens 64 \
   --repeats 1 --no-scale-up --op-table "$OUT/op_table_llama-2-7b_b16.txt" > /dev/null
