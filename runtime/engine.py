@@ -69,6 +69,10 @@ from runtime.model import LlamaModel
 from runtime.models import OPERATOR_GROUPS
 from runtime.pools import (DRAINING, LOADING, READY, Replica, WorkerDied, WorkItem, assign_slots, clone_to,
                            pin_host, slot_devices)
+from runtime.tensor_parallel import TP_GROUPS, shard_group, tp_devices
+
+#: the most devices a replica's weights are split over
+MAX_TP = 8
 
 log = logging.getLogger("opscale.runtime")
 
@@ -688,6 +692,8 @@ class Engine:
             live = [r for r in self.replicas[g] if r.state in (READY, LOADING)]
             if sorted(r.slot for r in live) != sorted(want[g]) or any(r.state != READY for r in live):
                 return False
+            if any(r.tp != self._plan[g].tp for r in live):
+                return False
             if any(r.state == DRAINING for r in self.replicas[g]):
                 return False
         return True
@@ -795,17 +801,31 @@ class Engine:
 
     # ---- control ----------------------------------------------------------------------
     def _repair(self, plan: Plan) -> Plan:
-        """Clip replicas to ``config.max_replicas``; tensor parallelism is not supported (tp=1)."""
+        """Clip replicas to ``config.max_replicas`` and tensor parallelism to what a replica can do:
+        up to ``MAX_TP`` for the stateless groups in their own processes (runtime/tensor_parallel.py),
+        1 for attention (its KV cache stays whole), for groups of whole-model instances and for
+        groups on Ray Serve."""
         if not isinstance(plan, Plan):
             raise PlanError(f"expected a Plan, got {type(plan).__name__}")
         p = plan
+        remote = self._remote_groups()
         for g in OPERATOR_GROUPS:
             op = p[g]
             if op.replicas > self.config.max_replicas:
                 p = p.with_op(g, replicas=self.config.max_replicas)
-            if op.tp != 1:
-                p = p.with_op(g, tp=1)
+            splittable = g in TP_GROUPS and op.placement != "model" and g not in remote
+            tp = min(op.tp, MAX_TP) if splittable else 1
+            if op.tp != tp:
+                p = p.with_op(g, tp=tp)
         return p
+
+    def _remote_groups(self) -> tuple[str, ...]:
+        """Groups that run on Ray Serve (``pools: ray``)."""
+        if self.config.pools != "ray":
+            return ()
+        from runtime.rayserve import RayPoolsConfig
+
+        return tuple((self.config.ray or RayPoolsConfig()).groups)
 
     def apply(self, plan: Plan) -> Plan:
         """Adopt ``plan`` (replicas, max batch, placement) while serving; returns the plan in force.
@@ -844,11 +864,14 @@ class Engine:
 
     # ---- replica management (driver thread, or start() before the driver runs) --------
     def _loader(self, group: str) -> Callable[[torch.device], Any]:
+        """Builds a new replica's weights of ``group`` on its device, split over the plan's tp devices."""
         master = self._masters[group]
+        tp = self._plan[group].tp
 
         def load(device: torch.device) -> Any:
-            mods = clone_to(master, device)
-            return mods
+            if tp > 1:
+                return shard_group(master, group, tp_devices(device, tp))
+            return clone_to(master, device)
         return load
 
     def _spawn(self, group: str, slot: str, device: str) -> Replica:
@@ -859,7 +882,8 @@ class Engine:
             self.replicas[group].append(remote)  # type: ignore[arg-type]
             log.info("spawned %r", remote)
             return remote  # type: ignore[return-value]
-        rep = Replica(group, slot, device, self._loader(group), on_done=self._item_done)
+        tp = self._plan[group].tp
+        rep = Replica(group, slot, device, self._loader(group), on_done=self._item_done, tp=tp)
         if group == "attn":
             rep.kv = PagedKVCache(self.layout, self.config.kv_bytes_per_replica, device)
         if group == "head":
@@ -897,7 +921,7 @@ class Engine:
             todo = list(want[g])
             keep, extra = [], []
             for r in live:
-                if r.slot in todo:
+                if r.slot in todo and r.tp == plan[g].tp:
                     todo.remove(r.slot)
                     keep.append(r)
                 else:
@@ -1350,10 +1374,13 @@ class Engine:
         with self._lock:
             reps = [r for rs in self.replicas.values() for r in rs if r.alive]
         if self.config.device == "cuda":
-            devs = sorted({r.device for r in reps if not r.remote}, key=str)
+            devs = sorted({d for r in reps for d in r.devices}, key=str)
             remote = math.ceil(self._remote.gpus() - 1e-9) if self._remote is not None else 0
             return len(devs) + remote, devs
-        return len({r.slot for r in reps}), []
+        width: dict[str, int] = {}  # a slot is one GPU's worth; a replica at tp spans tp of them
+        for r in reps:
+            width[r.slot] = max(width.get(r.slot, 1), r.tp)
+        return sum(width.values()), []
 
     def observe(self) -> ClusterState:
         """What a controller sees of the interval since the previous call.

@@ -23,6 +23,7 @@ import torch
 
 from runtime.control import Plan
 from runtime.models import OPERATOR_GROUPS
+from runtime.tensor_parallel import tp_devices
 
 LOADING, READY, DRAINING, DEAD = "loading", "ready", "draining", "dead"
 
@@ -74,18 +75,22 @@ class Replica:
         device: torch device of its weights and activations.
         load: ``load(device) -> modules`` building its weights (called on a loader thread).
         on_done: ``on_done(replica, item, start_s, end_s)`` metrics hook after each item.
-        synchronize: call ``torch.cuda.synchronize`` after each item (CUDA timing).
+        tp: tensor parallelism: the weights ``load`` builds are split over ``tp`` devices
+            starting at ``device`` (runtime/tensor_parallel.py); results arrive on ``device``.
     """
 
     #: runs in this process (a :class:`runtime.rayserve.RemoteReplica` says True)
     remote = False
 
     def __init__(self, group: str, slot: str, device: str, load: Callable[[torch.device], Any],
-                 on_done: Callable[["Replica", WorkItem, float, float], None] | None = None) -> None:
+                 on_done: Callable[["Replica", WorkItem, float, float], None] | None = None, tp: int = 1) -> None:
         self.id = next(_replica_ids)
         self.group = group
         self.slot = slot
         self.device = torch.device(device)
+        self.tp = int(tp)
+        #: every device holding a shard of its weights (``device`` first)
+        self.devices = tp_devices(self.device, self.tp)
         self.state = LOADING
         self.modules: Any = None
         self.kv: Any = None  # PagedKVCache on attention replicas
@@ -108,8 +113,9 @@ class Replica:
         t0 = time.perf_counter()
         try:
             self.modules = self._load(self.device)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            for d in dict.fromkeys(self.devices):
+                if d.type == "cuda":
+                    torch.cuda.synchronize(d)
         except BaseException as e:  # a replica that cannot load never serves
             log.warning("%r failed to load: %s: %s", self, type(e).__name__, e)
             # the traceback's frames hold whatever the load had copied so far (device

@@ -181,6 +181,8 @@ class RemoteReplica:
         self.group = group
         self.slot = slot
         self.device = torch.device("cpu")  # where its results arrive
+        self.tp = 1  # a Serve replica holds its group whole
+        self.devices: list[torch.device] = []  # none of the engine's
         self.state = LOADING
         self.modules: Any = None
         self.kv: Any = None

@@ -150,7 +150,8 @@ def test_ray_pool_replica_death_loses_nothing(engine, refs):
     seqs = served(engine)
     engine.kill_replica("mlp")  # the Serve replica answering its next call exits mid-batch
     check(seqs, refs)
-    wait_for(lambda: engine.metrics.worker_deaths.labels(group="mlp")._value.get() == deaths + 1,
+    # every proxy with a call on the dead Serve replica saw it die (Serve, not the proxy, routes)
+    wait_for(lambda: engine.metrics.worker_deaths.labels(group="mlp")._value.get() >= deaths + 1,
              what="the dead proxy to be replaced")
     engine.wait_ready(120)
     assert engine._remote.running("mlp") == 2
