@@ -55,6 +55,37 @@ def serve_all(eng: Engine, prompts: list[list[int]], tokens: int) -> dict:
             "outputs": [s.generated for s in seqs]}
 
 
+def workload_head(args: argparse.Namespace, same: bool, **extra) -> dict:
+    """The settings a runtime workload bench records at the head of its JSON (``extra`` after them)."""
+    return {"model": args.model, "device": args.device, "dtype": args.dtype, "requests": args.requests,
+            "batch": args.batch, "prompt": args.prompt, "tokens": args.tokens, "prefill_tokens": args.prefill_tokens,
+            "repeats": args.repeats, "threads": args.threads, **extra, "outputs_equal": same}
+
+
+def medians_and_ratios(runs: dict[str, list[dict]], base: str, other: str,
+                       metrics: tuple[str, ...]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Per setting the median of each metric over the rounds, and the median of the rounds'
+    ``other / base`` ratios (rounds interleaved, so each ratio compares runs made side by side;
+    metrics that are 0 in every ``base`` run get no ratio)."""
+    per = {k: {m: statistics.median(x[m] for x in xs) for m in metrics} for k, xs in runs.items()}
+    rat = {m: statistics.median(o[m] / b[m] for b, o in zip(runs[base], runs[other]) if b[m])
+           for m in metrics if any(b[m] for b in runs[base])}
+    return per, rat
+
+
+def keep_intervals(eng: Engine) -> dict:
+    """Make ``eng.observe()`` leave the raw interval sums it takes in the returned dict's ``"iv"``."""
+    taken: dict = {}
+    take = eng.metrics.take_interval
+
+    def keep():  # noqa: ANN202
+        taken["iv"] = take()
+        return taken["iv"]
+
+    eng.metrics.take_interval = keep
+    return taken
+
+
 def workload_args(p: argparse.ArgumentParser, batch: int, prompt: int, tokens: int) -> None:
     """The command line of an engine workload bench (this one, bench/pool_dispatch.py)."""
     p.add_argument("--model", default="small")

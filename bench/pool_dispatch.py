@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from runtime.model import LlamaModel  # noqa: E402
 from runtime.models import OPERATOR_GROUPS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from micro_batches import serve_all, workload, workload_args  # noqa: E402
+from micro_batches import (keep_intervals, medians_and_ratios, serve_all, workload, workload_args,  # noqa: E402
+                           workload_head)
 from runtime_overhead import engine_config  # noqa: E402
 
 SETTINGS = ("spread", "fill")
@@ -56,14 +56,7 @@ def run_once(model: LlamaModel, prompts: list[list[int]], tokens: int, device: s
     try:
         eng.wait_ready()
         eng.generate(prompts[0][:8], 2)  # warm-up
-        taken: dict = {}
-        take = eng.metrics.take_interval
-
-        def keep():  # noqa: ANN202 - observe() takes the interval; keep a copy of its raw sums
-            taken["iv"] = take()
-            return taken["iv"]
-
-        eng.metrics.take_interval = keep
+        taken = keep_intervals(eng)
         eng.observe()  # start the measured interval
         it0 = eng.iterations
         calls0 = sum(r.items_done for r in eng.replicas["mlp"])
@@ -93,14 +86,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{x['tbt_p50_s'] * 1e3:.1f} ms, MLP busy {x['mlp_busy_s']:.3f} s, "
                   f"{x['mlp_calls_per_iteration']:.2f} MLP calls per iteration", file=sys.stderr, flush=True)
     same = all(x["outputs"] == runs["spread"][i]["outputs"] for x in runs["fill"] for i in range(len(runs["spread"])))
-    out: dict = {"model": args.model, "device": args.device, "dtype": args.dtype, "requests": args.requests,
-                 "replicas": args.replicas, "batch": args.batch, "prompt": args.prompt, "tokens": args.tokens,
-                 "prefill_tokens": args.prefill_tokens, "repeats": args.repeats, "threads": args.threads,
-                 "outputs_equal": same}
-    for k in SETTINGS:
-        out[k] = {m: statistics.median(x[m] for x in runs[k]) for m in metrics}
-    out["fill_over_spread"] = {m: statistics.median(f[m] / s[m] for s, f in zip(runs["spread"], runs["fill"]) if s[m])
-                               for m in metrics if any(s[m] for s in runs["spread"])}
+    out = workload_head(args, same, replicas=args.replicas)
+    per, out["fill_over_spread"] = medians_and_ratios(runs, "spread", "fill", metrics)
+    out.update(per)
     rat = out["fill_over_spread"]
     print(f"{args.model} on {args.device}, {args.requests} x {args.prompt}-token prompts, {args.tokens} tokens each, "
           f"{args.replicas} projection / MLP replicas (spread: {out['spread']['wall_s']:.2f} s):")

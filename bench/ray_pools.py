@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -34,7 +33,8 @@ from runtime.model import LlamaModel  # noqa: E402
 from runtime.models import OPERATOR_GROUPS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from micro_batches import serve_all, workload, workload_args  # noqa: E402
+from micro_batches import (keep_intervals, medians_and_ratios, serve_all, workload, workload_args,  # noqa: E402
+                           workload_head)
 from runtime_overhead import engine_config  # noqa: E402
 
 SETTINGS = ("local", "ray")
@@ -57,14 +57,7 @@ def run_once(model: LlamaModel, prompts: list[list[int]], tokens: int, device: s
     eng.start(wait_ready=300)
     try:
         eng.generate(prompts[0][:8], 2)  # warm-up
-        taken: dict = {}
-        take = eng.metrics.take_interval
-
-        def keep():  # noqa: ANN202 - observe() takes the interval; keep a copy of its raw sums
-            taken["iv"] = take()
-            return taken["iv"]
-
-        eng.metrics.take_interval = keep
+        taken = keep_intervals(eng)
         eng.observe()  # start the measured interval
         calls0 = sum(r.items_done for g in STATELESS for r in eng.replicas[g])
         out = serve_all(eng, prompts, tokens)
@@ -104,14 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     same = all(x["outputs"] == runs["local"][0]["outputs"] for k in SETTINGS for x in runs[k])
-    out: dict = {"model": args.model, "device": args.device, "dtype": args.dtype, "requests": args.requests,
-                 "batch": args.batch, "prompt": args.prompt, "tokens": args.tokens, "n_layers": model.cfg.n_layers,
-                 "prefill_tokens": args.prefill_tokens, "repeats": args.repeats, "threads": args.threads,
-                 "ray_gpus": ray_gpus, "outputs_equal": same}
-    for k in SETTINGS:
-        out[k] = {m: statistics.median(x[m] for x in runs[k]) for m in metrics}
-    out["ray_over_local"] = {m: statistics.median(y[m] / x[m] for x, y in zip(runs["local"], runs["ray"]) if x[m])
-                             for m in metrics}
+    out = workload_head(args, same, n_layers=model.cfg.n_layers, ray_gpus=ray_gpus)
+    per, out["ray_over_local"] = medians_and_ratios(runs, "local", "ray", metrics)
+    out.update(per)
     rat = out["ray_over_local"]
     print(f"{args.model} ({model.cfg.n_layers} layers) on {args.device}, {args.requests} x {args.prompt}-token "
           f"prompts, {args.tokens} tokens each (local: {out['local']['wall_s']:.2f} s):")

@@ -46,32 +46,24 @@ def _put(t: torch.Tensor, device: torch.device) -> nn.Parameter:
     return nn.Parameter(t.detach().contiguous().to(device), requires_grad=False)
 
 
-class ShardedEmbedding(nn.Module):
-    """Embedding table split by ``d_model`` columns; ``forward(ids[T]) -> x[T, d]`` on ``devices[0]``."""
+class Gathered(nn.Module):
+    """One weight split along ``dim`` over devices; ``forward(x)`` applies ``op(x, shard)`` on each
+    shard's device and concatenates the outputs' last axis on ``devices[0]``.
 
-    def __init__(self, weight: torch.Tensor, devices: Sequence[torch.device]) -> None:
+    ``op = F.linear`` with ``dim = 0`` is a column-parallel linear layer (output features split);
+    ``op = F.embedding`` with ``dim = 1`` an embedding table split by ``d_model`` columns.
+    """
+
+    def __init__(self, weight: torch.Tensor, dim: int, op, devices: Sequence[torch.device]) -> None:  # noqa: ANN001
         super().__init__()
         self.devices = list(devices)
-        self.shards = nn.ParameterList(_put(weight[:, idx], d) for idx, d in zip(_parts(weight.shape[1], len(devices)),
-                                                                                   self.devices))
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        d0 = self.devices[0]
-        return torch.cat([F.embedding(token_ids.to(d), w).to(d0) for w, d in zip(self.shards, self.devices)], dim=-1)
-
-
-class ColumnLinear(nn.Module):
-    """``x @ W.T`` with the rows of ``W`` (output features) split over devices; outputs concatenated."""
-
-    def __init__(self, weight: torch.Tensor, devices: Sequence[torch.device]) -> None:
-        super().__init__()
-        self.devices = list(devices)
-        self.shards = nn.ParameterList(_put(weight[idx], d) for idx, d in zip(_parts(weight.shape[0], len(devices)),
-                                                                            self.devices))
+        self.op = op
+        parts = _parts(weight.shape[dim], len(devices))
+        self.shards = nn.ParameterList(_put(weight.index_select(dim, idx), d) for idx, d in zip(parts, self.devices))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d0 = self.devices[0]
-        return torch.cat([F.linear(x.to(d), w).to(d0) for w, d in zip(self.shards, self.devices)], dim=-1)
+        return torch.cat([self.op(x.to(d), w).to(d0) for w, d in zip(self.shards, self.devices)], dim=-1)
 
 
 class ShardedQKV(nn.Module):
@@ -161,15 +153,15 @@ def shard_group(master: nn.ModuleDict, group: str, devices: Sequence[torch.devic
         raise ValueError("shard_group needs at least one device")
     with torch.no_grad():
         if group == "embed":
-            return nn.ModuleDict({"embed": ShardedEmbedding(master["embed"].weight, devs)})
+            return nn.ModuleDict({"embed": Gathered(master["embed"].weight, 1, F.embedding, devs)})
         if group == "proj":
             return nn.ModuleDict({"qkv": nn.ModuleList(ShardedQKV(m, devs) for m in master["qkv"]),
-                                  "o": nn.ModuleList(ColumnLinear(m.weight, devs) for m in master["o"])})
+                                  "o": nn.ModuleList(Gathered(m.weight, 0, F.linear, devs) for m in master["o"])})
         if group == "mlp":
             return nn.ModuleDict({"norm": nn.ModuleList(_norm_on(n, devs[0]) for n in master["norm"]),
                                   "mlp": nn.ModuleList(ShardedMLP(m, devs) for m in master["mlp"])})
         return nn.ModuleDict({"norm": _norm_on(master["norm"], devs[0]),
-                              "lm_head": ColumnLinear(master["lm_head"].weight, devs),
+                              "lm_head": Gathered(master["lm_head"].weight, 0, F.linear, devs),
                               "sampler": master["sampler"]})
 
 
