@@ -69,7 +69,8 @@ from runtime.model import LlamaModel
 from runtime.models import OPERATOR_GROUPS
 from runtime.pools import (DRAINING, LOADING, READY, Replica, WorkerDied, WorkItem, assign_slots, clone_to,
                            pin_host, slot_devices)
-from runtime.tensor_parallel import TP_GROUPS, shard_group, tp_devices
+from runtime.tensor_parallel import (TP_GROUPS, ShardedKVCache, ShardedStepAttention, kv_head_split, shard_group,
+                                     tp_devices)
 
 #: the most devices a replica's weights are split over
 MAX_TP = 8
@@ -366,6 +367,14 @@ class StepAttention:
         return out
 
 
+def step_attention(kv: Any, seqs: list[tuple[int, int, int]]) -> Any:
+    """The per-iteration attention step of a replica's cache: :class:`StepAttention`, or one per
+    shard for a cache split over devices (:class:`runtime.tensor_parallel.ShardedStepAttention`)."""
+    if isinstance(kv, ShardedKVCache):
+        return ShardedStepAttention(kv, seqs, StepAttention)
+    return StepAttention(kv, seqs)
+
+
 @torch.no_grad()
 def _attend(rep: Replica, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             seqs: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -373,7 +382,7 @@ def _attend(rep: Replica, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch
     dev = rep.device
     step = getattr(rep, "_step_attn", None)
     if step is None or step.key != tuple(seqs):  # same rows for every layer of an iteration
-        step = rep._step_attn = StepAttention(rep.kv, seqs)
+        step = rep._step_attn = step_attention(rep.kv, seqs)
     m = rep.modules
     return step(layer, m["rope"][layer], m["attn"][layer], q.to(dev), k.to(dev), v.to(dev))
 
@@ -500,7 +509,7 @@ def _run_lane(rep: Replica, lane: Lane, item: WorkItem) -> torch.Tensor:
     clock.t["embed"] = t - clock.start
     if ev:
         ev("embed")
-    step = StepAttention(rep.kv, lane.seqs)
+    step = step_attention(rep.kv, lane.seqs)
     one_proj, one_mlp = len(cuts["proj"]) == 1, len(cuts["mlp"]) == 1
     t_attn = t_proj = t_mlp = 0.0
     for i, (norm, rope, attn, qkv, o_proj, mlp_norm, mlp) in enumerate(
@@ -802,9 +811,9 @@ class Engine:
     # ---- control ----------------------------------------------------------------------
     def _repair(self, plan: Plan) -> Plan:
         """Clip replicas to ``config.max_replicas`` and tensor parallelism to what a replica can do:
-        up to ``MAX_TP`` for the stateless groups in their own processes (runtime/tensor_parallel.py),
-        1 for attention (its KV cache stays whole), for groups of whole-model instances and for
-        groups on Ray Serve."""
+        up to ``MAX_TP`` devices (runtime/tensor_parallel.py), for attention and the projections at
+        most one key/value head per device; 1 for groups of whole-model instances and for groups
+        on Ray Serve."""
         if not isinstance(plan, Plan):
             raise PlanError(f"expected a Plan, got {type(plan).__name__}")
         p = plan
@@ -814,7 +823,8 @@ class Engine:
             if op.replicas > self.config.max_replicas:
                 p = p.with_op(g, replicas=self.config.max_replicas)
             splittable = g in TP_GROUPS and op.placement != "model" and g not in remote
-            tp = min(op.tp, MAX_TP) if splittable else 1
+            most = min(MAX_TP, self.cfg.n_kv_heads) if g in ("attn", "proj") else MAX_TP
+            tp = min(op.tp, most) if splittable else 1
             if op.tp != tp:
                 p = p.with_op(g, tp=tp)
         return p
@@ -884,7 +894,10 @@ class Engine:
             return remote  # type: ignore[return-value]
         tp = self._plan[group].tp
         rep = Replica(group, slot, device, self._loader(group), on_done=self._item_done, tp=tp)
-        if group == "attn":
+        if group == "attn" and tp > 1:
+            rep.kv = ShardedKVCache(self.layout, self.config.kv_bytes_per_replica, tp_devices(device, tp),
+                                    kv_head_split(self.cfg.n_kv_heads, tp))
+        elif group == "attn":
             rep.kv = PagedKVCache(self.layout, self.config.kv_bytes_per_replica, device)
         if group == "head":
             self._gens[rep.id] = torch.Generator(device=device).manual_seed(self.config.seed + rep.id)

@@ -14,27 +14,33 @@ not divide by ``tp``) and answers each call on its first device, as an unsplit r
 - ``embed``: column-parallel over ``d_model``, outputs concatenated.
 - ``head``: the final norm and the sampler on the first device, the LM head vocabulary-parallel
   (each shard the logits of its slice of the vocabulary), logits concatenated.
+- ``attn``: split by key/value head, each shard with the query heads that read them (grouped
+  query attention stays inside a shard); each shard holds the KV cache of its heads
+  (:class:`ShardedKVCache`: one block table for all shards, so admission and preemption see one
+  cache) and rotates, writes and attends on its own device (:class:`ShardedStepAttention`);
+  outputs gathered by head. Its norm runs on the first device.
 
-Every output element of QKV, O, embedding and LM head is the dot product it is unsplit; only the
-MLP adds ``tp`` partial products (last-bit differences). Attention keeps ``tp = 1`` in the
-runtime: its KV cache would have to be split by head as well (see docs/RUNTIME.md, Limits).
-The shards' kernels run one after another from the caller's thread; on CUDA they are
-asynchronous, so shards on different devices overlap.
+Every output element of QKV, O, embedding, LM head and attention is computed as it is unsplit;
+only the MLP adds ``tp`` partial products (last-bit differences). The shards' kernels run one
+after another from the caller's thread; on CUDA they are asynchronous, so shards on different
+devices overlap.
 
 Units: bytes, devices as ``torch.device``.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.model import RMSNorm
+from runtime.kvcache import KVCacheError, KVLayout, PagedKVCache
+from runtime.model import Attention, RMSNorm, Rotary
 
-#: groups whose replicas may be split (attention keeps its KV cache whole)
-TP_GROUPS = ("embed", "proj", "mlp", "head")
+#: groups whose replicas may be split over devices
+TP_GROUPS = ("embed", "attn", "proj", "mlp", "head")
 
 
 def _parts(n: int, tp: int) -> list[torch.Tensor]:
@@ -131,6 +137,154 @@ class ShardedMLP(nn.Module):
         return out
 
 
+def kv_head_split(n_kv_heads: int, tp: int) -> list[int]:
+    """Key/value heads of each shard of an attention replica at ``tp`` (ValueError past one head each)."""
+    if tp > n_kv_heads:
+        raise ValueError(f"tp={tp} is more than the {n_kv_heads} key/value heads attention can be split by")
+    return [len(p) for p in _parts(n_kv_heads, tp)]
+
+
+class ShardedAttention(nn.Module):
+    """One layer's rotary embedding and attention, one per shard (each shard's heads, on its device).
+
+    Called by :class:`ShardedStepAttention`, not directly: ``parts[i] = (rope, attention)`` of shard ``i``.
+    """
+
+    def __init__(self, rope: Rotary, attn: Attention, kv_heads: list[int], devices: Sequence[torch.device]) -> None:
+        super().__init__()
+        self.devices = list(devices)
+        self.kv_heads = list(kv_heads)
+        self.q_heads = [h * attn.groups for h in kv_heads]
+        n = rope.cos_cached.shape[0]
+        self.ropes = nn.ModuleList(Rotary(rope.head_dim, rope.theta, n, device=d) for d in self.devices)
+        self.attns = nn.ModuleList(Attention(q, k, attn.head_dim) for q, k in zip(self.q_heads, self.kv_heads))
+
+
+class _Shards(nn.Module):
+    """Placeholder for the ``rope`` entry of a split attention replica: the rotary embeddings live
+    in :class:`ShardedAttention` (one per shard); ``forward`` is never called."""
+
+    def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        raise RuntimeError("a split attention replica rotates inside ShardedStepAttention")
+
+
+class ShardedKVCache:
+    """An attention replica's KV cache split by key/value head over its devices.
+
+    Every shard is a :class:`runtime.kvcache.PagedKVCache` of the same number of blocks holding
+    its heads; reservations, growth and releases go to all of them in the same order, so their
+    block tables stay identical and the engine's admission and preemption read one cache (shard
+    0's counts). ``capacity_bytes`` is the whole replica's, as for an unsplit cache: the same
+    tokens fit, spread over the devices. ``export`` / ``import_`` move every head (gathered on
+    the first device), so sequences hand over between split and unsplit replicas.
+    """
+
+    def __init__(self, layout: KVLayout, capacity_bytes: int, devices: Sequence[torch.device | str],
+                 kv_heads: list[int]) -> None:
+        n_blocks = int(capacity_bytes // layout.bytes_per_block)
+        if n_blocks < 1:
+            raise KVCacheError(
+                f"KV capacity {capacity_bytes} bytes is less than one block ({layout.bytes_per_block} bytes)")
+        self.layout = layout
+        self.devices = [torch.device(d) for d in devices]
+        self.device = self.devices[0]
+        self.kv_heads = list(kv_heads)
+        self.n_blocks = n_blocks
+        self.shards = []
+        for h, d in zip(self.kv_heads, self.devices):
+            lay = replace(layout, n_kv_heads=h)
+            self.shards.append(PagedKVCache(lay, n_blocks * lay.bytes_per_block, d))
+
+    # accounting: shard 0 answers for all (their tables are identical)
+    @property
+    def capacity_tokens(self) -> int:
+        return self.shards[0].capacity_tokens
+
+    @property
+    def free_blocks(self) -> int:
+        return self.shards[0].free_blocks
+
+    @property
+    def used_frac(self) -> float:
+        return self.shards[0].used_frac
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes the block pools occupy over all devices."""
+        return sum(c.memory_bytes for c in self.shards)
+
+    def sequences(self) -> list[int]:
+        return self.shards[0].sequences()
+
+    def can_reserve(self, tokens: int) -> bool:
+        return self.shards[0].can_reserve(tokens)
+
+    def blocks_to_extend(self, seq_id: int, tokens: int) -> int:
+        return self.shards[0].blocks_to_extend(seq_id, tokens)
+
+    def reserved_tokens(self, seq_id: int) -> int:
+        return self.shards[0].reserved_tokens(seq_id)
+
+    # changes: every shard, in the same order
+    def reserve(self, seq_id: int, tokens: int) -> None:
+        self.shards[0].reserve(seq_id, tokens)  # raises before any shard changes
+        for c in self.shards[1:]:
+            c.reserve(seq_id, tokens)
+
+    def extend(self, seq_id: int, tokens: int) -> None:
+        self.shards[0].extend(seq_id, tokens)
+        for c in self.shards[1:]:
+            c.extend(seq_id, tokens)
+
+    def release(self, seq_id: int) -> None:
+        for c in self.shards:
+            c.release(seq_id)
+
+    def export(self, seq_id: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every head's K and V of the first ``length`` tokens, per layer, on the first device."""
+        parts = [c.export(seq_id, length) for c in self.shards]
+        d0 = self.device
+        ks = [torch.cat([p[0][i].to(d0) for p in parts], dim=1) for i in range(self.layout.n_layers)]
+        vs = [torch.cat([p[1][i].to(d0) for p in parts], dim=1) for i in range(self.layout.n_layers)]
+        return ks, vs
+
+    def import_(self, seq_id: int, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+        """Write exported K/V (every head) into the shards, each its heads."""
+        for c, lo, hi in self._bounds():
+            c.import_(seq_id, [k[:, lo:hi] for k in ks], [v[:, lo:hi] for v in vs])
+
+    def _bounds(self) -> list[tuple[PagedKVCache, int, int]]:
+        out, lo = [], 0
+        for c, h in zip(self.shards, self.kv_heads):
+            out.append((c, lo, lo + h))
+            lo += h
+        return out
+
+
+class ShardedStepAttention:
+    """:class:`runtime.engine.StepAttention` of a split attention replica: one per shard, each
+    rotating, writing and attending its heads on its device; outputs gathered by head."""
+
+    def __init__(self, kv: ShardedKVCache, seqs: list[tuple[int, int, int]], step_cls: type) -> None:
+        self.kv = kv
+        self.key = tuple(seqs)
+        self.steps = [step_cls(c, seqs) for c in kv.shards]
+        self.all_decode = self.steps[0].all_decode
+
+    def __call__(self, layer: int, rope: nn.Module, attn: ShardedAttention, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> torch.Tensor:
+        """``q[rows,H,hd], k, v[rows,KV,hd]`` on the first device -> attention output ``[rows, H*hd]`` there."""
+        d0 = self.kv.device
+        outs, qlo, klo = [], 0, 0
+        for step, d, r, a, nq, nk in zip(self.steps, attn.devices, attn.ropes, attn.attns, attn.q_heads,
+                                         attn.kv_heads):
+            outs.append(step(layer, r, a, q[:, qlo:qlo + nq].to(d), k[:, klo:klo + nk].to(d),
+                             v[:, klo:klo + nk].to(d)).to(d0))
+            qlo += nq
+            klo += nk
+        return torch.cat(outs, dim=-1)
+
+
 def _norm_on(norm: RMSNorm, device: torch.device) -> RMSNorm:
     new = RMSNorm(norm.weight.shape[0], norm.eps, device=device, dtype=norm.weight.dtype)
     with torch.no_grad():
@@ -148,10 +302,16 @@ def shard_group(master: nn.ModuleDict, group: str, devices: Sequence[torch.devic
     """
     devs = [torch.device(d) for d in devices]
     if group not in TP_GROUPS:
-        raise ValueError(f"group {group!r} cannot be split over devices; tensor parallelism covers {list(TP_GROUPS)}")
+        raise ValueError(f"unknown operator group {group!r}; tensor parallelism covers {list(TP_GROUPS)}")
     if not devs:
         raise ValueError("shard_group needs at least one device")
     with torch.no_grad():
+        if group == "attn":
+            heads = kv_head_split(master["attn"][0].n_kv_heads, len(devs))
+            return nn.ModuleDict({"norm": nn.ModuleList(_norm_on(n, devs[0]) for n in master["norm"]),
+                                  "rope": nn.ModuleList(_Shards() for _ in master["rope"]),
+                                  "attn": nn.ModuleList(ShardedAttention(r, a, heads, devs)
+                                                        for r, a in zip(master["rope"], master["attn"]))})
         if group == "embed":
             return nn.ModuleDict({"embed": Gathered(master["embed"].weight, 1, F.embedding, devs)})
         if group == "proj":

@@ -36,23 +36,28 @@ def cases(draw):  # noqa: ANN001, ANN201
         "alloc": draw(st.sampled_from(["on_demand", "reserve"])),
         "micro": draw(st.sampled_from([(1, "fixed"), (2, "fixed"), (2, "adaptive"), (3, "fixed")])),
         # a second plan applied while the requests run (None: the first stays), and when
+        # (attention replicas, batch, placement, attention tp: a change of tp replaces the replicas)
         "change": draw(st.none() | st.tuples(st.integers(1, 3), st.integers(1, 8),
-                                             st.sampled_from(["pack", "dedicated"]))),
+                                             st.sampled_from(["pack", "dedicated"]), st.integers(1, 2))),
         "after_s": draw(st.sampled_from([0.0, 0.005, 0.02])),
         # projection and MLP pools: replicas, max_batch, and how a stage is shared among them
         "pools": draw(st.tuples(st.integers(1, 2), st.integers(1, 8), st.sampled_from(["fill", "spread"]))),
+        # tensor parallelism of attention and of the projection / MLP pools (split over 2 "devices")
+        "tp": draw(st.tuples(st.integers(1, 2), st.integers(1, 2))),
     }
 
 
-def plan_of(attn: int, attn_batch: int, placement: str, pools: tuple[int, int] = (1, 8)) -> Plan:
+def plan_of(attn: int, attn_batch: int, placement: str, attn_tp: int = 1, pools: tuple[int, int] = (1, 8),
+            pools_tp: int = 1) -> Plan:
     ops = {g: OperatorPlan(1, 8, placement) for g in OPERATOR_GROUPS}
-    ops["attn"] = OperatorPlan(attn, attn_batch, placement)
+    ops["attn"] = OperatorPlan(attn, attn_batch, placement, attn_tp)
     for g in ("proj", "mlp"):
-        ops[g] = OperatorPlan(pools[0], pools[1], placement)
+        ops[g] = OperatorPlan(pools[0], pools[1], placement, pools_tp)
     return Plan(ops)
 
 
-# 60 examples (~15 s here; session 18 added the projection / MLP pools' size and dispatch). Of 100 examples counted once: 39 preempt, 29 cut micro-batches, and
+# 60 examples (~15 s here; session 18 added the projection / MLP pools' size and dispatch, session
+# 19 tensor parallelism of attention and the pools, and attention tp changes while serving). Of 100 examples counted once: 39 preempt, 29 cut micro-batches, and
 # 6 retire an attention replica that still holds sequences (hand-over). 300 passed locally in
 # session 17, after the admission fix this test found (a request filling a replica exactly
 # never started).
@@ -64,13 +69,15 @@ def test_every_request_ends_with_the_reference_tokens_and_no_block_leaks(case):
                         kv_allocation=case["alloc"],
                         micro_batches=case["micro"][0], micro_batching=case["micro"][1],
                         pool_dispatch=case["pools"][2])
-    eng = Engine(MODEL, plan_of(case["attn"], case["attn_batch"], case["placement"], case["pools"][:2]), conf).start()
+    tp_attn, tp_pools = case["tp"]
+    eng = Engine(MODEL, plan_of(case["attn"], case["attn_batch"], case["placement"], tp_attn, case["pools"][:2],
+                                tp_pools), conf).start()
     try:
         with eng._lock:  # all queued before the first iteration: the most contention for memory
             seqs = [eng.submit(p, m) for p, m in case["reqs"]]
         if case["change"] is not None:  # scaling while they run: hand-overs, drains, new replicas
             time.sleep(case["after_s"])
-            eng.apply(plan_of(*case["change"], case["pools"][:2]))
+            eng.apply(plan_of(*case["change"], case["pools"][:2], tp_pools))
         deadline = time.perf_counter() + 20
         for s in seqs:
             assert s.finished.wait(max(deadline - time.perf_counter(), 0.01)), f"request {s.id} did not finish"

@@ -50,9 +50,49 @@ def test_sharded_groups_compute_what_the_unsplit_ones_do(model, tp):
         assert sum(p.numel() for p in shard_group(group_modules(model, g), g, ["cpu"] * tp).parameters()) == n_full
 
 
-def test_shard_group_refuses_attention_and_names_the_groups(model):
-    with pytest.raises(ValueError, match=r"'attn' cannot be split.*\['embed', 'proj', 'mlp', 'head'\]"):
-        shard_group(group_modules(model, "attn"), "attn", ["cpu", "cpu"])
+def test_shard_group_names_the_problem(model):
+    with pytest.raises(ValueError, match=r"unknown operator group 'moe'.*\['embed', 'attn', 'proj', 'mlp', 'head'\]"):
+        shard_group(group_modules(model, "mlp"), "moe", ["cpu", "cpu"])
+    with pytest.raises(ValueError, match=f"tp=5 is more than the {TINY.n_kv_heads} key/value heads"):
+        shard_group(group_modules(model, "attn"), "attn", ["cpu"] * 5)
+
+
+def test_split_attention_and_cache_compute_what_the_whole_ones_do(model):
+    """Two prefills then a decode step through a split and an unsplit replica's attention and cache."""
+    from runtime.engine import StepAttention, step_attention
+    from runtime.kvcache import KVLayout, PagedKVCache
+    from runtime.tensor_parallel import ShardedKVCache, kv_head_split
+
+    lay = KVLayout(TINY.n_layers, TINY.n_kv_heads, TINY.head_dim, 4, torch.float64)
+    whole = PagedKVCache(lay, 64 * lay.bytes_per_block)
+    split = ShardedKVCache(lay, 64 * lay.bytes_per_block, ["cpu", "cpu"], kv_head_split(TINY.n_kv_heads, 2))
+    assert split.n_blocks == whole.n_blocks == 64 and split.memory_bytes == whole.memory_bytes
+    full, parts = group_modules(model, "attn"), shard_group(group_modules(model, "attn"), "attn", ["cpu", "cpu"])
+    torch.manual_seed(0)
+    H, KV, hd = TINY.n_heads, TINY.n_kv_heads, TINY.head_dim
+    for seqs in ([(1, 5, 0), (2, 3, 0)], [(1, 1, 5), (2, 1, 3)]):
+        if seqs[0][2] == 0:
+            for c in (whole, split):
+                c.reserve(1, 7)
+                c.reserve(2, 7)
+        rows = sum(n for _, n, _ in seqs)
+        q, k, v = torch.randn(rows, H, hd, dtype=torch.float64), torch.randn(rows, KV, hd, dtype=torch.float64), \
+            torch.randn(rows, KV, hd, dtype=torch.float64)
+        a, b = StepAttention(whole, seqs), step_attention(split, seqs)
+        for layer in range(TINY.n_layers):
+            out_w = a(layer, full["rope"][layer], full["attn"][layer], q, k, v)
+            out_s = b(layer, parts["rope"][layer], parts["attn"][layer], q, k, v)
+            assert torch.allclose(out_w, out_s, rtol=0, atol=1e-12)
+    assert split.free_blocks == whole.free_blocks and split.sequences() == whole.sequences()
+    ks_w, vs_w = whole.export(1, 6)
+    ks_s, vs_s = split.export(1, 6)
+    assert all(torch.allclose(x, y, rtol=0, atol=1e-12) for x, y in zip(ks_w + vs_w, ks_s + vs_s))
+    other = ShardedKVCache(lay, 64 * lay.bytes_per_block, ["cpu", "cpu"], kv_head_split(KV, 2))
+    other.reserve(9, 6)
+    other.import_(9, ks_w, vs_w)  # a hand-over from an unsplit replica
+    assert all(torch.equal(x, y) for x, y in zip(other.export(9, 6)[0], ks_w))
+    split.release(1)
+    assert split.free_blocks == whole.free_blocks + 2
 
 
 def test_tp_devices_off_cuda_repeat_the_device():
@@ -66,10 +106,9 @@ def _plan(tp: dict[str, int], replicas: int = 2, placement: str = "pack") -> Pla
 def test_engine_runs_split_replicas_and_gives_the_monolithic_tokens(model):
     ps = prompts(10)
     refs = [generate_monolithic(model, p, 6) for p in ps]
-    eng = Engine(model, _plan({"embed": 2, "proj": 2, "mlp": 2, "head": 2, "attn": 2}), EngineConfig()).start()
+    eng = Engine(model, _plan({g: 2 for g in OPERATOR_GROUPS}), EngineConfig()).start()
     try:
-        assert eng.plan["attn"].tp == 1 and eng.plan["mlp"].tp == 2  # attention keeps its KV whole
-        assert all(r.tp == 2 for g in ("embed", "proj", "mlp", "head") for r in eng.replicas[g])
+        assert all(r.tp == 2 for g in OPERATOR_GROUPS for r in eng.replicas[g])
         seqs = [eng.submit(p, 6) for p in ps]
         for s in seqs:
             assert s.finished.wait(60)
@@ -91,19 +130,19 @@ def test_engine_changes_tp_while_serving_and_loses_nothing(model):
     eng = Engine(model, _plan({}, replicas=1), EngineConfig(fuse_colocated=False)).start()
     try:
         seqs = [eng.submit(p, 8) for p in ps]
-        eng.apply(_plan({"mlp": 2, "proj": 2}, replicas=1))
+        eng.apply(_plan({"mlp": 2, "proj": 2, "attn": 2}, replicas=1))  # attention hands its sequences over
         for s in seqs:
             assert s.finished.wait(60)
         assert [list(s.generated) for s in seqs] == refs
         eng.wait_ready(30)
-        assert [r.tp for r in eng.replicas["mlp"]] == [2] and [r.tp for r in eng.replicas["proj"]] == [2]
+        assert [r.tp for g in ("attn", "proj", "mlp") for r in eng.replicas[g]] == [2, 2, 2]
         seqs = [eng.submit(p, 8) for p in ps]
         eng.apply(_plan({}, replicas=1))  # and back
         for s in seqs:
             assert s.finished.wait(60)
         assert [list(s.generated) for s in seqs] == refs
         deadline = time.perf_counter() + 30
-        while [r.tp for r in eng.replicas["mlp"]] != [1]:
+        while [r.tp for g in ("attn", "mlp") for r in eng.replicas[g]] != [1, 1]:
             assert time.perf_counter() < deadline
             time.sleep(0.02)
     finally:
