@@ -811,9 +811,10 @@ class Engine:
     # ---- control ----------------------------------------------------------------------
     def _repair(self, plan: Plan) -> Plan:
         """Clip replicas to ``config.max_replicas`` and tensor parallelism to what a replica can do:
-        up to ``MAX_TP`` devices (runtime/tensor_parallel.py), for attention and the projections at
-        most one key/value head per device; 1 for groups of whole-model instances and for groups
-        on Ray Serve."""
+        up to ``MAX_TP`` devices (runtime/tensor_parallel.py), on CUDA at most the visible GPUs,
+        for attention and the projections at most one key/value head per device; 1 for groups of
+        whole-model instances and for groups on Ray Serve. (On CPU a split replica's shards all
+        sit on the CPU: what the plan would spread over GPUs, for testing and GPU accounting.)"""
         if not isinstance(plan, Plan):
             raise PlanError(f"expected a Plan, got {type(plan).__name__}")
         p = plan
@@ -824,6 +825,8 @@ class Engine:
                 p = p.with_op(g, replicas=self.config.max_replicas)
             splittable = g in TP_GROUPS and op.placement != "model" and g not in remote
             most = min(MAX_TP, self.cfg.n_kv_heads) if g in ("attn", "proj") else MAX_TP
+            if self.config.device == "cuda":  # a replica spans at most the GPUs there are
+                most = min(most, max(torch.cuda.device_count(), 1))
             tp = min(op.tp, most) if splittable else 1
             if op.tp != tp:
                 p = p.with_op(g, tp=tp)
