@@ -37,7 +37,7 @@ log() { echo "=== $(date -u +%H:%M:%S) $*"; }
 cat "$OUT/env.txt"
 
 log "1. pytest -m gpu"
-timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_profile.py tests/test_runtime_engine.py > "$OUT/gpu_tests.log" 2>&1
+timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_profile.py tests/test_runtime_engine.py tests/test_runtime_tp.py > "$OUT/gpu_tests.log" 2>&1
 tail -5 "$OUT/gpu_tests.log"
 log "2a. runtime overhead, llama-2-7b, batch 16"
 timeout 200 $PY bench/runtime_overhead.py --model llama-2-7b --device cuda --batch 16 --prompt 128 --tokens 64 \

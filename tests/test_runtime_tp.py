@@ -147,3 +147,23 @@ def test_engine_changes_tp_while_serving_and_loses_nothing(model):
             time.sleep(0.02)
     finally:
         eng.stop()
+
+
+@pytest.mark.gpu
+def test_cuda_split_replicas_span_gpus_and_give_the_greedy_tokens(model):
+    """Every group at tp 2 over two GPUs (one visible GPU: tp is clipped to 1, checked as well)."""
+    n = torch.cuda.device_count()
+    ps = prompts(6)
+    refs = [generate_monolithic(model, p, 6) for p in ps]
+    eng = Engine(model, _plan({g: 2 for g in OPERATOR_GROUPS}, replicas=1), EngineConfig(device="cuda")).start()
+    try:
+        want = min(2, n)
+        assert all(r.tp == want for g in OPERATOR_GROUPS for r in eng.replicas[g])
+        assert {d.index for r in eng.replicas["mlp"] for d in r.devices} == set(range(want))
+        seqs = [eng.submit(p, 6) for p in ps]
+        for s in seqs:
+            assert s.finished.wait(60)
+        assert [list(s.generated) for s in seqs] == refs
+        assert eng.observe().gpus_in_use == want
+    finally:
+        eng.stop()
