@@ -813,32 +813,36 @@ class Engine:
         """Clip replicas to ``config.max_replicas`` and tensor parallelism to what a replica can do:
         up to ``MAX_TP`` devices (runtime/tensor_parallel.py), on CUDA at most the visible GPUs,
         for attention and the projections at most one key/value head per device; 1 for groups of
-        whole-model instances and for groups on Ray Serve. (On CPU a split replica's shards all
-        sit on the CPU: what the plan would spread over GPUs, for testing and GPU accounting.)"""
+        whole-model instances; for groups on Ray Serve the deployment's (``RayPoolsConfig.tp``).
+        (On CPU a split replica's shards all sit on the CPU: what the plan would spread over GPUs,
+        for testing and GPU accounting.)"""
         if not isinstance(plan, Plan):
             raise PlanError(f"expected a Plan, got {type(plan).__name__}")
         p = plan
-        remote = self._remote_groups()
+        remote = self._remote_tp()
         for g in OPERATOR_GROUPS:
             op = p[g]
             if op.replicas > self.config.max_replicas:
                 p = p.with_op(g, replicas=self.config.max_replicas)
-            splittable = g in TP_GROUPS and op.placement != "model" and g not in remote
+            splittable = g in TP_GROUPS and op.placement != "model"
             most = min(MAX_TP, self.cfg.n_kv_heads) if g in ("attn", "proj") else MAX_TP
             if self.config.device == "cuda":  # a replica spans at most the GPUs there are
                 most = min(most, max(torch.cuda.device_count(), 1))
             tp = min(op.tp, most) if splittable else 1
+            if g in remote:  # the Serve deployment's split, fixed while it runs
+                tp = remote[g]
             if op.tp != tp:
                 p = p.with_op(g, tp=tp)
         return p
 
-    def _remote_groups(self) -> tuple[str, ...]:
-        """Groups that run on Ray Serve (``pools: ray``)."""
+    def _remote_tp(self) -> dict[str, int]:
+        """The groups that run on Ray Serve (``pools: ray``), each with its deployment's tp."""
         if self.config.pools != "ray":
-            return ()
+            return {}
         from runtime.rayserve import RayPoolsConfig
 
-        return tuple((self.config.ray or RayPoolsConfig()).groups)
+        rcfg = self.config.ray or RayPoolsConfig()
+        return {g: int(rcfg.tp.get(g, 1)) for g in rcfg.groups}
 
     def apply(self, plan: Plan) -> Plan:
         """Adopt ``plan`` (replicas, max batch, placement) while serving; returns the plan in force.

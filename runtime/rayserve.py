@@ -73,6 +73,10 @@ class RayPoolsConfig:
             single CPU machine).
         num_gpus: GPUs Ray reserves per pool replica of each group (a fraction packs
             replicas of several groups onto one GPU); groups not named get 0 (CPU).
+        tp: tensor parallelism of each group's Serve replicas (runtime/tensor_parallel.py): a
+            replica splits its weights over its GPUs (at most the ``num_gpus`` Ray gives it; on
+            CPU over CPU shards); groups not named get 1. Fixed while the pools run: the plans'
+            ``tp`` for these groups follows it.
         max_ongoing_requests: calls Serve sends to one replica before queueing in the router
             (the engine already cuts calls to the group's ``max_batch``).
         app_prefix: Serve application names are ``{app_prefix}-{group}``.
@@ -86,6 +90,7 @@ class RayPoolsConfig:
     address: str | None = None
     num_cpus: float = 0.0
     num_gpus: dict[str, float] = field(default_factory=dict)
+    tp: dict[str, int] = field(default_factory=dict)
     max_ongoing_requests: int = 16
     app_prefix: str = "opscale"
     ready_timeout_s: float = 300.0
@@ -101,6 +106,10 @@ class RayPoolsConfig:
         if bad:
             raise ValueError(f"RayPoolsConfig.num_gpus: {bad} names a group not in groups={list(self.groups)} "
                              f"or a negative GPU count")
+        bad = {g: v for g, v in self.tp.items() if g not in self.groups or int(v) != v or not 1 <= v <= 8}
+        if bad:
+            raise ValueError(f"RayPoolsConfig.tp: {bad} names a group not in groups={list(self.groups)} "
+                             f"or a tp outside 1..8")
 
 
 def _to_cpu(x: Any) -> Any:
@@ -129,17 +138,28 @@ class OperatorPool:
         modules: the group's master modules (or an ObjectRef of them), copied to this
             replica's device.
         seed: sampling seed (head replicas add their replica rank).
+        tp: devices its weights are split over (its GPUs, at most as many as Ray gave it; CPU
+            shards on a CPU replica).
     """
 
-    def __init__(self, group: str, modules: Any, seed: int = 0) -> None:
+    def __init__(self, group: str, modules: Any, seed: int = 0, tp: int = 1) -> None:
         import ray
         from ray import serve
 
+        from runtime.tensor_parallel import shard_group
+
         if isinstance(modules, ray.ObjectRef):
             modules = ray.get(modules)
-        device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        gpus = len(ray.get_gpu_ids()) if torch.cuda.is_available() else 0
+        if gpus:  # Ray made this replica's GPUs cuda:0..gpus-1
+            devices = [torch.device("cuda", i) for i in range(min(tp, gpus, torch.cuda.device_count()))]
+        else:
+            devices = [torch.device("cpu")] * tp
+        device = devices[0]
         t0 = time.perf_counter()
-        self.rep = _Shim(group, clone_to(modules, device), device)
+        mods = shard_group(modules, group, devices) if len(devices) > 1 else clone_to(modules, device)
+        self.rep = _Shim(group, mods, device)
+        self.tp = len(devices)
         self.load_s = time.perf_counter() - t0
         self.ops = _ops()
         try:
@@ -181,7 +201,7 @@ class RemoteReplica:
         self.group = group
         self.slot = slot
         self.device = torch.device("cpu")  # where its results arrive
-        self.tp = 1  # a Serve replica holds its group whole
+        self.tp = pools.config.tp.get(group, 1)  # the deployment's split
         self.devices: list[torch.device] = []  # none of the engine's
         self.state = LOADING
         self.modules: Any = None
@@ -328,7 +348,8 @@ class RayPools:
             dep = serve.deployment(OperatorPool, name=f"pool-{g}").options(
                 num_replicas=1, max_ongoing_requests=self.config.max_ongoing_requests,
                 ray_actor_options={"num_cpus": self.config.num_cpus, "num_gpus": self.config.num_gpus.get(g, 0.0)})
-            targets.append(serve.RunTarget(dep.bind(g, self._refs[g], self.config.seed), name=self.app(g),
+            targets.append(serve.RunTarget(dep.bind(g, self._refs[g], self.config.seed, self.config.tp.get(g, 1)),
+                                           name=self.app(g),
                                            route_prefix=None, external_scaler_enabled=True))
             self._applied[g] = 1
         for g, h in zip(self.groups, serve.run_many(targets, wait_for_applications_running=False)):

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pools ray: the Ray cluster to join (e.g. auto); default: a local Ray instance")
     p.add_argument("--ray-gpus", type=float, default=None,
                    help="with --pools ray: GPUs Ray reserves per pool replica (a fraction packs several on one "
-                        "GPU); default 1 with --device cuda, else 0")
+                        "GPU); default --ray-tp with --device cuda, else 0")
+    p.add_argument("--ray-tp", type=int, default=1,
+                   help="with --pools ray: devices each pool replica splits its weights over (tensor parallelism)")
     p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT target (seconds)")
     p.add_argument("--slo-tbt", type=float, default=0.5, help="TBT target (seconds)")
     p.add_argument("--host", default="127.0.0.1")
@@ -122,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--budget must be >= 1 placement slot, got {args.budget}")
     if args.micro_batches < 1:
         raise SystemExit(f"--micro-batches must be >= 1, got {args.micro_batches}")
-    if args.pools != "ray" and (args.ray_address is not None or args.ray_gpus is not None):
-        raise SystemExit("--ray-address / --ray-gpus need --pools ray")
+    if args.pools != "ray" and (args.ray_address is not None or args.ray_gpus is not None or args.ray_tp != 1):
+        raise SystemExit("--ray-address / --ray-gpus / --ray-tp need --pools ray")
+    if not 1 <= args.ray_tp <= 8:
+        raise SystemExit(f"--ray-tp must be in 1..8, got {args.ray_tp}")
     if args.ray_gpus is not None and args.ray_gpus < 0:
         raise SystemExit(f"--ray-gpus must be >= 0, got {args.ray_gpus}")
     ray_cfg = None
@@ -132,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             from runtime.rayserve import STATELESS, RayPoolsConfig
         except ImportError as e:  # pragma: no cover - ray is a declared dependency
             raise SystemExit(f"--pools ray: {e}; install ray[serve]") from None
-        gpus = args.ray_gpus if args.ray_gpus is not None else (1.0 if args.device == "cuda" else 0.0)
+        gpus = args.ray_gpus if args.ray_gpus is not None else (float(args.ray_tp) if args.device == "cuda" else 0.0)
         ray_cfg = RayPoolsConfig(address=args.ray_address, num_gpus={g: gpus for g in STATELESS} if gpus else {},
-                                 seed=args.seed)
+                                 tp={g: args.ray_tp for g in STATELESS}, seed=args.seed)
     dtype = DTYPES[args.dtype or ("float16" if args.device == "cuda" else "float32")]
 
     from runtime.model import build_model

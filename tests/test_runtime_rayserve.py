@@ -49,6 +49,8 @@ def test_ray_pools_config_names_the_problem():
         RayPoolsConfig(groups=("mlp",), num_gpus={"embed": 1.0})
     with pytest.raises(ValueError, match="num_gpus"):
         RayPoolsConfig(num_gpus={"mlp": -1.0})
+    with pytest.raises(ValueError, match=r"RayPoolsConfig.tp: \{'mlp': 9\}"):
+        RayPoolsConfig(tp={"mlp": 9})
     with pytest.raises(ValueError, match="EngineConfig.pools must be 'local' or 'ray', got 'k8s'"):
         EngineConfig(pools="k8s")
 
@@ -58,6 +60,10 @@ def test_serve_cli_ray_flags_need_ray_pools():
 
     with pytest.raises(SystemExit, match="need --pools ray"):
         main(["--model", "tiny", "--ray-address", "auto"])
+    with pytest.raises(SystemExit, match="need --pools ray"):
+        main(["--model", "tiny", "--ray-tp", "2"])
+    with pytest.raises(SystemExit, match="--ray-tp must be in 1..8"):
+        main(["--model", "tiny", "--pools", "ray", "--ray-tp", "0"])
     with pytest.raises(SystemExit, match="--ray-gpus must be >= 0"):
         main(["--model", "tiny", "--pools", "ray", "--ray-gpus", "-1"])
 
@@ -83,7 +89,9 @@ def engine(model):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     except Exception as e:  # noqa: BLE001 - a machine that cannot run Ray at all (sandbox, no /dev/shm)
         pytest.skip(f"Ray cannot start on this machine: {type(e).__name__}: {e}")
-    eng = Engine(model, plan(), EngineConfig(pools="ray", max_replicas=4)).start(wait_ready=180)
+    # the MLP's Serve replicas split their weights in two (tensor parallelism inside a Serve replica)
+    rcfg = RayPoolsConfig(tp={"mlp": 2})
+    eng = Engine(model, plan(), EngineConfig(pools="ray", ray=rcfg, max_replicas=4)).start(wait_ready=180)
     yield eng
     eng.stop()
     serve.shutdown()
@@ -109,6 +117,8 @@ def test_ray_pools_give_the_in_process_tokens(engine, refs):
     assert set(pools.groups) == set(STATELESS)
     assert all(r.remote for g in STATELESS for r in engine.replicas[g])
     assert not any(r.remote for r in engine.replicas["attn"])
+    assert engine.plan["mlp"].tp == 2 and engine.plan["proj"].tp == 1  # the deployments' splits
+    assert [r.tp for r in engine.replicas["mlp"]] == [2, 2]
     check(served(engine), refs)
     assert pools.running("mlp") == 2 and pools.running("proj") == 1
     assert all(sum(pools.pid_calls[g].values()) > 0 for g in STATELESS)  # every stateless call went to Serve
