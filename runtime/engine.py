@@ -1410,9 +1410,10 @@ class Engine:
         token and attn/proj twice per layer, as they are visited twice); queue = token-steps
         waiting in the group's replica queues now plus prompt tokens waiting for admission;
         utilisation = busy time / (interval x serving replicas); latency = queue wait +
-        service of its batches. GPUs in use: distinct CUDA devices holding replicas, or on
-        CPU the distinct placement slots (see :func:`runtime.pools.assign_slots`). Power:
-        NVML board power on CUDA, 0 W on CPU.
+        service of its batches. GPUs in use: distinct CUDA devices holding replicas or shards of
+        them, plus the GPUs Ray reserves for Serve pools; on CPU the placement slots (see
+        :func:`runtime.pools.assign_slots`), each as wide as its widest replica's tp. Power:
+        NVML board power of the engine's CUDA devices, 0 W on CPU.
         """
         iv = self.metrics.take_interval()
         dt = max(iv.end_s - iv.start_s, 1e-9)
