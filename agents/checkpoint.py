@@ -14,6 +14,7 @@ error that names the difference.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import time
@@ -61,6 +62,29 @@ class ObsNormaliser:
         return np.clip(out, -self.clip, self.clip).astype(np.float32)
 
 
+#: environment variables that choose the CPU code paths of torch's kernels (and so the last bits
+#: of a training run's floating-point results)
+NUMERICS_ENV = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def host_info() -> dict[str, Any]:
+    """The machine a checkpoint was trained on, as far as its numbers depend on it: the CPU model,
+    the torch version, the instruction set torch's kernels dispatch to, and the numerics settings
+    in the environment. A policy trained with the same code and seed on another CPU can differ."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "numerics_env": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ}}
+
+
 def write_metadata(folder: Path, codec: CodecConfig, scenario: Mapping[str, Any], algo: str,
                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write ``metadata.json`` into ``folder`` and return what was written."""
@@ -73,6 +97,7 @@ def write_metadata(folder: Path, codec: CodecConfig, scenario: Mapping[str, Any]
         "algo": algo,
         "git_rev": git_revision(),
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": host_info(),
     }
     if extra:
         meta.update(extra)

@@ -124,3 +124,16 @@ def test_missing_files_are_named(tmp_path):
     write_metadata(tmp_path, CODEC, {}, "PPO")
     with pytest.raises(CheckpointError, match="no policy.zip"):
         load_checkpoint(tmp_path)
+
+
+def test_metadata_records_the_host_numerics(tmp_path, monkeypatch):
+    """A policy's last bits depend on the CPU path torch's kernels take: the metadata says which."""
+    import torch
+
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    meta = write_metadata(tmp_path, CODEC, {"model": "x"}, "PPO")
+    host = json.loads((tmp_path / "metadata.json").read_text())["host"]
+    assert host == meta["host"]
+    assert host["torch"] == torch.__version__
+    assert host["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert host["numerics_env"]["MKL_CBWR"] == "AVX2" and host["cpu"]
