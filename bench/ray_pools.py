@@ -31,6 +31,7 @@ from runtime.control import OperatorPlan, Plan  # noqa: E402
 from runtime.engine import Engine  # noqa: E402
 from runtime.model import LlamaModel  # noqa: E402
 from runtime.models import OPERATOR_GROUPS  # noqa: E402
+from runtime.rayserve import STATELESS, RayPoolsConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from micro_batches import (keep_intervals, medians_and_ratios, serve_all, workload, workload_args,  # noqa: E402
@@ -38,7 +39,6 @@ from micro_batches import (keep_intervals, medians_and_ratios, serve_all, worklo
 from runtime_overhead import engine_config  # noqa: E402
 
 SETTINGS = ("local", "ray")
-STATELESS = ("embed", "proj", "mlp", "head")
 
 
 def run_once(model: LlamaModel, prompts: list[list[int]], tokens: int, device: str, pools: str, batch: int,
@@ -48,8 +48,6 @@ def run_once(model: LlamaModel, prompts: list[list[int]], tokens: int, device: s
     conf = engine_config(model, device, len(prompts) + 1, len(prompts[0]) + tokens)
     conf.pools = pools
     if pools == "ray":
-        from runtime.rayserve import RayPoolsConfig
-
         conf.ray = RayPoolsConfig(num_gpus={g: ray_gpus for g in STATELESS} if ray_gpus else {})
     conf.max_prefill_tokens = prefill_tokens
     conf.micro_batches = 1  # one call per stage and iteration: the hops alone differ

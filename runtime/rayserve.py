@@ -41,6 +41,7 @@ from typing import Any, Callable
 
 import torch
 
+from runtime.engine import _embed, _head, _mlp, _o_proj, _qkv
 from runtime.pools import DEAD, DRAINING, LOADING, READY, WorkerDied, WorkItem, _replica_ids, clone_to
 
 log = logging.getLogger("opscale.runtime")
@@ -49,15 +50,10 @@ log = logging.getLogger("opscale.runtime")
 STATELESS = ("embed", "proj", "mlp", "head")
 
 
-def _ops() -> dict[str, Callable[..., Any]]:
-    """The operator calls a pool deployment runs, by name (the engine's per-group functions)."""
-    from runtime.engine import _embed, _head, _mlp, _o_proj, _qkv
-
-    return {f.__name__: f for f in (_embed, _qkv, _o_proj, _mlp, _head)}
-
-
+#: the operator calls a pool deployment runs, by name (the engine's per-group functions)
+_OPS: dict[str, Callable[..., Any]] = {f.__name__: f for f in (_embed, _qkv, _o_proj, _mlp, _head)}
 #: names of the operator calls a pool deployment accepts
-OPS = ("_embed", "_qkv", "_o_proj", "_mlp", "_head")
+OPS = tuple(_OPS)
 
 
 @dataclass
@@ -156,12 +152,8 @@ class OperatorPool:
         else:
             devices = [torch.device("cpu")] * tp
         device = devices[0]
-        t0 = time.perf_counter()
         mods = shard_group(modules, group, devices) if len(devices) > 1 else clone_to(modules, device)
         self.rep = _Shim(group, mods, device)
-        self.tp = len(devices)
-        self.load_s = time.perf_counter() - t0
-        self.ops = _ops()
         try:
             rank = int(serve.get_replica_context().rank.rank)
         except Exception:  # noqa: BLE001 - rank is experimental; any replica-unique number will do
@@ -173,7 +165,7 @@ class OperatorPool:
 
         ``die`` (fault injection): the replica's process exits after computing, so the call
         fails as if the replica had died mid-batch."""
-        fn = self.ops.get(op)
+        fn = _OPS.get(op)
         if fn is None:
             raise ValueError(f"unknown operator call {op!r}; a pool deployment runs one of {list(OPS)}")
         if op == "_head" and args[2] is None:
