@@ -162,6 +162,8 @@ class FastSimulator(Simulator):
             return self._iter(layout, sm, n_dec, ctx, 0.0, 0.0, bg_chunk, prompt, extra)
         fb = min(bg_chunk / float(self.sc.prefill_chunk_tokens), 1.0)
         p0 = (1.0 - fb) ** (U - 1)
+        if p0 >= 1.0:  # a background load too small to move 1 - fb off 1.0: every call is decode-only
+            return self._iter(layout, sm, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra)
         t_mix, b_mix = self._iter(layout, sm, n_dec, ctx, 0.0, 0.0, bg_chunk / (1.0 - p0), prompt, extra)
         if p0 <= 0.0:
             return t_mix, b_mix

@@ -120,3 +120,29 @@ def test_reference_preemption_frees_the_decoded_tokens_kv():
                 assert u.kv == 0  # nothing held, nothing reserved
     assert sim.done and np.all(sim.state == DONE)
     assert sim.preemptions.sum() >= 1  # the path under test ran
+
+
+def test_fast_decode_mix_survives_a_vanishing_background_load():
+    """With ``pool_dispatch: fill`` a decode iteration mixes the filled call (no other unit
+    prefilling, probability p0) and the spread one; a background prefill load too small to move
+    1 - share off 1.0 made p0 exactly 1 and divided by zero (the default env's uniformly random
+    stream hit it at step 217 of seed 0). Such a load is decode-only."""
+    from envs import make_env
+
+    env = make_env(seed=0)
+    env.reset(seed=0)
+    sim = env.sim
+    plan = Plan({g: OperatorPlan(4 if g == "attn" else 2, 16 if g == "attn" else 256, "pack", 1)
+                 for g in OPERATOR_GROUPS})
+    layout = sim.placer.place(plan)
+    sm = sim.step_model(layout)
+    assert sm.fill and sm.remote and layout.units > 1
+    got = sim._dec_iter(layout, sm, 8.0, 1500.0, 1e-30, 1000.0, 0.0)
+    assert got == sim._iter(layout, sm, 8.0, 1500.0, 0.0, 0.0, 0.0, 1000.0, 0.0)
+    # the stream that found it
+    env.reset(seed=0)
+    rng = np.random.default_rng(1000)
+    for _ in range(240):
+        _, _, term, trunc, _ = env.step(rng.integers(0, env.action_space.nvec))
+        if term or trunc:
+            env.reset()
