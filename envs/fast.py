@@ -29,10 +29,12 @@ import numpy as np
 
 from runtime.control import SLO
 
+from envs import stepkernel
 from envs.base import IntervalMetrics, Simulator, TraceIndex
 from envs.memo import put
 from envs.predictor import ExecutionPredictor, quantise
 from envs.scenario import Scenario
+from envs.stepkernel import KernelMemo
 from envs.world import Layout, StepModel
 
 _Z99 = 2.326
@@ -66,6 +68,12 @@ class FastSimulator(Simulator):
         super().__init__(scenario, trace, pred, slo, seed, cache)
         self.sub_steps = int(sub_steps)
         self._it: dict[tuple, tuple[float, dict]] = self.cache.setdefault("fast_iter", {})
+        #: the memo and the step model compiled (envs/stepkernel.py), or None for the Python path
+        self._kmemo: KernelMemo | None = None
+        if stepkernel.ENABLED:
+            if "fast_iter_kernel" not in self.cache:
+                self.cache["fast_iter_kernel"] = KernelMemo()
+            self._kmemo = self.cache["fast_iter_kernel"]
         self._reset_queues()
 
     # ------------------------------------------------------------------ state
@@ -129,6 +137,8 @@ class FastSimulator(Simulator):
             # (self.util is replaced, never mutated, once per interval)
             peers = any(layout.peers.values())
             uk = self._ukey = (layout, self.util, tuple(round(v, 1) for v in self.util.values()) if peers else ())
+        if self._kmemo is not None:  # the same, compiled (envs/stepkernel.py)
+            return self._kmemo.lookup(self, layout, sm, uk, n_dec, ctx, chunk, n_pre, bg_chunk, prompt, extra)
         ukey = uk[2]
         remote = sm.remote
         key = (sm.signature, int(round(n_dec)), quantise(ctx), quantise(chunk), int(math.ceil(n_pre)),
@@ -136,16 +146,21 @@ class FastSimulator(Simulator):
                quantise(extra) if remote else 0)
         hit = self._it.get(key)
         if hit is None:
-            u = layout.units
-            nd, cp, npre = float(key[1]), float(key[3]), float(key[4])
-            bg = float(key[6]) if remote else cp
-            ex = float(key[9])
-            tot_tokens = cp + nd + (u - 1) * (nd + bg) + ex
-            tot_seqs = u * nd + npre + (u - 1) * (npre if bg > 0 else 0.0) + ex
-            r = sm.iteration(nd, float(key[2]), cp, float(key[5]), npre, tot_tokens, tot_seqs, self.util)
-            ms, busy = r.ms, r.busy
-            hit = put(self._it, key, (ms / 1000.0, busy), 32_768)
+            hit = put(self._it, key, self._timed(layout, sm, key), 32_768)
         return hit
+
+    def _timed(self, layout: Layout, sm: StepModel, key: tuple) -> tuple[float, dict]:
+        """The memo's value for ``key`` (see :meth:`_iter`): (seconds, busy shares) of the iteration
+        at the key's quantised load, every unit carrying it, at the busy shares ``self.util``."""
+        remote = sm.remote
+        u = layout.units
+        nd, cp, npre = float(key[1]), float(key[3]), float(key[4])
+        bg = float(key[6]) if remote else cp
+        ex = float(key[9])
+        tot_tokens = cp + nd + (u - 1) * (nd + bg) + ex
+        tot_seqs = u * nd + npre + (u - 1) * (npre if bg > 0 else 0.0) + ex
+        r = sm.iteration(nd, float(key[2]), cp, float(key[5]), npre, tot_tokens, tot_seqs, self.util)
+        return r.ms / 1000.0, r.busy
 
     def _dec_iter(self, layout: Layout, sm: StepModel, n_dec: float, ctx: float, bg_chunk: float, prompt: float,
                   extra: float) -> tuple[float, dict]:
@@ -550,7 +565,6 @@ class FastSimulator(Simulator):
         sig = np.maximum(np.log(p99 / p50) / _Z99, 0.02)
         grid = np.exp(np.linspace(np.log(p50.min()) - 3 * sig.max(), np.log(p99.max()) + 3 * sig.max(), 400))
         z = (np.log(grid)[:, None] - np.log(p50)[None, :]) / sig[None, :]
-        from math import erf  # noqa: F401  (scalar erf below is vectorised by numpy via erfc approximation)
         cdf = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2.0)))
         mix = (cdf * w[None, :]).sum(axis=1) / w.sum()
         return float(np.interp(q, mix, grid))

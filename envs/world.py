@@ -492,6 +492,8 @@ class StepModel:
         self._procs = tuple(procs)
         #: bytes of one token's hidden state (send_ms's transfer size per token)
         self._bytes_per_token = pred.cfg.d_model * pred.cfg.dtype_bytes
+        #: this step model as envs/stepkernel.py's compiled code reads it (made on first use)
+        self._kernel = None
 
     def contention(self, proc: str, util: Mapping[str, float]) -> float:
         """Slowdown factor of ``proc`` given the busy share of the processes it shares GPUs with."""
@@ -524,22 +526,7 @@ class StepModel:
             tot_tokens = tokens
         if tot_seqs < n_dec + n_pre:
             tot_seqs = n_dec + n_pre
-        # slowdown of each process: contention(proc, util), computed once per util snapshot
-        if self._has_peers:
-            items = tuple(util.items())
-            cached = self._slow_cache
-            if cached[0] == items:
-                slow = cached[1]
-            else:
-                cont = self.sc.contention
-                slow = {}
-                for proc in self._procs:
-                    peers = self._peers.get(proc)
-                    slow[proc] = 1.0 + cont * sum(share * min(max(util.get(o, 0.0), 0.0), 1.0)
-                                                  for o, share in peers) if peers else 1.0
-                self._slow_cache = (items, slow)
-        else:
-            slow = None
+        slow = self.slowdowns(util)
         # the layers at each allowed micro-batch count; the fastest wins (ties: fewer), or with
         # micro_batch_slack the fewest within (1 + slack) of the fastest
         timed = [self._layers(m, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tokens, tot_tokens, tot_seqs, slow)
@@ -567,6 +554,25 @@ class StepModel:
         total = p.step_ms(kernel, n_dec, kernel * p_tok / tokens)
         busy = {k: min(v / total, 1.0) for k, v in busy_ms.items()}
         return StepResult(total, busy)
+
+    def slowdowns(self, util: Mapping[str, float]) -> dict[str, float] | None:
+        """Slowdown of each process (:meth:`contention` of every process a stage or an end runs
+        in) at the busy shares ``util``; None when no process shares GPUs (every slowdown 1).
+        Computed once per util snapshot (the last one is kept)."""
+        if not self._has_peers:
+            return None
+        items = tuple(util.items())
+        cached = self._slow_cache
+        if cached[0] == items:
+            return cached[1]
+        cont = self.sc.contention
+        slow = {}
+        for proc in self._procs:
+            peers = self._peers.get(proc)
+            slow[proc] = 1.0 + cont * sum(share * min(max(util.get(o, 0.0), 0.0), 1.0)
+                                          for o, share in peers) if peers else 1.0
+        self._slow_cache = (items, slow)
+        return slow
 
     def pick(self, timed: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
         """The micro-batch count's result an iteration runs, from ``timed`` (one ``_layers`` result

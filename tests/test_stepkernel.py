@@ -1,0 +1,113 @@
+"""The compiled iteration-time memo (envs/stepkernel.py) must give the Python path's numbers to the
+last bit: the memo values, the busy dicts (their order too), the eviction rule and whole env
+trajectories."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from envs import make_env, stepkernel  # noqa: E402
+from envs.memo import put  # noqa: E402
+from envs.predictor import quantise  # noqa: E402
+from envs.world import StepModel  # noqa: E402
+from runtime.control import OperatorPlan, Plan, PlanError  # noqa: E402
+from runtime.models import OPERATOR_GROUPS  # noqa: E402
+
+
+def test_quantise_is_pythons():
+    xs = [0.0, 0.2, 0.5, 1.5, 2.5, 63.49, 63.5, 64.0, 64.4, 64.5, 65.0, 100.5, 127.5, 128.0, 1000.0, 1999.5,
+          4095.5, 4096.0, 123456.7, 2 ** 19 + 0.5]
+    xs += np.random.default_rng(0).uniform(0, 200_000, 5000).tolist()
+    assert [stepkernel._quantise(x) for x in xs] == [quantise(x) for x in xs]
+
+
+def test_memo_eviction_is_envs_memo_put():
+    memo = stepkernel.Dict.empty(key_type=stepkernel.types.UniTuple(stepkernel.types.int64, 10),
+                                 value_type=stepkernel.types.float64[:])
+    table: dict = {}
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        key = tuple(int(v) for v in rng.integers(0, 40, 10))
+        value = np.asarray([float(rng.random())])
+        stepkernel._memo_put(memo, key, value, 16)
+        put(table, key, float(value[0]), 16)
+    assert [tuple(k) for k in memo.keys()] == list(table)
+    assert [float(v[0]) for v in memo.values()] == list(table.values())
+
+
+def _random_plan(rng: np.random.Generator) -> Plan:
+    ops = {}
+    for g in OPERATOR_GROUPS:
+        place = str(rng.choice(["pack", "pack", "dedicated", "model"]))
+        ops[g] = OperatorPlan(int(rng.integers(1, 20)), int(rng.choice([8, 16, 64, 256])), place,
+                              int(rng.choice([1, 2, 4])))
+    return Plan(ops)
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"pool_dispatch": "spread"},
+    {"micro_batching": "fixed", "micro_batches": 2},
+    {"micro_batches": 3, "micro_batch_slack": 0.05},
+    {"micro_batches": 1},
+])
+def test_compiled_memo_equals_the_python_iteration_times(variant):
+    env = make_env(seed=0, **variant)
+    env.reset(seed=0)
+    sim = env.sim
+    assert sim._kmemo is not None
+    rng = np.random.default_rng(3)
+    checked = empty = 0
+    for _ in range(12):
+        try:
+            layout = sim.placer.place(_random_plan(rng))
+        except PlanError:
+            continue
+        sm = StepModel(layout, sim.pred, sim.sc)
+        procs = sorted(layout.proc_gpus)
+        for _ in range(40):
+            sim.util = {p: float(rng.random()) for p in procs} if rng.random() < 0.8 else {}
+            n_dec = float(rng.choice([0.0, rng.uniform(0, 40), rng.integers(1, 64)]))
+            chunk = float(rng.choice([0.0, 512.0, rng.uniform(0, 512)]))
+            args = (n_dec, float(rng.uniform(1, 4000)), chunk, float(rng.uniform(0, 6)), float(rng.uniform(0, 512)),
+                    float(rng.uniform(1, 4000)), float(rng.choice([0.0, rng.uniform(0, 30)])))
+            kmemo, sim._kmemo = sim._kmemo, None
+            sim._it, sim._ukey = {}, (None, None, ())
+            want = sim._iter(layout, sm, *args)
+            sim._kmemo, sim._ukey = kmemo, (None, None, ())
+            got = sim._iter(layout, sm, *args)
+            again = sim._iter(layout, sm, *args)  # from the memo
+            assert got == want and list(got[1]) == list(want[1]), (variant, args)
+            assert again == want and list(again[1]) == list(want[1])
+            checked += 1
+            empty += not want[1]
+    assert checked >= 300 and empty > 0
+
+
+def _digest(env, steps: int, seed: int) -> str:  # noqa: ANN001
+    obs, _ = env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    h = hashlib.sha256()
+    for _ in range(steps):
+        obs, r, term, trunc, info = env.step(rng.integers(0, env.action_space.nvec))
+        h.update(np.asarray(obs, dtype=np.float32).tobytes())
+        h.update(np.float64(r).tobytes())
+        h.update(repr(sorted(info.items())).encode())
+        if term or trunc:
+            env.reset()
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"kv_migration": False, "pool_dispatch": "spread"}])
+def test_env_trajectories_do_not_depend_on_the_kernel(monkeypatch, overrides):
+    on = make_env(seed=0, **overrides)
+    a = _digest(on, 150, 5)
+    monkeypatch.setattr(stepkernel, "ENABLED", False)
+    off = make_env(seed=0, **overrides)
+    b = _digest(off, 150, 5)
+    assert on.sim._kmemo is not None and off.sim._kmemo is None
+    assert a == b
