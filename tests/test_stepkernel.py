@@ -111,3 +111,24 @@ def test_env_trajectories_do_not_depend_on_the_kernel(monkeypatch, overrides):
     b = _digest(off, 150, 5)
     assert on.sim._kmemo is not None and off.sim._kmemo is None
     assert a == b
+
+
+def test_values_beyond_the_kernel_tables_take_the_python_path():
+    env = make_env(seed=0)
+    env.reset(seed=0)
+    sim = env.sim
+    layout = sim.serving_layout(0.0)
+    sm = sim.step_model(layout)
+    sim.util = {p: 0.5 for p in layout.proc_gpus}
+    args = (8.0, 3.0e6, 512.0, 2.0, 300.0, 1200.0, 0.0)  # a KV length beyond the tables' 2**20
+    kmemo, sim._kmemo = sim._kmemo, None
+    sim._it, sim._ukey = {}, (None, None, ())
+    want = sim._iter(layout, sm, *args)
+    sim._kmemo, sim._ukey = kmemo, (None, None, ())
+    calls = []
+    timed = sim._timed
+    sim._timed = lambda *a: calls.append(a) or timed(*a)
+    got = sim._iter(layout, sm, *args)
+    again = sim._iter(layout, sm, *args)  # stored in the compiled memo
+    assert len(calls) == 1
+    assert got == want and again == want and list(got[1]) == list(want[1])
