@@ -34,7 +34,6 @@ from envs.base import IntervalMetrics, Simulator, TraceIndex
 from envs.memo import put
 from envs.predictor import ExecutionPredictor, quantise
 from envs.scenario import Scenario
-from envs.stepkernel import KernelMemo
 from envs.world import Layout, StepModel
 
 _Z99 = 2.326
@@ -69,10 +68,10 @@ class FastSimulator(Simulator):
         self.sub_steps = int(sub_steps)
         self._it: dict[tuple, tuple[float, dict]] = self.cache.setdefault("fast_iter", {})
         #: the memo and the step model compiled (envs/stepkernel.py), or None for the Python path
-        self._kmemo: KernelMemo | None = None
+        self._kmemo: stepkernel.KernelMemo | None = None
         if stepkernel.ENABLED:
             if "fast_iter_kernel" not in self.cache:
-                self.cache["fast_iter_kernel"] = KernelMemo()
+                self.cache["fast_iter_kernel"] = stepkernel.KernelMemo()
             self._kmemo = self.cache["fast_iter_kernel"]
         self._reset_queues()
 

@@ -62,6 +62,8 @@ class KernelTables:
         """Id of a curve: ``(group, tp, phase)`` or ``"send"``."""
         t = self.tids.get(curve)
         if t is None:
+            if len(self.curves) >= 127:  # the id takes the key's top 7 bits (see _get)
+                raise ValueError(f"more than 127 latency curves in one predictor's kernel table: {curve!r}")
             t = self.tids[curve] = len(self.curves)
             self.curves.append(curve)
         return t
