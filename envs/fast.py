@@ -29,7 +29,7 @@ import numpy as np
 
 from runtime.control import SLO
 
-from envs import stepkernel
+from envs import fluidkernel, stepkernel
 from envs.base import IntervalMetrics, Simulator, TraceIndex
 from envs.memo import put
 from envs.predictor import ExecutionPredictor, quantise
@@ -100,6 +100,10 @@ class FastSimulator(Simulator):
         self._U = 0.0         # serving units in the last sub-step
         self._unit_sig = None  # (attention placement, unit tp) of the serving units
         self._ukey: tuple = (None, None, ())  # (layout, util dict, the memo key's busy shares)
+        # the compiled sub-steps' state (envs/fluidkernel.py: the fluid state, the interval's
+        # accumulators, the cached operating point) and the cached busy shares, or None
+        self._kx = fluidkernel.new_state() if self._kmemo is not None else None
+        self._kbd = self._kbm = np.zeros(0)
         if not hasattr(self, "sub_index"):
             h = self.dt / self.sub_steps
             self.sub_index = TraceIndex(self.arrival, self.prompt, self.output, h, self.n_intervals * self.sub_steps,
@@ -109,6 +113,8 @@ class FastSimulator(Simulator):
             self._sub = (sub.count.tolist(), sub.prompt_sum.tolist(), sub.output_sum.tolist())
             self._int = (idx.count.tolist(), idx.prompt_sum.tolist(), idx.output_sum.tolist(),
                          idx.prompt_p50.tolist(), idx.prompt_p99.tolist())
+            self._sub_np = tuple(np.ascontiguousarray(v, dtype=np.float64)
+                                 for v in (sub.count, sub.prompt_sum, sub.output_sum))
         # run-level accumulators
         self.tot_arrived = 0.0
         self.tot_finished = 0.0
@@ -133,9 +139,7 @@ class FastSimulator(Simulator):
         ``extra`` decode tokens of draining units on the shared pools."""
         uk = self._ukey
         if uk[0] is not layout or uk[1] is not self.util:
-            # (self.util is replaced, never mutated, once per interval)
-            peers = any(layout.peers.values())
-            uk = self._ukey = (layout, self.util, tuple(round(v, 1) for v in self.util.values()) if peers else ())
+            uk = self._ukey_for(layout)
         if self._kmemo is not None:  # the same, compiled (envs/stepkernel.py)
             return self._kmemo.lookup(self, layout, sm, uk, n_dec, ctx, chunk, n_pre, bg_chunk, prompt, extra)
         ukey = uk[2]
@@ -147,6 +151,16 @@ class FastSimulator(Simulator):
         if hit is None:
             hit = put(self._it, key, self._timed(layout, sm, key), 32_768)
         return hit
+
+    def _ukey_for(self, layout: Layout) -> tuple:
+        """(layout, busy shares, the memo key's rounded busy shares) for lookups under ``layout`` at
+        the current busy shares (cached in ``self._ukey``; ``self.util`` is replaced, never mutated,
+        once per interval). The rounded shares matter only where processes share GPUs."""
+        uk = self._ukey
+        if uk[0] is not layout or uk[1] is not self.util:
+            peers = any(layout.peers.values())
+            uk = self._ukey = (layout, self.util, tuple(round(v, 1) for v in self.util.values()) if peers else ())
+        return uk
 
     def _timed(self, layout: Layout, sm: StepModel, key: tuple) -> tuple[float, dict]:
         """The memo's value for ``key`` (see :meth:`_iter`): (seconds, busy shares) of the iteration
@@ -184,6 +198,47 @@ class FastSimulator(Simulator):
         t_dec, b_dec = self._iter(layout, sm, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra)
         busy = {k: p0 * b_dec.get(k, 0.0) + (1.0 - p0) * b_mix.get(k, 0.0) for k in b_dec.keys() | b_mix.keys()}
         return p0 * t_dec + (1.0 - p0) * t_mix, busy
+
+    def _substeps(self, layout: Layout, sm: StepModel, s0: int, s1: int, in_trace: bool, U: float, B: float,
+                  kv_cap: float, h: float, p50: float, p99: float, util_acc: dict[str, float],
+                  fluid: tuple) -> list[float]:
+        """Sub-steps ``s0`` .. ``s1 - 1`` of the current interval in compiled code (the loop body of
+        :meth:`_run`, envs/fluidkernel.py): takes the fluid state (the loop's locals, in the order of
+        ``fluidkernel``'s first slots), returns it advanced; the interval's accumulators stay in
+        ``self._kx``, the busy shares are added to ``util_acc`` as the Python loop adds them."""
+        fk = fluidkernel
+        kern = self._kmemo
+        k, sig_id, ukey_id, slow = kern.prepare(self, layout, sm)
+        x = self._kx
+        x[:fk.N_FLUID] = fluid
+        x[fk.LAST_T] = self._last_T
+        n = len(k.procs)
+        if self._kbd.shape[0] != n:  # (the kernel re-times before reading them: another step model)
+            self._kbd, self._kbm = np.zeros(n), np.zeros(n)
+        util = np.asarray([util_acc.get(p, 0.0) for p in k.procs], dtype=np.float64)
+        ci = np.asarray([self.k, s0, s1, in_trace, layout.units, sm.remote, sm.fill, kern.limit, sig_id, ukey_id,
+                         self.sub_steps], dtype=np.int64)
+        cf = np.asarray([U, B, kv_cap, layout.unit_kv_tokens, float(self.sc.prefill_chunk_tokens), h,
+                         self.slo.ttft_s, self.sc.max_queue_wait_s, p50, p99, k.serial], dtype=np.float64)
+        cnt, psum, osum = self._sub_np
+        fail = np.zeros(7)
+        while True:
+            r = fk.substeps(x, self._kbd, self._kbm, util, kern.memo, k.kt.table, k.S, k.F, slow, ci, cf, cnt, psum,
+                            osum, k.out, kern._miss, fail)
+            if r == fk.DONE:
+                break
+            if r == fk.EMPTY_BUSY:  # cannot happen: every lookup here has decodes or a chunk
+                raise RuntimeError(f"fast simulator: an iteration with no work at {fail.tolist()}")
+            kern.resolve(self, layout, sm, k, (sig_id, ukey_id, layout.units, sm.remote, *fail.tolist()), r)
+        # the busy shares, into the interval's dict in the order the Python loop inserts them
+        order = k.mix_procs if x[fk.FIRST_MIXORDER] else k.procs
+        for p in order:
+            if p not in util_acc:
+                util_acc[p] = 0.0
+        for p, v in zip(k.procs, util.tolist()):
+            util_acc[p] = v
+        self._last_T = float(x[fk.LAST_T])
+        return x[:fk.N_FLUID].tolist()
 
     # ------------------------------------------------------------------ one interval
     def _run(self, t0: float, t1: float) -> IntervalMetrics:
@@ -225,7 +280,11 @@ class FastSimulator(Simulator):
         d_op = None   # (per-unit batch, iteration seconds) of the draining units
         sys_ok = self.sys_ok
         fin_ok = 0.0  # finished requests x P(TTFT met)
-        for s in range(S):
+        kx = self._kx  # the compiled sub-steps' state (envs/fluidkernel.py), or None for the Python path
+        if kx is not None:
+            kx[fluidkernel.FIN_OK:fluidkernel.D_OP_T + 1] = 0.0
+        s = 0
+        while s < S:
             t = t0 + s * h
             if self.drain_until and self.drain_until[0][0] <= t:
                 self.account(t)
@@ -272,6 +331,21 @@ class FastSimulator(Simulator):
                 self._U = U
                 B = float(layout.plan["attn"].max_batch)
                 kv_cap = layout.unit_kv_tokens * U
+            if kx is not None:
+                # the sub-steps up to the next event (a drain ending, a replica ready), compiled
+                s_end = s + 1
+                while s_end < S:
+                    t_e = t0 + s_end * h
+                    if (self.drain_until and self.drain_until[0][0] <= t_e) or \
+                            (next_ready is not None and next_ready <= t_e + 0.5 * h):
+                        break
+                    s_end += 1
+                (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output, t_it, d_n, d_kv, d_units,
+                 sys_ok) = self._substeps(layout, sm, s, s_end, in_trace, U, B, kv_cap, h, p50, p99, util_acc,
+                                          (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output,
+                                           t_it, d_n, d_kv, d_units, sys_ok))
+                s = s_end
+                continue
             # arrivals of this sub-step join the queue
             j = k * S + s
             a = s_count[j] if in_trace else 0.0
@@ -467,6 +541,10 @@ class FastSimulator(Simulator):
                 for proc, b in busy_m.items():
                     util_acc[proc] = util_acc.get(proc, 0.0) + b * wm
             self._last_T = T_dec
+            s += 1
+        if kx is not None:
+            (fin_ok, fin, kv_frac, ttft_w, ttft50_acc, ttft99, gaps_mix, gaps_dec, t_dec_acc, t_mix_acc, t_dec_max,
+             t_full_acc, tpot_acc, m.rejected) = kx[fluidkernel.FIN_OK:fluidkernel.REJECTED + 1].tolist()
         self.q, self.q_prompt, self.q_output = q, q_prompt, q_output
         self.n_dec, self.n_pre, self.backlog, self.kv = n_dec, n_pre, backlog, kv
         self.r_prompt, self.r_output = r_prompt, r_output

@@ -18,6 +18,7 @@ the step model, seconds in the memo's values (as ``_iter`` returns them).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any
@@ -312,6 +313,9 @@ if njit is not None:
         return 0
 
 
+_SERIALS = itertools.count()
+
+
 class StepKernel:
     """One step model's structure as the compiled code reads it (made once per StepModel).
 
@@ -329,6 +333,11 @@ class StepKernel:
         for _, _, proc, _, _ in sm._ends:
             order.setdefault(proc, len(order))
         self.procs = tuple(order)
+        #: the order of a busy dict mixed from two of this step model's (FastSimulator._dec_iter
+        #: builds it from the union of their keys, a set)
+        self.mix_procs = tuple(dict.fromkeys(self.procs).keys() | dict.fromkeys(self.procs).keys())
+        #: a number no other StepKernel of this process has (the identity of its StepModel)
+        self.serial = float(next(_SERIALS))
         groups, stages, ops, fracs = [], [], [], []
         for kind, g, tp, r, mb in sm._groups:
             groups += [kind, kt.tid((g, tp, "decode")), kt.tid((g, tp, "prefill")) if kind == 0 else 0, r, mb]
@@ -383,9 +392,14 @@ class KernelMemo:
     def __len__(self) -> int:
         return len(self.memo)
 
-    def lookup(self, sim: Any, layout: Any, sm: Any, uk: tuple, n_dec: float, ctx: float, chunk: float, n_pre: float,
-               bg_chunk: float, prompt: float, extra: float) -> tuple[float, dict[str, float]]:
-        """= ``FastSimulator._iter`` (``uk``: the simulator's (layout, util, rounded shares))."""
+    def prepare(self, sim: Any, layout: Any, sm: Any) -> tuple[StepKernel, int, int, np.ndarray]:
+        """(the step model's StepKernel, its signature id, the id of the simulator's rounded busy
+        shares, the slowdowns in the kernel's process order) for lookups under ``layout`` / ``sm`` at
+        the simulator's current busy shares (``FastSimulator._ukey``, updated here as ``_iter``
+        updates it)."""
+        return self._prepare(sm, sim._ukey_for(layout))
+
+    def _prepare(self, sm: Any, uk: tuple) -> tuple[StepKernel, int, int, np.ndarray]:
         k = sm._kernel
         if k is None:
             k = sm._kernel = StepKernel(sm)
@@ -393,26 +407,38 @@ class KernelMemo:
             k.memo_ids = (self, self.sig_ids.setdefault(sm.signature, len(self.sig_ids)))
         if self._uk[0] is not uk:
             self._uk = (uk, self.ukey_ids.setdefault(uk[2], len(self.ukey_ids)))
-        slow = k.slow_for(sm, uk[1])
-        args = (k.memo_ids[1], self._uk[1], layout.units, sm.remote, float(n_dec), float(ctx), float(chunk),
+        return k, k.memo_ids[1], self._uk[1], k.slow_for(sm, uk[1])
+
+    def resolve(self, sim: Any, layout: Any, sm: Any, k: StepKernel, args: tuple, r: int) -> None:
+        """What a compiled lookup with ``args`` (``_memo_key``'s) could not do, done in Python: ``r``
+        > 0: fill the kernel tables with the missing latencies (``self._miss``); -1: time the
+        iteration with the Python step model (it raises what it raises) and store it in the memo."""
+        if r > 0:
+            k.kt.fill(self._miss[:min(r, _MISS_MAX)])
+            return
+        key = _memo_key(*args)
+        sec, busy = sim._timed(layout, sm, key)
+        value = np.zeros(2 + len(k.procs))
+        value[0] = sec
+        value[1] = 0.0 if busy else 1.0
+        for i, p in enumerate(k.procs):
+            value[2 + i] = busy.get(p, 0.0)
+        _memo_put(self.memo, key, value, self.limit)
+        k.out[:] = value
+
+    def lookup(self, sim: Any, layout: Any, sm: Any, uk: tuple, n_dec: float, ctx: float, chunk: float, n_pre: float,
+               bg_chunk: float, prompt: float, extra: float) -> tuple[float, dict[str, float]]:
+        """= ``FastSimulator._iter`` (``uk``: the simulator's (layout, util, rounded shares))."""
+        k, sig_id, ukey_id, slow = self._prepare(sm, uk)
+        args = (sig_id, ukey_id, layout.units, sm.remote, float(n_dec), float(ctx), float(chunk),
                 float(n_pre), float(bg_chunk), float(prompt), float(extra))
         while True:
             r = _memo_iter(self.memo, k.kt.table, k.S, k.F, slow, self.limit, *args, k.out, self._miss)
             if r == 0:
                 break
-            if r > 0:
-                k.kt.fill(self._miss[:min(r, _MISS_MAX)])
-                continue
-            key = _memo_key(*args)  # -1: the Python step model (it raises what it raises)
-            sec, busy = sim._timed(layout, sm, key)
-            value = np.zeros(2 + len(k.procs))
-            value[0] = sec
-            value[1] = 0.0 if busy else 1.0
-            for i, p in enumerate(k.procs):
-                value[2 + i] = busy.get(p, 0.0)
-            _memo_put(self.memo, key, value, self.limit)
-            k.out[:] = value
-            break
+            self.resolve(sim, layout, sm, k, args, r)
+            if r < 0:
+                break
         v = k.out.tolist()
         return v[0], ({} if v[1] else dict(zip(k.procs, v[2:])))
 
