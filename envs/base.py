@@ -136,6 +136,7 @@ class Simulator(ABC):
         self.drain_gpu_seconds = 0.0
         self.energy_j = 0.0
         self._acc_t = 0.0
+        self._watts: tuple = (None, None, 0.0)
         self.util: dict[str, float] = {}
         self.wall_s = 0.0
         self.last_metrics = IntervalMetrics()
@@ -171,10 +172,15 @@ class Simulator(ABC):
         util = self.util if util is None else util
         paid = self.timeline.gpus(self._acc_t)
         layout = self.serving_layout(self._acc_t)
-        watts = 0.0
-        for c in layout.gpus:
-            u = gpu_busy(c.procs, util)
-            watts += c.count * self.pred.power_w(min(u, 1.0))
+        cached = self._watts  # (layout, busy shares, watts of its GPUs): util dicts are replaced, never mutated
+        if cached[0] is layout and cached[1] is util:
+            watts = cached[2]
+        else:
+            watts = 0.0
+            for c in layout.gpus:
+                u = gpu_busy(c.procs, util)
+                watts += c.count * self.pred.power_w(min(u, 1.0))
+            self._watts = (layout, util, watts)
         watts += max(paid - layout.n_gpus, 0) * self.pred.power_w(0.0)
         self.gpu_seconds += paid * span
         tl = self.timeline

@@ -196,7 +196,9 @@ class FastSimulator(Simulator):
         if p0 <= 0.0:
             return t_mix, b_mix
         t_dec, b_dec = self._iter(layout, sm, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra)
-        busy = {k: p0 * b_dec.get(k, 0.0) + (1.0 - p0) * b_mix.get(k, 0.0) for k in b_dec.keys() | b_mix.keys()}
+        # (b_dec's order, then any process only b_mix has: never a set, whose order depends on
+        # PYTHONHASHSEED and would reach the memo key through the busy dict's order)
+        busy = {k: p0 * b_dec.get(k, 0.0) + (1.0 - p0) * b_mix.get(k, 0.0) for k in {**b_dec, **b_mix}}
         return p0 * t_dec + (1.0 - p0) * t_mix, busy
 
     def _substeps(self, layout: Layout, sm: StepModel, s0: int, s1: int, in_trace: bool, U: float, B: float,
@@ -230,11 +232,7 @@ class FastSimulator(Simulator):
             if r == fk.EMPTY_BUSY:  # cannot happen: every lookup here has decodes or a chunk
                 raise RuntimeError(f"fast simulator: an iteration with no work at {fail.tolist()}")
             kern.resolve(self, layout, sm, k, (sig_id, ukey_id, layout.units, sm.remote, *fail.tolist()), r)
-        # the busy shares, into the interval's dict in the order the Python loop inserts them
-        order = k.mix_procs if x[fk.FIRST_MIXORDER] else k.procs
-        for p in order:
-            if p not in util_acc:
-                util_acc[p] = 0.0
+        # the busy shares into the interval's dict (new processes in the order the Python loop adds them)
         for p, v in zip(k.procs, util.tolist()):
             util_acc[p] = v
         self._last_T = float(x[fk.LAST_T])

@@ -39,12 +39,9 @@ N_FLUID = 14
 # kept across intervals: the last decode iteration (FastSimulator._last_T), the operating point the
 # cached iteration times were computed at (step-model serial, per-unit decodes, background chunk,
 # draining sequences; serial -1: none) and those times (FastSimulator._op_ref / _op_val /
-# _op_full99; the busy shares are separate vectors), and whether the cached decode busy dict has
-# the order of a mixed decode iteration (see FastSimulator._dec_iter)
-(LAST_T, REF_SM, REF_ND, REF_BG, REF_DN, VAL_T_DEC, VAL_T_FULL, VAL_MIXORDER, FULL99) = range(31, 40)
-# output: whether the decode busy dict of the call's first sub-step has the mixed order
-FIRST_MIXORDER = 40
-N_STATE = 41
+# _op_full99; the busy shares are separate vectors)
+(LAST_T, REF_SM, REF_ND, REF_BG, REF_DN, VAL_T_DEC, VAL_T_FULL, FULL99) = range(31, 39)
+N_STATE = 39
 
 # --- constants: int64 vector ------------------------------------------------------------------
 (CI_K, CI_S0, CI_S1, CI_IN_TRACE, CI_UNITS, CI_REMOTE, CI_FILL, CI_LIMIT, CI_SIG, CI_UKEY, CI_SUB) = range(11)
@@ -110,36 +107,35 @@ if stepkernel.njit is not None:
     @njit(cache=True)
     def _dec_iter(memo, table, Sa, Fa, slow, ci, C, n_dec, ctx, bg, prompt, extra, out, miss, fail,
                   busy):  # noqa: ANN001, ANN202
-        """= FastSimulator._dec_iter: (status, seconds, 1.0 if the busy dict has the mixed order);
-        the busy shares into ``busy``."""
+        """= FastSimulator._dec_iter: (status, seconds); the busy shares into ``busy``."""
         U = ci[CI_UNITS]
         n = busy.shape[0]
         if not (ci[CI_FILL] != 0 and ci[CI_REMOTE] != 0) or bg <= 0 or U <= 1:
             r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, bg, prompt, extra, out, miss, fail)
             busy[:] = out[2:2 + n]
-            return r, out[0], 0.0
+            return r, out[0]
         fb = _min(bg / C, 1.0)
         p0 = (1.0 - fb) ** float(U - 1)
         if p0 >= 1.0:
             r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra, out, miss, fail)
             busy[:] = out[2:2 + n]
-            return r, out[0], 0.0
+            return r, out[0]
         r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, bg / (1.0 - p0), prompt, extra, out, miss,
                   fail)
         if r != 0:
-            return r, 0.0, 0.0
+            return r, 0.0
         t_mix = out[0]
         b_mix = out[2:2 + n].copy()
         if p0 <= 0.0:
             busy[:] = b_mix
-            return 0, t_mix, 0.0
+            return 0, t_mix
         r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra, out, miss, fail)
         if r != 0:
-            return r, 0.0, 0.0
+            return r, 0.0
         t_dec = out[0]
         for i in range(n):
             busy[i] = p0 * out[2 + i] + (1.0 - p0) * b_mix[i]
-        return 0, p0 * t_dec + (1.0 - p0) * t_mix, 1.0
+        return 0, p0 * t_dec + (1.0 - p0) * t_mix
 
     @njit(cache=True)
     def substeps(x0, bd0, bm0, util0, memo, table, Sa, Fa, slow, ci, cf, cnt, psum, osum, out, miss,
@@ -223,7 +219,7 @@ if stepkernel.njit is not None:
                 if x[REF_SM] != sm_serial or abs(nd_u - ref_nd) > (0.1 * ref_nd if ref_nd > 20.0 else 2.0) \
                         or abs(bg - ref_bg) > (0.1 * ref_bg if ref_bg > 320.0 else 32.0) \
                         or abs(d_n - ref_dn) > (0.1 * ref_dn if ref_dn > 20.0 else 2.0):
-                    r, T_dec, mixorder = _dec_iter(memo, table, Sa, Fa, slow, ci, C, _max(nd_u, 1.0), ctx, bg,
+                    r, T_dec = _dec_iter(memo, table, Sa, Fa, slow, ci, C, _max(nd_u, 1.0), ctx, bg,
                                                    r_prompt, d_n, out, miss, fail, bd)
                     if r != 0:
                         return r
@@ -234,7 +230,7 @@ if stepkernel.njit is not None:
                     T_full = out[0]
                     bm[:] = out[2:2 + n]
                     x[REF_SM], x[REF_ND], x[REF_BG], x[REF_DN] = sm_serial, nd_u, bg, d_n
-                    x[VAL_T_DEC], x[VAL_T_FULL], x[VAL_MIXORDER] = T_dec, T_full, mixorder
+                    x[VAL_T_DEC], x[VAL_T_FULL] = T_dec, T_full
                     fresh = True
                 else:
                     T_dec, T_full = x[VAL_T_DEC], x[VAL_T_FULL]
@@ -254,8 +250,6 @@ if stepkernel.njit is not None:
                 if abs(bg_new - bg) <= 0.1 * bg + 32.0:
                     break
                 bg = bg_new
-            if s == s0:
-                x[FIRST_MIXORDER] = x[VAL_MIXORDER]
             if remote and fresh:
                 fb = _min(bg / C, 1.0)
                 bg99 = C * _min(1.0, fb + _Z99 * math.sqrt(_max(fb * (1 - fb), 0.0) / U))

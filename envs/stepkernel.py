@@ -333,9 +333,6 @@ class StepKernel:
         for _, _, proc, _, _ in sm._ends:
             order.setdefault(proc, len(order))
         self.procs = tuple(order)
-        #: the order of a busy dict mixed from two of this step model's (FastSimulator._dec_iter
-        #: builds it from the union of their keys, a set)
-        self.mix_procs = tuple(dict.fromkeys(self.procs).keys() | dict.fromkeys(self.procs).keys())
         #: a number no other StepKernel of this process has (the identity of its StepModel)
         self.serial = float(next(_SERIALS))
         groups, stages, ops, fracs = [], [], [], []
@@ -363,8 +360,8 @@ class StepKernel:
         """``sm.slowdowns(util)`` in :attr:`procs` order (ones without co-residence); cached while
         the same util dict is passed (the fast simulator replaces it, never mutates it)."""
         if self._slow[0] is not util:
-            slow = sm.slowdowns(util)
-            arr = self._ones if slow is None else np.asarray([slow[p] for p in self.procs], dtype=np.float64)
+            arr = np.asarray([sm.slowdown(p, util) for p in self.procs], dtype=np.float64) if sm._has_peers \
+                else self._ones
             self._slow = (util, arr)
         return self._slow[1]
 

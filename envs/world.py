@@ -150,7 +150,7 @@ class Placer:
     def _instance_need(self, groups: frozenset[str], tp: int, max_batch: int) -> float:
         p = self.pred
         need = sum(p.weight_bytes_per_gpu(g, tp) + p.activation_bytes_per_gpu(g, self._tokens(max_batch), tp)
-                   for g in groups)
+                   for g in OPERATOR_GROUPS if g in groups)  # (a fixed order: a set's depends on the hash seed)
         if "attn" in groups:
             need += p.cfg.max_seq_len * p.kv_bytes_per_token / tp
         return need
@@ -324,7 +324,7 @@ class Placer:
         peers = co_residence((c.count, c.procs) for c in classes)
         load_s = {}
         memory = {}
-        mono_w = sum(p.weight_bytes_per_gpu(h, inst_tp) for h in mono) if mono else 0
+        mono_w = sum(p.weight_bytes_per_gpu(h, inst_tp) for h in OPERATOR_GROUPS if h in mono) if mono else 0
         per_rep = self._per_rep
         for g in OPERATOR_GROUPS:
             op = plan[g]
@@ -565,14 +565,16 @@ class StepModel:
         cached = self._slow_cache
         if cached[0] == items:
             return cached[1]
-        cont = self.sc.contention
-        slow = {}
-        for proc in self._procs:
-            peers = self._peers.get(proc)
-            slow[proc] = 1.0 + cont * sum(share * min(max(util.get(o, 0.0), 0.0), 1.0)
-                                          for o, share in peers) if peers else 1.0
+        slow = {proc: self.slowdown(proc, util) for proc in self._procs}
         self._slow_cache = (items, slow)
         return slow
+
+    def slowdown(self, proc: str, util: Mapping[str, float]) -> float:
+        """Slowdown of process ``proc`` at the busy shares ``util``: 1 + contention x the busy
+        shares of its co-resident shards (runtime/colocation.py), uncached."""
+        peers = self._peers.get(proc)
+        return 1.0 + self.sc.contention * sum(share * min(max(util.get(o, 0.0), 0.0), 1.0)
+                                              for o, share in peers) if peers else 1.0
 
     def pick(self, timed: list[tuple[float, dict[str, float]]]) -> tuple[float, dict[str, float]]:
         """The micro-batch count's result an iteration runs, from ``timed`` (one ``_layers`` result
