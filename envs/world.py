@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Mapping
 
+import numpy as np
+
 from runtime.colocation import co_residence
 from runtime.control import OperatorPlan, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
+from envs import packkernel, stepkernel
 from envs.memo import put
 from envs.predictor import ExecutionPredictor, quantise
 from envs.scenario import Scenario
@@ -27,6 +30,11 @@ from envs.scenario import Scenario
 TP_LEVELS = (1, 2, 4, 8)
 #: Pseudo-group of a whole-model instance (all groups placed ``model``).
 MODEL = "model"
+#: processes and GPU openers as envs/packkernel.py numbers them
+_PROCS = (MODEL,) + tuple(OPERATOR_GROUPS)
+_PROC_INDEX = {p: i for i, p in enumerate(_PROCS)}
+_KIND_NAMES = ("model", "dedicated", "pack")
+_KINDS = {k: i for i, k in enumerate(_KIND_NAMES)}
 
 
 @dataclass
@@ -111,6 +119,14 @@ class Placer:
         self._need: dict[tuple, float] = {}
         self._inst: dict[tuple, float] = {}
         self._per_rep: dict[tuple, tuple[float, float]] = {}
+        #: whether packing runs compiled (envs/packkernel.py; OPSCALE_KERNEL=0 or no numba: Python)
+        self._compiled = stepkernel.ENABLED
+        if self._compiled:
+            packkernel.warm()
+            L = packkernel.MAX_CLASSES
+            self._arrays = (np.zeros(L, dtype=np.int64), np.zeros(L, dtype=np.int64), np.zeros(L, dtype=np.float64),
+                            np.zeros((L, len(_PROCS)), dtype=np.int64), np.full((L, len(_PROCS)), -1, dtype=np.int64),
+                            np.zeros(L, dtype=np.int64))
 
     # -------------------------------------------------------------- memory per GPU of one replica
     def _tokens(self, max_batch: int) -> int:
@@ -274,30 +290,9 @@ class Placer:
             classes.append(GPUClass(op.replicas * op.tp, "dedicated", self.replica_need(g, op), {g: 1}))
         packed = [g for g in OPERATOR_GROUPS if g not in mono and plan[g].placement == "pack"]
         packed.sort(key=lambda g: -self.replica_need(g, plan[g]))
-        for g in packed:
-            op = plan[g]
-            need = self.replica_need(g, op)
-            for _ in range(op.replicas):
-                left = op.tp
-                # best fit: least free memory first; ties prefer GPUs already hosting this group
-                cands = [c for c in classes if c.kind != "dedicated" and cap - c.used_bytes >= need]
-                if len(cands) > 1:
-                    cands.sort(key=lambda c: (cap - c.used_bytes, -c.procs.get(g, 0)))
-                for c in cands:
-                    if left == 0:
-                        break
-                    k = min(left, c.count)
-                    if k < c.count:
-                        classes.append(GPUClass(c.count - k, c.kind, c.used_bytes, dict(c.procs)))
-                        c.count = k
-                    c.used_bytes += need
-                    c.procs[g] = c.procs.get(g, 0) + 1
-                    left -= k
-                if left:
-                    classes.append(GPUClass(left, "pack", need, {g: 1}))
-                if len(classes) > 8:
-                    classes = _merge(classes)
-            classes = _merge(classes)
+        if packed:
+            classes = (self._pack_compiled(classes, packed, plan) if self._compiled else None) or \
+                self._pack(classes, packed, plan)
         # KV capacity of an attention unit: what its GPUs have left
         kvb = p.kv_bytes_per_token
         if "attn" in mono:
@@ -343,6 +338,65 @@ class Placer:
         return Layout(plan=plan, repairs=list(repairs), gpus=classes, mono=mono, instances=instances, units=units,
                       unit_tp=unit_tp, unit_kv_tokens=unit_kv, proc_gpus=proc_gpus, peers=peers, load_s=load_s,
                       memory_bytes=memory)
+
+
+    def _pack(self, classes: list[GPUClass], packed: list[str], plan: Plan) -> list[GPUClass]:
+        """Add the replicas of the ``packed`` groups (in that order) to the GPU ``classes``: each
+        replica's tp shards go to the GPUs with the least free memory that fit it (ties: GPUs that
+        already host the group), identical GPUs merged into classes. The reference for
+        :meth:`_pack_compiled`."""
+        cap = self.cap
+        for g in packed:
+            op = plan[g]
+            need = self.replica_need(g, op)
+            for _ in range(op.replicas):
+                left = op.tp
+                # best fit: least free memory first; ties prefer GPUs already hosting this group
+                cands = [c for c in classes if c.kind != "dedicated" and cap - c.used_bytes >= need]
+                if len(cands) > 1:
+                    cands.sort(key=lambda c: (cap - c.used_bytes, -c.procs.get(g, 0)))
+                for c in cands:
+                    if left == 0:
+                        break
+                    k = min(left, c.count)
+                    if k < c.count:
+                        classes.append(GPUClass(c.count - k, c.kind, c.used_bytes, dict(c.procs)))
+                        c.count = k
+                    c.used_bytes += need
+                    c.procs[g] = c.procs.get(g, 0) + 1
+                    left -= k
+                if left:
+                    classes.append(GPUClass(left, "pack", need, {g: 1}))
+                if len(classes) > 8:
+                    classes = _merge(classes)
+            classes = _merge(classes)
+        return classes
+
+    def _pack_compiled(self, classes: list[GPUClass], packed: list[str], plan: Plan) -> list[GPUClass] | None:
+        """:meth:`_pack` in compiled code (envs/packkernel.py), the same classes in the same order;
+        None when the placement would outgrow the kernel's arrays."""
+        n0 = len(classes)
+        cnt, kind, used, pc, order, npr = self._arrays
+        if n0 > cnt.shape[0]:
+            return None
+        pc[:n0] = 0
+        order[:n0] = -1
+        for i, c in enumerate(classes):
+            cnt[i], kind[i], used[i], npr[i] = c.count, _KINDS[c.kind], c.used_bytes, len(c.procs)
+            for j, (proc, k) in enumerate(c.procs.items()):
+                p = _PROC_INDEX[proc]
+                pc[i, p] = k
+                order[i, j] = p
+        n = packkernel.pack(n0, cnt, kind, used, pc, order, npr,
+                            np.asarray([_PROC_INDEX[g] for g in packed], dtype=np.int64),
+                            np.asarray([plan[g].replicas for g in packed], dtype=np.int64),
+                            np.asarray([plan[g].tp for g in packed], dtype=np.int64),
+                            np.asarray([self.replica_need(g, plan[g]) for g in packed], dtype=np.float64), self.cap)
+        if n < 0:
+            return None
+        kinds, pcs, orders = kind[:n].tolist(), pc[:n].tolist(), order[:n].tolist()
+        return [GPUClass(c, _KIND_NAMES[kinds[i]], u, {_PROCS[p]: pcs[i][p] for p in orders[i][:npr[i]]})
+                for i, (c, u) in enumerate(zip(cnt[:n].tolist(), used[:n].tolist()))]
 
 
 def _merge(classes: list[GPUClass]) -> list[GPUClass]:
