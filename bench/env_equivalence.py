@@ -1,7 +1,7 @@
 """Do two checkouts' fast-model envs compute the same thing? Bit-for-bit trajectory comparison.
 
 Usage: ``python bench/env_equivalence.py --baseline DIR [--steps 1500] [--seeds 0,1,2]
-[--scenario YAML]``
+[--scenario YAML] [--hash-seed 0]``
 
 For each seed and each action stream (``random``: uniformly random actions, a new plan every
 step; ``kept``: zero-delta actions; ``mixed``: a random action every 4th step, kept otherwise;
@@ -10,6 +10,8 @@ step; ``kept``: zero-delta actions; ``mixed``: a random action every 4th step, k
 ``git archive HEAD | tar -x -C DIR``), and the observations (float32 bytes), rewards (float64)
 and the info values (repr) are compared. Both trees use the same scenario file (default: this
 tree's envs/configs/default.yaml), so a config edit in one tree does not count as a change.
+Both trees run under the same PYTHONHASHSEED (``--hash-seed``): trees before session 21 let the
+order of a set of group names (which the hash seed decides) reach their numbers now and then.
 Prints one line per (seed, stream) and exits 1 on any difference.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +65,12 @@ def trajectory_digest(stream: str, steps: int, seed: int, scenario: str) -> dict
     return {"digest": h_all.hexdigest()[:16], "steps": per_step}
 
 
-def _run(root: Path, stream: str, steps: int, seed: int, scenario: str) -> dict:
+def _run(root: Path, stream: str, steps: int, seed: int, scenario: str, hash_seed: str) -> dict:
     code = (f"import sys, json; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
             f"import env_equivalence as e; print(json.dumps(e.trajectory_digest({stream!r}, {steps}, {seed}, "
             f"{scenario!r})))")
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{stream} seed {seed} in {root} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -79,14 +83,17 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--streams", default=",".join(STREAMS))
     p.add_argument("--scenario", default=str(ROOT / "envs" / "configs" / "default.yaml"))
+    p.add_argument("--hash-seed", default="0",
+                   help="PYTHONHASHSEED of both trees' runs (trees before session 21 depend on it now and then: "
+                        "4 gives the order the simulators use since)")
     a = p.parse_args()
     if not (a.baseline / "envs" / "fast.py").is_file():
         p.error(f"--baseline {a.baseline}: no envs/fast.py there")
     bad = 0
     for seed in [int(s) for s in a.seeds.split(",") if s]:
         for stream in [s for s in a.streams.split(",") if s]:
-            cur = _run(ROOT, stream, a.steps, seed, a.scenario)
-            base = _run(a.baseline.resolve(), stream, a.steps, seed, a.scenario)
+            cur = _run(ROOT, stream, a.steps, seed, a.scenario, a.hash_seed)
+            base = _run(a.baseline.resolve(), stream, a.steps, seed, a.scenario, a.hash_seed)
             if cur["digest"] == base["digest"]:
                 print(f"seed {seed} {stream:7s} {a.steps} steps: identical")
             else:
