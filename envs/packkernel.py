@@ -29,6 +29,16 @@ if stepkernel.njit is not None:
     njit = stepkernel.njit
 
     @njit(cache=True)
+    def _copy_row(dst, src, cnt, kind, used, pc, order, npr):  # noqa: ANN001, ANN202
+        """GPU class row ``src`` copied into row ``dst``."""
+        cnt[dst] = cnt[src]
+        kind[dst] = kind[src]
+        used[dst] = used[src]
+        pc[dst, :] = pc[src, :]
+        order[dst, :] = order[src, :]
+        npr[dst] = npr[src]
+
+    @njit(cache=True)
     def _merge(n, cnt, kind, used, pc, order, npr):  # noqa: ANN001, ANN202
         """= envs.world._merge on the first ``n`` rows, in place; returns the rows left."""
         m = 0
@@ -53,12 +63,7 @@ if stepkernel.njit is not None:
                 cnt[found] += cnt[i]
             else:
                 if m != i:
-                    cnt[m] = cnt[i]
-                    kind[m] = kind[i]
-                    used[m] = used[i]
-                    pc[m, :] = pc[i, :]
-                    order[m, :] = order[i, :]
-                    npr[m] = npr[i]
+                    _copy_row(m, i, cnt, kind, used, pc, order, npr)
                 m += 1
         return m
 
@@ -102,12 +107,8 @@ if stepkernel.njit is not None:
                     if k < cnt[i]:
                         if n >= limit:
                             return -1
+                        _copy_row(n, i, cnt, kind, used, pc, order, npr)
                         cnt[n] = cnt[i] - k
-                        kind[n] = kind[i]
-                        used[n] = used[i]
-                        pc[n, :] = pc[i, :]
-                        order[n, :] = order[i, :]
-                        npr[n] = npr[i]
                         n += 1
                         cnt[i] = k
                     used[i] += need
