@@ -124,7 +124,8 @@ class ClusterTimeline:
         return OperatorPlan(max(n, 1), op.max_batch, op.placement, op.tp)
 
     def serving_plan(self, now: float) -> Plan:
-        """Per group the replicas serving at ``now`` (cached until the next load completes)."""
+        """Per group the replicas serving at ``now`` (cached for the span between the loads or
+        switches completed before and after ``now``, within which it cannot change)."""
         cache = self._cache
         if cache is not None:
             for lo, hi, plan in cache:
@@ -133,10 +134,24 @@ class ClusterTimeline:
         else:
             cache = self._cache = []
         plan = Plan({g: self.serving_op(g, now) for g in OPERATOR_GROUPS})
-        nxt = self.next_ready(now)
+        # the plan holds from the last load or switch completed by ``now`` to the next one
+        prv, nxt = float("-inf"), float("inf")
+        for tl in self.groups.values():
+            for r in tl.ready:
+                if r <= now:
+                    if r > prv:
+                        prv = r
+                elif r < nxt:
+                    nxt = r
+            if tl.switch_at is not None:
+                if tl.switch_at <= now:
+                    if tl.switch_at > prv:
+                        prv = tl.switch_at
+                elif tl.switch_at < nxt:
+                    nxt = tl.switch_at
         if len(cache) >= 4:
             del cache[0]
-        cache.append((now, nxt if nxt is not None else float("inf"), plan))
+        cache.append((prv, nxt, plan))
         return plan
 
     def serving_fraction(self, g: str, t0: float, t1: float) -> float:
