@@ -324,3 +324,34 @@ def test_fast_placement_switch_hands_sequences_to_the_new_units():
     before, d_n, d_units, n_dec = out[True]
     assert before > 10 and d_n == 0.0 and d_units == 0.0 and n_dec > 0.5 * before
     assert out[False][1] > 0.0 and out[False][2] == 4.0
+
+
+def test_cached_serving_plans_equal_a_fresh_computation_at_any_query_time():
+    """The timeline caches each serving plan for the span between the loads or switches completed
+    before and after the query (session 21); queried out of order (accounting catches up from the
+    last accounted time), between plan changes and placement switches, it must always answer
+    what the replicas serving at that time are."""
+    from envs.cluster import ClusterTimeline
+    from runtime.control import OperatorPlan, Plan
+    from runtime.models import OPERATOR_GROUPS
+
+    sim = make_simulator(Scenario.from_yaml(), fidelity="fast")
+    rng = np.random.default_rng(3)
+    base = Scenario.from_yaml().initial_plan()
+    tl = ClusterTimeline(sim.placer, base)
+    now = 0.0
+    checked = 0
+    for _ in range(60):
+        now += float(rng.uniform(0.5, 20.0))
+        tl.advance(now)
+        if rng.random() < 0.5:
+            ops = {g: OperatorPlan(int(rng.integers(1, 12)), base[g].max_batch,
+                                   str(rng.choice(["pack", "pack", "dedicated"])), base[g].tp)
+                   for g in OPERATOR_GROUPS}
+            tl.apply(Plan(ops), now)
+        for t in sorted(rng.uniform(now - 30.0, now + 60.0, 6), key=lambda _: rng.random()):
+            t = max(float(t), 0.0)
+            fresh = Plan({g: tl.serving_op(g, t) for g in OPERATOR_GROUPS})
+            assert tl.serving_plan(t) == fresh, (now, t)
+            checked += 1
+    assert checked == 360
