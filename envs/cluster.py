@@ -134,24 +134,9 @@ class ClusterTimeline:
         else:
             cache = self._cache = []
         plan = Plan({g: self.serving_op(g, now) for g in OPERATOR_GROUPS})
-        # the plan holds from the last load or switch completed by ``now`` to the next one
-        prv, nxt = float("-inf"), float("inf")
-        for tl in self.groups.values():
-            for r in tl.ready:
-                if r <= now:
-                    if r > prv:
-                        prv = r
-                elif r < nxt:
-                    nxt = r
-            if tl.switch_at is not None:
-                if tl.switch_at <= now:
-                    if tl.switch_at > prv:
-                        prv = tl.switch_at
-                elif tl.switch_at < nxt:
-                    nxt = tl.switch_at
         if len(cache) >= 4:
             del cache[0]
-        cache.append((prv, nxt, plan))
+        cache.append((*self._bounds(now), plan))
         return plan
 
     def serving_fraction(self, g: str, t0: float, t1: float) -> float:
@@ -167,9 +152,27 @@ class ClusterTimeline:
 
     def next_ready(self, now: float) -> float | None:
         """The next time a load or switch completes after ``now`` (None when nothing is loading)."""
-        times = [r for tl in self.groups.values() for r in tl.ready if r > now]
-        times += [tl.switch_at for tl in self.groups.values() if tl.switch_at is not None and tl.switch_at > now]
-        return min(times) if times else None
+        nxt = self._bounds(now)[1]
+        return None if nxt == float("inf") else nxt
+
+    def _bounds(self, now: float) -> tuple[float, float]:
+        """(the last load or switch completed by ``now``, the next one after it), -inf / inf when
+        there is none: the serving plan cannot change in between."""
+        prv, nxt = float("-inf"), float("inf")
+        for tl in self.groups.values():
+            for r in tl.ready:
+                if r <= now:
+                    if r > prv:
+                        prv = r
+                elif r < nxt:
+                    nxt = r
+            if tl.switch_at is not None:
+                if tl.switch_at <= now:
+                    if tl.switch_at > prv:
+                        prv = tl.switch_at
+                elif tl.switch_at < nxt:
+                    nxt = tl.switch_at
+        return prv, nxt
 
     def pending(self, g: str, now: float) -> int:
         """Replicas of ``g`` loading at ``now``."""

@@ -45,10 +45,8 @@ N_STATE = 39
 
 # --- constants: int64 vector ------------------------------------------------------------------
 (CI_K, CI_S0, CI_S1, CI_IN_TRACE, CI_UNITS, CI_REMOTE, CI_FILL, CI_LIMIT, CI_SIG, CI_UKEY, CI_SUB) = range(11)
-N_CI = 11
 # --- constants: float64 vector ----------------------------------------------------------------
 (CF_U, CF_B, CF_KV_CAP, CF_UNIT_KV, CF_C, CF_H, CF_SLO_TTFT, CF_MAX_WAIT, CF_P50, CF_P99, CF_SM) = range(11)
-N_CF = 11
 
 #: status of a call: done; an iteration time needs Python; a memo value had no busy shares
 DONE, NEEDS_PYTHON, EMPTY_BUSY = 0, -1, -2

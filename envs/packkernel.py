@@ -18,8 +18,9 @@ import numpy as np
 from envs import stepkernel
 
 #: processes as the kernel numbers them: a whole-model instance, then the operator groups
-#: (runtime.models.OPERATOR_GROUPS order); openers: model, dedicated, pack
-KIND_MODEL, KIND_DEDICATED, KIND_PACK = 0, 1, 2
+#: (runtime.models.OPERATOR_GROUPS order); who opened a GPU (``GPUClass.kind``) by its index here
+KINDS = ("model", "dedicated", "pack")
+KIND_DEDICATED, KIND_PACK = KINDS.index("dedicated"), KINDS.index("pack")
 #: most GPU classes a placement may hold at once (more: the Python loop places the plan)
 MAX_CLASSES = 64
 #: classes the loop lets accumulate before merging (= envs.world: ``len(classes) > 8``)

@@ -33,8 +33,7 @@ MODEL = "model"
 #: processes and GPU openers as envs/packkernel.py numbers them
 _PROCS = (MODEL,) + tuple(OPERATOR_GROUPS)
 _PROC_INDEX = {p: i for i, p in enumerate(_PROCS)}
-_KIND_NAMES = ("model", "dedicated", "pack")
-_KINDS = {k: i for i, k in enumerate(_KIND_NAMES)}
+_KINDS = {k: i for i, k in enumerate(packkernel.KINDS)}
 
 
 @dataclass
@@ -395,7 +394,7 @@ class Placer:
         if n < 0:
             return None
         kinds, pcs, orders = kind[:n].tolist(), pc[:n].tolist(), order[:n].tolist()
-        return [GPUClass(c, _KIND_NAMES[kinds[i]], u, {_PROCS[p]: pcs[i][p] for p in orders[i][:npr[i]]})
+        return [GPUClass(c, packkernel.KINDS[kinds[i]], u, {_PROCS[p]: pcs[i][p] for p in orders[i][:npr[i]]})
                 for i, (c, u) in enumerate(zip(cnt[:n].tolist(), used[:n].tolist()))]
 
 
