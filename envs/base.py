@@ -28,7 +28,7 @@ from envs.scenario import Scenario
 from envs.world import MODEL, Layout, Placer, StepModel
 
 
-@dataclass
+@dataclass(slots=True)
 class IntervalMetrics:
     """What happened in one control interval (seconds, tokens, counts)."""
 

@@ -36,7 +36,7 @@ _PROC_INDEX = {p: i for i, p in enumerate(_PROCS)}
 _KINDS = {k: i for i, k in enumerate(packkernel.KINDS)}
 
 
-@dataclass
+@dataclass(slots=True)
 class GPUClass:
     """``count`` identical GPUs: memory used on each (bytes) and the processes on each.
 
@@ -71,6 +71,8 @@ class Layout:
         peers: for each process, {process: co-resident shards per shard of it} (its own entry
             counts its other replicas on the same GPU; runtime/colocation.py).
         load_s: seconds a new replica of each group needs before it serves.
+        memory_bytes: bytes each group's replicas hold in all.
+        n_gpus: GPUs holding any replica (derived from ``gpus``).
     """
 
     plan: Plan
@@ -85,17 +87,16 @@ class Layout:
     peers: dict[str, dict[str, float]]
     load_s: dict[str, float]
     memory_bytes: dict[str, float]
+    n_gpus: int = field(init=False, repr=False)  # summed once: a layout never changes after placement
+
+    def __post_init__(self) -> None:
+        self.n_gpus = sum(c.count for c in self.gpus)
 
     def __deepcopy__(self, memo: dict) -> "Layout":
         # the placer memoises layouts and hands the same object to every caller, so a layout is
         # never changed after placement: copies of a simulator share it (and keep the identity
         # checks of its caches meaningful)
         return self
-
-    @property
-    def n_gpus(self) -> int:
-        """GPUs holding any replica."""
-        return sum(c.count for c in self.gpus)
 
     def proc_of(self, group: str) -> str:
         """The process a group runs in: ``model`` or the group itself."""

@@ -81,7 +81,7 @@ class OperatorSpec:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OperatorPlan:
     """What a controller sets for one operator group.
 
@@ -108,7 +108,7 @@ class OperatorPlan:
             raise PlanError(f"tp must be 1, 2, 4 or 8, got {self.tp}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Per operator group: replicas, batch limit, placement and tensor parallelism."""
 
@@ -173,7 +173,7 @@ class Plan:
         return Plan(ops)
 
 
-@dataclass
+@dataclass(slots=True)
 class OperatorState:
     """What a controller sees of one operator group over the last interval.
 

@@ -58,6 +58,29 @@ def test_plan_roundtrip_and_model_level():
     assert all(ml[g].replicas == 3 and ml[g].placement == "model" and ml[g].tp == 4 for g in OPERATOR_GROUPS)
 
 
+def test_plans_and_states_travel_between_processes_unchanged():
+    # Plans and states cross process boundaries (SubprocVecEnv workers, Ray Serve replicas) by
+    # pickle and are copied by deepcopy; the value types are slotted dataclasses (fewer objects per
+    # env step), which must keep both working and stay frozen where they were.
+    import copy
+    import dataclasses
+    import pickle
+
+    p = _plan()
+    st = _state(p, [1.0, 2.0])
+    for obj in (p, p["attn"], st.operators["mlp"]):
+        back = pickle.loads(pickle.dumps(obj))
+        assert back == obj and type(back) is type(obj)
+        assert copy.deepcopy(obj) == obj
+    back = pickle.loads(pickle.dumps(st))
+    assert back.plan == p and back.operators == st.operators
+    assert dataclasses.replace(p["attn"], replicas=5) == OperatorPlan(5, 32, "pack", 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p["attn"].replicas = 3  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        st.operators["mlp"].utilization = 0.3  # a misspelt field is an error, not a new attribute
+
+
 def _state(plan: Plan, hist) -> ClusterState:
     ops = {g: OperatorState(plan[g].replicas, plan[g].max_batch, plan[g].placement, plan[g].tp,
                             arrival_rate=1000.0, utilisation=0.5) for g in OPERATOR_GROUPS}
