@@ -1,7 +1,7 @@
 """Fast-model env steps per second against a PPO MlpPolicy's action-prediction rate.
 
 Usage: ``python bench/env_speed.py [--steps 3000] [--rounds 3] [--warmup 0] [--baseline DIR] [--learner]
-[--train-share STEPS] [--json]``
+[--train-share STEPS] [--gc-share] [--json]``
 
 Measures, on the same machine in one run:
 * env steps/s of ``opscale/OperatorScaling-v0`` (fast fidelity) under these action streams:
@@ -32,6 +32,10 @@ Measures, on the same machine in one run:
   side (``agents.training.train`` with agents/configs/ppo.yaml for STEPS timesteps, into a
   temporary folder; the training and evaluation VecEnvs' ``step_wait`` and ``env_method``
   calls, i.e. env steps, resets and action masks, are timed);
+* with ``--gc-share``: each stream again with Python's cyclic garbage collector off (current tree
+  only), and the share of an env step the collections take, ``1 - rate with / rate without``
+  (the env allocates no cyclic garbage; the collections are the price of the objects a step
+  creates and keeps: layouts, step models and plans in the bounded caches);
 * how much faster than real time the reference simulator replays azure-conv.
 
 Each round runs every stream in a fresh process (so no run inherits another's caches),
@@ -267,7 +271,13 @@ def reference_speedup() -> dict:
             "requests": out["requests"]}
 
 
-def _worker(what: str, steps: int, warmup: int = 0) -> None:
+def _worker(what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> None:
+    if gc_off:
+        import gc
+
+        import envs  # noqa: F401 - what the env imports is loaded with the collector still on
+
+        gc.disable()
     if what == "predict":
         out = ppo_rate(steps)
     elif what == "predict_nochecks":
@@ -285,10 +295,11 @@ def _worker(what: str, steps: int, warmup: int = 0) -> None:
 # driver
 # ---------------------------------------------------------------------------------------------
 
-def _run(root: Path, what: str, steps: int, warmup: int = 0) -> float | dict:
-    """One measurement in a fresh process with ``root`` first on sys.path."""
+def _run(root: Path, what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> float | dict:
+    """One measurement in a fresh process with ``root`` first on sys.path (``gc_off``: with the
+    cyclic garbage collector disabled)."""
     code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
-            f"import env_speed; env_speed._worker({what!r}, {steps}, {warmup})")
+            f"import env_speed; env_speed._worker({what!r}, {steps}, {warmup}, {gc_off})")
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{what} in {root} failed:\n{res.stderr[-2000:]}")
@@ -311,6 +322,8 @@ def main() -> int:
     p.add_argument("--learner", action="store_true", help="also measure PPO training's own samples/s")
     p.add_argument("--train-share", type=int, default=0, metavar="STEPS",
                    help="also time a real training run of STEPS timesteps and its env side (each round, each tree)")
+    p.add_argument("--gc-share", action="store_true",
+                   help="also run each stream with the garbage collector off: the collections' share of a step")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-simulator replay")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
@@ -328,6 +341,7 @@ def main() -> int:
     preds_nc: list[float] = []
     learns: list[float] = []
     shares: dict[str, list[dict]] = {t: [] for t in trees}
+    no_gc: dict[str, list[float]] = {s: [] for s in streams}
     for _ in range(a.rounds):
         preds.append(_run(ROOT, "predict", a.steps))
         preds_nc.append(_run(ROOT, "predict_nochecks", a.steps))
@@ -339,6 +353,8 @@ def main() -> int:
         for s in streams:
             for t, root in trees.items():
                 rates[t][s].append(_run(root, s, _steps_for(s, a.steps), a.warmup))
+            if a.gc_share:
+                no_gc[s].append(_run(ROOT, s, _steps_for(s, a.steps), a.warmup, gc_off=True))
     pred = float(np.median(preds))
     learn = float(np.median(learns)) if learns else None
     pred_nc = float(np.median(preds_nc))
@@ -351,6 +367,12 @@ def main() -> int:
                       "rounds": [round(x, 1) for x in v]} for s, v in rates[t].items()}
     if a.baseline is not None:
         out["speedup"] = {s: out["current"][s]["steps_per_s"] / out["baseline"][s]["steps_per_s"] for s in streams}
+    if a.gc_share:
+        for s, v in no_gc.items():
+            off = float(np.median(v))
+            out["current"][s]["gc_off_steps_per_s"] = off
+            out["current"][s]["gc_share"] = 1.0 - out["current"][s]["steps_per_s"] / off
+            out["current"][s]["gc_off_rounds"] = [round(x, 1) for x in v]
     if a.train_share:
         for t in trees:
             runs = shares[t]
@@ -383,6 +405,8 @@ def main() -> int:
         if a.baseline is not None:
             base = out["baseline"][s]
             line += f"   baseline {base['steps_per_s']:8.0f} steps/s  speed-up {out['speedup'][s]:.2f}x"
+        if a.gc_share:
+            line += f"   collector off {cur['gc_off_steps_per_s']:8.0f} steps/s: {100 * cur['gc_share']:.0f} % of a step"
         print(line)
     if a.train_share:
         for t in trees:

@@ -118,6 +118,23 @@ def test_bench_env_rate_runs_every_stream_but_ppo(monkeypatch, capsys):
     assert "unknown stream(s) ['bogus']" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_gc_share_worker_measures_with_the_collector_off(monkeypatch, capsys):
+    import gc
+    import json
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import env_speed
+
+    assert gc.isenabled()
+    try:
+        env_speed._worker("keep", 20, 0, True)
+        assert not gc.isenabled()  # the measurement ran (and the worker process ends) without collections
+    finally:
+        gc.enable()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["keep"] > 0
+
+
 def test_first_reset_freezes_the_heap_once():
     """After a simulator's first reset the objects alive then sit in the collector's permanent
     generation (full collections skip them); later resets do not freeze again."""
