@@ -1,7 +1,7 @@
 """Do two checkouts' fast-model envs compute the same thing? Bit-for-bit trajectory comparison.
 
 Usage: ``python bench/env_equivalence.py --baseline DIR [--steps 1500] [--seeds 0,1,2]
-[--scenario YAML] [--hash-seed 0]``
+[--scenario YAML] [--training-world] [--hash-seed 0] [--baseline-env KEY=VALUE ...]``
 
 For each seed and each action stream (``random``: uniformly random actions, a new plan every
 step; ``kept``: zero-delta actions; ``mixed``: a random action every 4th step, kept otherwise;
@@ -9,9 +9,14 @@ step; ``kept``: zero-delta actions; ``mixed``: a random action every 4th step, k
 (episodes reset on truncation) in a fresh process for the current tree and for ``DIR`` (e.g.
 ``git archive HEAD | tar -x -C DIR``), and the observations (float32 bytes), rewards (float64)
 and the info values (repr) are compared. Both trees use the same scenario file (default: this
-tree's envs/configs/default.yaml), so a config edit in one tree does not count as a change.
+tree's envs/configs/default.yaml), so a config edit in one tree does not count as a change;
+``--training-world`` applies agents/configs/ppo.yaml's ``scenario_overrides`` on top (the world
+train.py's envs run in: no KV hand-over, pool calls spread).
 Both trees run under the same PYTHONHASHSEED (``--hash-seed``): trees before session 21 let the
 order of a set of group names (which the hash seed decides) reach their numbers now and then.
+``--baseline-env KEY=VALUE`` sets an environment variable for the baseline's runs only: ``--baseline
+. --baseline-env OPSCALE_KERNEL=0`` compares this tree's compiled kernels with its own Python path
+(the reference they must equal bit for bit).
 Prints one line per (seed, stream) and exits 1 on any difference.
 """
 from __future__ import annotations
@@ -30,12 +35,18 @@ ROOT = Path(__file__).resolve().parents[1]
 STREAMS = ("random", "kept", "mixed", "walk")
 
 
-def trajectory_digest(stream: str, steps: int, seed: int, scenario: str) -> dict:
+def trajectory_digest(stream: str, steps: int, seed: int, scenario: str, training_world: bool = False) -> dict:
     """sha256 of observations, rewards and info of one run (worker side), plus the first step that
     differs can be found from the per-step digests returned."""
     from envs import make_env
+    from envs.scenario import Scenario
 
-    env = make_env(scenario, seed=seed)
+    over = {}
+    if training_world:
+        from agents.hyperparams import load_hyperparams
+
+        over = dict(load_hyperparams().scenario_overrides or {})
+    env = make_env(Scenario.from_yaml(scenario, **over), seed=seed)
     obs, _ = env.reset(seed=seed)
     rng = np.random.default_rng(seed + 1000)
     nvec = env.action_space.nvec
@@ -65,11 +76,12 @@ def trajectory_digest(stream: str, steps: int, seed: int, scenario: str) -> dict
     return {"digest": h_all.hexdigest()[:16], "steps": per_step}
 
 
-def _run(root: Path, stream: str, steps: int, seed: int, scenario: str, hash_seed: str) -> dict:
+def _run(root: Path, stream: str, steps: int, seed: int, scenario: str, hash_seed: str,
+         extra_env: dict[str, str] | None = None, training_world: bool = False) -> dict:
     code = (f"import sys, json; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
             f"import env_equivalence as e; print(json.dumps(e.trajectory_digest({stream!r}, {steps}, {seed}, "
-            f"{scenario!r})))")
-    env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+            f"{scenario!r}, {training_world})))")
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed, **(extra_env or {}))
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"{stream} seed {seed} in {root} failed:\n{res.stderr[-2000:]}")
@@ -83,17 +95,28 @@ def main() -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--streams", default=",".join(STREAMS))
     p.add_argument("--scenario", default=str(ROOT / "envs" / "configs" / "default.yaml"))
+    p.add_argument("--training-world", action="store_true",
+                   help="apply agents/configs/ppo.yaml's scenario_overrides (the world train.py's envs run in)")
     p.add_argument("--hash-seed", default="0",
                    help="PYTHONHASHSEED of both trees' runs (trees before session 21 depend on it now and then: "
                         "4 gives the order the simulators use since)")
+    p.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the baseline's runs only (e.g. OPSCALE_KERNEL=0); repeatable")
     a = p.parse_args()
     if not (a.baseline / "envs" / "fast.py").is_file():
         p.error(f"--baseline {a.baseline}: no envs/fast.py there")
+    base_env = {}
+    for kv in a.baseline_env:
+        key, sep, value = kv.partition("=")
+        if not sep or not key:
+            p.error(f"--baseline-env {kv!r}: expected KEY=VALUE")
+        base_env[key] = value
     bad = 0
     for seed in [int(s) for s in a.seeds.split(",") if s]:
         for stream in [s for s in a.streams.split(",") if s]:
-            cur = _run(ROOT, stream, a.steps, seed, a.scenario, a.hash_seed)
-            base = _run(a.baseline.resolve(), stream, a.steps, seed, a.scenario, a.hash_seed)
+            cur = _run(ROOT, stream, a.steps, seed, a.scenario, a.hash_seed, None, a.training_world)
+            base = _run(a.baseline.resolve(), stream, a.steps, seed, a.scenario, a.hash_seed, base_env,
+                        a.training_world)
             if cur["digest"] == base["digest"]:
                 print(f"seed {seed} {stream:7s} {a.steps} steps: identical")
             else:

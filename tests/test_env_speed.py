@@ -149,3 +149,45 @@ def test_first_reset_freezes_the_heap_once():
     assert frozen > 0
     env.reset(seed=1)
     assert gc.get_freeze_count() == frozen
+
+
+def test_equivalence_bench_compares_kernels_with_the_python_path_and_reports_the_first_difference(
+        monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import env_equivalence
+
+    root = str(Path(__file__).resolve().parents[1])
+    # the compiled kernels against this tree's own Python path (OPSCALE_KERNEL=0): identical
+    monkeypatch.setattr(sys, "argv", ["env_equivalence.py", "--baseline", root, "--baseline-env", "OPSCALE_KERNEL=0",
+                                      "--steps", "30", "--seeds", "0", "--streams", "mixed", "--training-world"])
+    assert env_equivalence.main() == 0
+    assert "seed 0 mixed   30 steps: identical" in capsys.readouterr().out
+    # a difference is found and placed at its first step
+    real = env_equivalence._run
+
+    def run(path, stream, steps, seed, scenario, hash_seed, extra_env=None, training_world=False):  # noqa: ANN001, ANN202
+        out = real(path, stream, steps, seed, scenario, hash_seed, extra_env, training_world)
+        if extra_env:
+            out = {"digest": "x", "steps": out["steps"][:7] + ["y"] * (steps - 7)}
+        return out
+
+    monkeypatch.setattr(env_equivalence, "_run", run)
+    assert env_equivalence.main() == 1
+    assert "DIFFERENT from step 7" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["env_equivalence.py", "--baseline", root, "--baseline-env", "OPSCALE_KERNEL"])
+    with pytest.raises(SystemExit):
+        env_equivalence.main()
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_equivalence_bench_training_world_is_ppo_yaml_overrides():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import env_equivalence
+    finally:
+        sys.path.pop(0)
+    from envs.scenario import DEFAULT_CONFIG
+
+    default = env_equivalence.trajectory_digest("mixed", 40, 3, str(DEFAULT_CONFIG))
+    world = env_equivalence.trajectory_digest("mixed", 40, 3, str(DEFAULT_CONFIG), training_world=True)
+    assert world["digest"] != default["digest"]  # kv_migration off, pool calls spread: other numbers
