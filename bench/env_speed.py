@@ -34,8 +34,8 @@ Measures, on the same machine in one run:
   calls, i.e. env steps, resets and action masks, are timed);
 * with ``--gc-share``: each stream again with Python's cyclic garbage collector off (current tree
   only), and the share of an env step the collections take, ``1 - rate with / rate without``
-  (the env allocates no cyclic garbage; the collections are the price of the objects a step
-  creates and keeps: layouts, step models and plans in the bounded caches);
+  (the env makes next to no cyclic garbage, so the collections are the price of the objects a
+  step creates and keeps: layouts, step models and plans in the bounded caches);
 * how much faster than real time the reference simulator replays azure-conv.
 
 Each round runs every stream in a fresh process (so no run inherits another's caches),

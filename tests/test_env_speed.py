@@ -180,12 +180,9 @@ def test_equivalence_bench_compares_kernels_with_the_python_path_and_reports_the
     assert "expected KEY=VALUE" in capsys.readouterr().err
 
 
-def test_equivalence_bench_training_world_is_ppo_yaml_overrides():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    try:
-        import env_equivalence
-    finally:
-        sys.path.pop(0)
+def test_equivalence_bench_training_world_is_ppo_yaml_overrides(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import env_equivalence
     from envs.scenario import DEFAULT_CONFIG
 
     default = env_equivalence.trajectory_digest("mixed", 40, 3, str(DEFAULT_CONFIG))
