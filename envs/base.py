@@ -25,7 +25,7 @@ from envs.cluster import ClusterTimeline
 from envs.memo import freeze_gc_once, put
 from envs.predictor import ExecutionPredictor
 from envs.scenario import Scenario
-from envs.world import MODEL, Layout, Placer, StepModel
+from envs.world import MODEL, Layout, Placer, StepModel, StepShape
 
 
 @dataclass(slots=True)
@@ -126,6 +126,8 @@ class Simulator(ABC):
         self._tok_sum = (self.index.prompt_sum + self.index.output_sum).tolist()
         self._steps: dict[tuple, StepModel] = self.cache.setdefault("steps", {})
         self._sm_last: tuple = (None, None)  # identity cache: (layout, its step model)
+        #: step-model structures shared by plans of the same instances and tp (world.StepShape)
+        self._shapes: dict[tuple, StepShape] = self.cache.setdefault("step_shapes", {})
         self.timeline: ClusterTimeline | None = None
         self.now = 0.0
         self.k = 0
@@ -150,7 +152,7 @@ class Simulator(ABC):
         key = tuple((g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in layout.plan.ops.items())
         sm = self._steps.get(key)
         if sm is None:
-            sm = put(self._steps, key, StepModel(layout, self.pred, self.sc), 256)
+            sm = put(self._steps, key, StepModel(layout, self.pred, self.sc, self._shapes), 256)
         self._sm_last = (layout, sm)
         return sm
 

@@ -316,6 +316,38 @@ if njit is not None:
 _SERIALS = itertools.count()
 
 
+def _template(sm: Any, kt: KernelTables) -> tuple:
+    """(tables, processes, S, F, the slots of S that hold replicas and batch limits) of a step
+    model's shape (``sm.shape``): the arrays :class:`StepKernel` copies for each step model of that
+    shape, with the group rows' (replicas, max_batch) and the ends' replicas filled in."""
+    order: dict[str, int] = {}
+    for proc, _ in sm._stages:
+        order.setdefault(proc, len(order))
+    for _, _, proc, _, _ in sm._ends:
+        order.setdefault(proc, len(order))
+    head = [len(sm._groups), len(sm._stages), 0, sm.hops, kt.tid("send"), len(sm.m_choices), int(sm.fill),
+            sm.layers, len(order)]
+    groups, stages, ops, fracs = [], [], [], []
+    slots = []
+    for kind, g, tp, _, _ in sm._groups:
+        slots += [len(head) + len(groups) + 3, len(head) + len(groups) + 4]
+        groups += [kind, kt.tid((g, tp, "decode")), kt.tid((g, tp, "prefill")) if kind == 0 else 0, 0, 0]
+    for proc, row in sm._stages:
+        stages += [order[proc], len(ops), len(ops) + len(row)]
+        for i, frac in row:
+            ops.append(i)
+            fracs.append(frac)
+    head[2] = len(ops)
+    ends = []
+    base = len(head) + len(groups) + len(stages) + len(ops)
+    for g, local, proc, tp, _ in sm._ends:
+        slots.append(base + len(ends) + 3)
+        ends += [kt.tid((g, tp, "decode")), int(local), order[proc], 0]
+    S = np.asarray(head + groups + stages + ops + ends + list(sm.m_choices), dtype=np.int64)
+    F = np.asarray(fracs + [float(sm.slack)] + [float(v) for v in sm.p._ovp], dtype=np.float64)
+    return kt, tuple(order), S, F, np.asarray(slots, dtype=np.int64)
+
+
 class StepKernel:
     """One step model's structure as the compiled code reads it (made once per StepModel).
 
@@ -326,33 +358,21 @@ class StepKernel:
     def __init__(self, sm: Any) -> None:
         kt = tables_for(sm.p)
         self.kt = kt
+        sh = sm.shape
+        tpl = sh.kernel
+        if tpl is None or tpl[0] is not kt:
+            tpl = sh.kernel = _template(sm, kt)
+        _, self.procs, S, self.F, slots = tpl
         #: processes in the order the Python path's busy dict has them: stages, then embed / head
-        order: dict[str, int] = {}
-        for proc, _ in sm._stages:
-            order.setdefault(proc, len(order))
-        for _, _, proc, _, _ in sm._ends:
-            order.setdefault(proc, len(order))
-        self.procs = tuple(order)
+        #: (from the shape's template, with this plan's replicas and batch limits in their slots)
+        self.S = S.copy()
+        self.S[slots] = [v for _, _, _, r, mb in sm._groups for v in (r, mb)] + [e[4] for e in sm._ends]
         #: a number no other StepKernel of this process has (the identity of its StepModel)
         self.serial = float(next(_SERIALS))
-        groups, stages, ops, fracs = [], [], [], []
-        for kind, g, tp, r, mb in sm._groups:
-            groups += [kind, kt.tid((g, tp, "decode")), kt.tid((g, tp, "prefill")) if kind == 0 else 0, r, mb]
-        for proc, row in sm._stages:
-            stages += [order[proc], len(ops), len(ops) + len(row)]
-            for i, frac in row:
-                ops.append(i)
-                fracs.append(frac)
-        ends = []
-        for g, local, proc, tp, r in sm._ends:
-            ends += [kt.tid((g, tp, "decode")), int(local), order[proc], r]
-        head = [len(sm._groups), len(sm._stages), len(ops), sm.hops, kt.tid("send"), len(sm.m_choices),
-                int(sm.fill), sm.layers, len(order)]
-        self.S = np.asarray(head + groups + stages + ops + ends + list(sm.m_choices), dtype=np.int64)
-        self.F = np.asarray(fracs + [float(sm.slack)] + [float(v) for v in sm.p._ovp], dtype=np.float64)
-        self._ones = np.ones(len(order), dtype=np.float64)
+        n = len(self.procs)
+        self._ones = np.ones(n, dtype=np.float64)
         #: the last memo value (see _memo_iter)
-        self.out = np.zeros(2 + len(order), dtype=np.float64)
+        self.out = np.zeros(2 + n, dtype=np.float64)
         self._slow: tuple = (None, self._ones)  # (util dict, slowdowns in procs order)
         self.memo_ids: tuple = (None, 0)         # (KernelMemo, this step model's signature id there)
 

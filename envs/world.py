@@ -430,6 +430,93 @@ class StepResult:
     busy: dict[str, float]
 
 
+class StepShape:
+    """The part of a :class:`StepModel` fixed by which groups form whole-model instances
+    (``mono``) and each group's tp: where each group runs, the ring of stages a layer passes,
+    the processes, the micro-batch choices. Plans that differ only in replica counts, batch
+    limits and co-residence share one (read-only; attributes as :class:`StepModel` documents
+    them, plus the templates its tables are filled from)."""
+
+    __slots__ = ("layers", "qkv_frac", "local", "local_proc", "tp", "site", "sites", "stages", "hops", "remote",
+                 "m", "m_choices", "slack", "fill", "remote_index", "groups", "stage_tab", "ends", "procs",
+                 "bytes_per_token", "kernel")
+
+    def __init__(self, mono: frozenset[str], tps: tuple[int, ...], pred: ExecutionPredictor,
+                 scenario: Scenario) -> None:
+        cfg = pred.cfg
+        self.layers = cfg.n_layers
+        q = cfg.qkv_out * cfg.d_model
+        o = cfg.n_heads * cfg.head_dim * cfg.d_model
+        self.qkv_frac = q / (q + o)
+        attn_local = "attn" in mono
+        self.local = set(mono) if attn_local else {"attn"}
+        self.local_proc = MODEL if attn_local else "attn"
+        self.tp = dict(zip(OPERATOR_GROUPS, tps))
+        self.site = {}
+        for g in OPERATOR_GROUPS:
+            if g in self.local:
+                self.site[g] = "local"
+            elif g in mono:
+                self.site[g] = MODEL
+            else:
+                self.site[g] = g
+        self.sites = tuple(self.site[g] for g in OPERATOR_GROUPS)
+        ring = [("proj", self.qkv_frac), ("attn", 1.0), ("proj", 1.0 - self.qkv_frac), ("mlp", 1.0)]
+        stages: list[tuple[str, list[tuple[str, float]]]] = []
+        for g, frac in ring:
+            s = self.site[g]
+            if stages and stages[-1][0] == s:
+                stages[-1][1].append((g, frac))
+            else:
+                stages.append((s, [(g, frac)]))
+        if len(stages) > 1 and stages[0][0] == stages[-1][0]:
+            first = stages.pop(0)
+            stages[-1][1].extend(first[1])
+        self.stages = stages
+        self.hops = len(stages) if len(stages) > 1 else 0
+        self.remote = any(site != "local" for site in self.site.values())
+        self.m = scenario.micro_batches if self.hops else 1
+        self.m_choices = tuple(range(1, self.m + 1)) if scenario.micro_batching == "adaptive" else (self.m,)
+        self.slack = float(scenario.micro_batch_slack) if len(self.m_choices) > 1 else 0.0
+        self.fill = scenario.pool_dispatch == "fill"
+        #: indices (in OPERATOR_GROUPS) of the groups outside the unit (the signature's pools)
+        self.remote_index = tuple(i for i, g in enumerate(OPERATOR_GROUPS) if self.site[g] != "local")
+        # the ring's distinct groups in first-use order as (kind, group, tp, index in
+        # OPERATOR_GROUPS) with kind 0 = attention, 1 = on the unit's GPUs, 2 = a shared remote
+        # pool; the stages as (process, ((index of the group, fraction of its time), ...)); embed
+        # and head as (group, local, process, tp, index in OPERATOR_GROUPS)
+        gi = {g: i for i, g in enumerate(OPERATOR_GROUPS)}
+        order: dict[str, int] = {}
+        groups = []
+        stage_tab = []
+        procs: dict[str, None] = {}
+        for site, ops in stages:
+            local = site == "local"
+            proc = self.local_proc if local else site
+            procs[proc] = None
+            row = []
+            for g, frac in ops:
+                i = order.get(g)
+                if i is None:
+                    i = order[g] = len(groups)
+                    groups.append((0 if g == "attn" else (1 if local else 2), g, self.tp[g], gi[g]))
+                row.append((i, frac))
+            stage_tab.append((proc, tuple(row)))
+        self.groups = tuple(groups)
+        self.stage_tab = tuple(stage_tab)
+        ends = []
+        for g in ("embed", "head"):
+            local = self.site[g] == "local"
+            proc = self.local_proc if local else (MODEL if g in mono else g)
+            procs[proc] = None
+            ends.append((g, local, proc, self.tp[g], gi[g]))
+        self.ends = tuple(ends)
+        self.procs = tuple(procs)
+        self.bytes_per_token = cfg.d_model * cfg.dtype_bytes
+        #: envs/stepkernel.py's template of this shape's kernel arrays (made on first use)
+        self.kernel = None
+
+
 class StepModel:
     """Iteration time of an attention unit under a layout (see docs/SIMULATOR.md, "Step").
 
@@ -453,99 +540,62 @@ class StepModel:
         # tables: copies of a simulator share it, as they share the layout
         return self
 
-    def __init__(self, layout: Layout, pred: ExecutionPredictor, scenario: Scenario) -> None:
+    def __init__(self, layout: Layout, pred: ExecutionPredictor, scenario: Scenario,
+                 shapes: dict | None = None) -> None:
+        """``shapes``: a table of :class:`StepShape` to share (one per predictor and scenario, e.g.
+        the simulator's cache), so plans that differ only in replica counts, batch limits and
+        co-residence build the ring once; None builds it here."""
         self.L = layout
         self.p = pred
         self.sc = scenario
-        cfg = pred.cfg
-        self.layers = cfg.n_layers
-        q = cfg.qkv_out * cfg.d_model
-        o = cfg.n_heads * cfg.head_dim * cfg.d_model
-        self.qkv_frac = q / (q + o)
         plan = layout.plan
-        mono = layout.mono
-        attn_local = "attn" in mono
-        self.local = set(mono) if attn_local else {"attn"}
-        #: the process of the unit itself: a whole-model instance or an attention replica
-        self.local_proc = MODEL if attn_local else "attn"
-        self.tp = {g: (plan[g].tp) for g in OPERATOR_GROUPS}
-        self.site = {}
-        for g in OPERATOR_GROUPS:
-            if g in self.local:
-                self.site[g] = "local"
-            elif g in mono:
-                self.site[g] = MODEL
-            else:
-                self.site[g] = g
-        ring = [("proj", self.qkv_frac), ("attn", 1.0), ("proj", 1.0 - self.qkv_frac), ("mlp", 1.0)]
-        stages: list[tuple[str, list[tuple[str, float]]]] = []
-        for g, frac in ring:
-            s = self.site[g]
-            if stages and stages[-1][0] == s:
-                stages[-1][1].append((g, frac))
-            else:
-                stages.append((s, [(g, frac)]))
-        if len(stages) > 1 and stages[0][0] == stages[-1][0]:
-            first = stages.pop(0)
-            stages[-1][1].extend(first[1])
-        self.stages = stages
-        self.hops = len(stages) if len(stages) > 1 else 0
-        #: whether any group runs outside the unit (then the load of other units matters)
-        self.remote = any(site != "local" for site in self.site.values())
-        #: the most micro-batches an iteration is cut into, and the counts it may choose from
-        self.m = scenario.micro_batches if self.hops else 1
-        self.m_choices = tuple(range(1, self.m + 1)) if scenario.micro_batching == "adaptive" else (self.m,)
-        #: accepted slowdown for fewer micro-batches (adaptive only; 0 = the fastest count)
-        self.slack = float(scenario.micro_batch_slack) if len(self.m_choices) > 1 else 0.0
-        #: decode-only calls to remote pools go to the fewest replicas (pool_dispatch: fill)
-        self.fill = scenario.pool_dispatch == "fill"
-        self.replicas = {g: max(plan[g].replicas, 1) for g in OPERATOR_GROUPS}
-        self.max_batch = {g: plan[g].max_batch for g in OPERATOR_GROUPS}
+        tps = tuple(plan[g].tp for g in OPERATOR_GROUPS)
+        if shapes is None:
+            sh = StepShape(layout.mono, tps, pred, scenario)
+        else:
+            key = (layout.mono, tps)
+            sh = shapes.get(key)
+            if sh is None:
+                sh = put(shapes, key, StepShape(layout.mono, tps, pred, scenario), 64)
+        #: the structure this model shares with every plan of the same instances and tp
+        self.shape = sh
+        self.layers = sh.layers
+        self.qkv_frac = sh.qkv_frac
+        self.local = sh.local
+        self.local_proc = sh.local_proc
+        self.tp = sh.tp
+        self.site = sh.site
+        self.stages = sh.stages
+        self.hops = sh.hops
+        self.remote = sh.remote
+        self.m = sh.m
+        self.m_choices = sh.m_choices
+        self.slack = sh.slack
+        self.fill = sh.fill
+        ops = plan.ops
+        reps = [max(ops[g].replicas, 1) for g in OPERATOR_GROUPS]
+        mbs = [ops[g].max_batch for g in OPERATOR_GROUPS]
+        self.replicas = dict(zip(OPERATOR_GROUPS, reps))
+        self.max_batch = dict(zip(OPERATOR_GROUPS, mbs))
         #: everything the iteration time depends on besides the load (for memo keys shared
         #: across plans): sites, tp, remote pools' replicas and batch limits, peers
         self.signature = (
-            tuple(self.site[g] for g in OPERATOR_GROUPS), tuple(self.tp[g] for g in OPERATOR_GROUPS),
-            tuple((self.replicas[g], self.max_batch[g]) for g in OPERATOR_GROUPS if self.site[g] != "local"),
-            self.m_choices, self.slack, self.fill, self.local_proc,
+            sh.sites, tps, tuple((reps[i], mbs[i]) for i in sh.remote_index), self.m_choices, self.slack,
+            self.fill, self.local_proc,
             tuple(sorted((k, tuple(sorted(v.items()))) for k, v in layout.peers.items() if v)))
-        # tables for iteration(): the ring's distinct groups in first-use order, each timed once
-        # per call as (kind, group, tp, replicas, max_batch) with kind 0 = attention, 1 = on the
-        # unit's GPUs, 2 = a shared remote pool; the stages as (process, ((index of the group,
-        # fraction of its time), ...)); embed and head as (group, local, process, tp, replicas)
+        # tables for iteration() (see StepShape): the ring's groups with this plan's replicas and
+        # batch limits, the stages, embed and head with their replicas
         self._peers = {proc: tuple(v.items()) for proc, v in layout.peers.items() if v}
-        order: dict[str, int] = {}
-        groups = []
-        stage_tab = []
-        procs: dict[str, None] = {}
-        for site, ops in stages:
-            local = site == "local"
-            proc = self.local_proc if local else site
-            procs[proc] = None
-            row = []
-            for g, frac in ops:
-                i = order.get(g)
-                if i is None:
-                    i = order[g] = len(groups)
-                    groups.append((0 if g == "attn" else (1 if local else 2), g, self.tp[g], self.replicas[g],
-                                   self.max_batch[g]))
-                row.append((i, frac))
-            stage_tab.append((proc, tuple(row)))
-        self._groups = tuple(groups)
-        self._stages = tuple(stage_tab)
-        ends = []
-        for g in ("embed", "head"):
-            local = self.site[g] == "local"
-            proc = self.local_proc if local else layout.proc_of(g)
-            procs[proc] = None
-            ends.append((g, local, proc, self.tp[g], self.replicas[g]))
-        self._ends = tuple(ends)
+        self._groups = tuple((kind, g, tp, reps[i], mbs[i]) for kind, g, tp, i in sh.groups)
+        self._stages = sh.stage_tab
+        self._ends = tuple((g, local, proc, tp, reps[i]) for g, local, proc, tp, i in sh.ends)
         #: whether any process shares GPUs with another (else every slowdown is exactly 1)
         self._has_peers = bool(self._peers)
         self._slow_cache: tuple = (None, {})  # (util items, {process: slowdown}) of the last call
         #: every process a stage or an end runs in (the slowdown table's keys)
-        self._procs = tuple(procs)
+        self._procs = sh.procs
         #: bytes of one token's hidden state (send_ms's transfer size per token)
-        self._bytes_per_token = pred.cfg.d_model * pred.cfg.dtype_bytes
+        self._bytes_per_token = sh.bytes_per_token
         #: this step model as envs/stepkernel.py's compiled code reads it (made on first use)
         self._kernel = None
 

@@ -132,3 +132,32 @@ def test_values_beyond_the_kernel_tables_take_the_python_path():
     again = sim._iter(layout, sm, *args)  # stored in the compiled memo
     assert len(calls) == 1
     assert got == want and again == want and list(got[1]) == list(want[1])
+
+
+def test_step_models_sharing_a_shape_equal_step_models_built_alone():
+    """Step models built from a shared StepShape table (as the simulators build them), and their
+    kernels filled from the shape's template, equal ones built from scratch: the same tables,
+    signature and kernel arrays, for plans that share a shape and differ in replicas and batches."""
+    env = make_env(seed=0)
+    env.reset(seed=0)
+    sim = env.sim
+    rng = np.random.default_rng(5)
+    shapes: dict = {}
+    checked = 0
+    for _ in range(60):
+        try:
+            layout = sim.placer.place(_random_plan(rng))
+        except PlanError:
+            continue
+        alone = StepModel(layout, sim.pred, sim.sc)
+        built = StepModel(layout, sim.pred, sim.sc, shapes)
+        checked += 1
+        for attr in ("signature", "_groups", "_stages", "_ends", "_peers", "_procs", "replicas", "max_batch",
+                     "stages", "hops", "remote", "m_choices", "slack", "fill", "local_proc", "site", "tp"):
+            assert getattr(built, attr) == getattr(alone, attr), attr
+        ka, kb = stepkernel.StepKernel(alone), stepkernel.StepKernel(built)
+        assert ka.procs == kb.procs
+        assert ka.S.tolist() == kb.S.tolist()
+        assert ka.F.tolist() == kb.F.tolist()
+    # the random plans repeat shapes (placements and tp), so some models above reused one
+    assert 0 < len(shapes) < checked
