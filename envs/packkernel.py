@@ -135,6 +135,47 @@ if stepkernel.njit is not None:
             n = _merge(n, cnt, kind, used, pc, order, npr)
         return n
 
+    @njit(cache=True)
+    def co_residence(n, cnt, pc, order, npr, share, porder, sorder, slen):  # noqa: ANN001, ANN202
+        """= runtime.colocation.co_residence over the first ``n`` GPU-class rows, bit for bit: fills
+        ``porder`` with the processes in the order the Python dict has them (first seen, rows in
+        order, each row's processes in arrival order), row ``a`` of ``share`` with process
+        ``porder[a]``'s co-resident shards per shard of each process, and ``sorder[a, :slen[a]]``
+        with the processes that row's dict holds, in its order; returns how many processes."""
+        n_procs = pc.shape[1]
+        shards = np.zeros(n_procs)
+        seen = np.zeros(n_procs, dtype=np.bool_)
+        m = 0
+        for i in range(n):
+            for j in range(npr[i]):
+                p = order[i, j]
+                if not seen[p]:
+                    seen[p] = True
+                    porder[m] = p
+                    m += 1
+                shards[p] = shards[p] + cnt[i] * pc[i, p]
+        present = np.zeros(n_procs, dtype=np.bool_)
+        for a in range(m):
+            p = porder[a]
+            total = shards[p]
+            slen[a] = 0
+            present[:] = False
+            share[a, :] = 0.0
+            for i in range(n):
+                k = pc[i, p]
+                if k == 0:
+                    continue
+                for j in range(npr[i]):
+                    o = order[i, j]
+                    nn = pc[i, o] - 1 if o == p else pc[i, o]
+                    if nn > 0:
+                        if not present[o]:
+                            present[o] = True
+                            sorder[a, slen[a]] = o
+                            slen[a] += 1
+                        share[a, o] = share[a, o] + cnt[i] * k * nn / total
+        return m
+
     def warm() -> None:
         """Compile (or load from numba's cache) once per process, outside any env step."""
         cnt = np.zeros(MAX_CLASSES, dtype=np.int64)
@@ -144,4 +185,6 @@ if stepkernel.njit is not None:
         order = np.full((MAX_CLASSES, 2), -1, dtype=np.int64)
         npr = np.zeros(MAX_CLASSES, dtype=np.int64)
         one = np.ones(1, dtype=np.int64)
-        pack(0, cnt, kind, used, pc, order, npr, one, one, one, np.ones(1), 2.0)
+        n = pack(0, cnt, kind, used, pc, order, npr, one, one, one, np.ones(1), 2.0)
+        co_residence(n, cnt, pc, order, npr, np.zeros((2, 2)), np.zeros(2, dtype=np.int64),
+                     np.zeros((2, 2), dtype=np.int64), np.zeros(2, dtype=np.int64))

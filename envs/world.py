@@ -34,6 +34,7 @@ MODEL = "model"
 _PROCS = (MODEL,) + tuple(OPERATOR_GROUPS)
 _PROC_INDEX = {p: i for i, p in enumerate(_PROCS)}
 _KINDS = {k: i for i, k in enumerate(packkernel.KINDS)}
+_KIND_NAMES = packkernel.KINDS
 
 
 @dataclass(slots=True)
@@ -126,7 +127,10 @@ class Placer:
             L = packkernel.MAX_CLASSES
             self._arrays = (np.zeros(L, dtype=np.int64), np.zeros(L, dtype=np.int64), np.zeros(L, dtype=np.float64),
                             np.zeros((L, len(_PROCS)), dtype=np.int64), np.full((L, len(_PROCS)), -1, dtype=np.int64),
-                            np.zeros(L, dtype=np.int64))
+                            np.zeros(L, dtype=np.int64),
+                            # the co-residence table's: shares, process order, each row's order and length
+                            np.zeros((len(_PROCS), len(_PROCS))), np.zeros(len(_PROCS), dtype=np.int64),
+                            np.zeros((len(_PROCS), len(_PROCS)), dtype=np.int64), np.zeros(len(_PROCS), dtype=np.int64))
 
     # -------------------------------------------------------------- memory per GPU of one replica
     def _tokens(self, max_batch: int) -> int:
@@ -290,9 +294,13 @@ class Placer:
             classes.append(GPUClass(op.replicas * op.tp, "dedicated", self.replica_need(g, op), {g: 1}))
         packed = [g for g in OPERATOR_GROUPS if g not in mono and plan[g].placement == "pack"]
         packed.sort(key=lambda g: -self.replica_need(g, plan[g]))
+        peers = None  # the co-residence table, when the compiled packing made it with the classes
         if packed:
-            classes = (self._pack_compiled(classes, packed, plan) if self._compiled else None) or \
-                self._pack(classes, packed, plan)
+            got = self._pack_compiled(classes, packed, plan) if self._compiled else None
+            if got is not None:
+                classes, peers = got
+            else:
+                classes = self._pack(classes, packed, plan)
         # KV capacity of an attention unit: what its GPUs have left
         kvb = p.kv_bytes_per_token
         if "attn" in mono:
@@ -316,7 +324,8 @@ class Placer:
         for c in classes:
             for proc in c.procs:
                 proc_gpus[proc] = proc_gpus.get(proc, 0) + c.count
-        peers = co_residence((c.count, c.procs) for c in classes)
+        if peers is None:
+            peers = co_residence((c.count, c.procs) for c in classes)
         load_s = {}
         memory = {}
         mono_w = sum(p.weight_bytes_per_gpu(h, inst_tp) for h in OPERATOR_GROUPS if h in mono) if mono else 0
@@ -372,11 +381,13 @@ class Placer:
             classes = _merge(classes)
         return classes
 
-    def _pack_compiled(self, classes: list[GPUClass], packed: list[str], plan: Plan) -> list[GPUClass] | None:
-        """:meth:`_pack` in compiled code (envs/packkernel.py), the same classes in the same order;
-        None when the placement would outgrow the kernel's arrays."""
+    def _pack_compiled(self, classes: list[GPUClass], packed: list[str],
+                       plan: Plan) -> tuple[list[GPUClass], dict[str, dict[str, float]]] | None:
+        """:meth:`_pack` in compiled code (envs/packkernel.py), the same classes in the same order,
+        and their co-residence table (``runtime.colocation.co_residence`` of them, computed on the
+        kernel's arrays); None when the placement would outgrow the kernel's arrays."""
         n0 = len(classes)
-        cnt, kind, used, pc, order, npr = self._arrays
+        cnt, kind, used, pc, order, npr = self._arrays[:6]
         if n0 > cnt.shape[0]:
             return None
         pc[:n0] = 0
@@ -387,16 +398,22 @@ class Placer:
                 p = _PROC_INDEX[proc]
                 pc[i, p] = k
                 order[i, j] = p
-        n = packkernel.pack(n0, cnt, kind, used, pc, order, npr,
-                            np.asarray([_PROC_INDEX[g] for g in packed], dtype=np.int64),
-                            np.asarray([plan[g].replicas for g in packed], dtype=np.int64),
-                            np.asarray([plan[g].tp for g in packed], dtype=np.int64),
-                            np.asarray([self.replica_need(g, plan[g]) for g in packed], dtype=np.float64), self.cap)
+        ops = plan.ops
+        ints = np.asarray([[_PROC_INDEX[g] for g in packed], [ops[g].replicas for g in packed],
+                           [ops[g].tp for g in packed]], dtype=np.int64)
+        n = packkernel.pack(n0, cnt, kind, used, pc, order, npr, ints[0], ints[1], ints[2],
+                            np.asarray([self.replica_need(g, ops[g]) for g in packed], dtype=np.float64), self.cap)
         if n < 0:
             return None
-        kinds, pcs, orders = kind[:n].tolist(), pc[:n].tolist(), order[:n].tolist()
-        return [GPUClass(c, packkernel.KINDS[kinds[i]], u, {_PROCS[p]: pcs[i][p] for p in orders[i][:npr[i]]})
-                for i, (c, u) in enumerate(zip(cnt[:n].tolist(), used[:n].tolist()))]
+        share, porder, sorder, slen = self._arrays[6:]
+        m = packkernel.co_residence(n, cnt, pc, order, npr, share, porder, sorder, slen)
+        kinds, pcs, orders, nprs = kind[:n].tolist(), pc[:n].tolist(), order[:n].tolist(), npr[:n].tolist()
+        out = [GPUClass(c, _KIND_NAMES[kinds[i]], u, {_PROCS[p]: pcs[i][p] for p in orders[i][:nprs[i]]})
+               for i, (c, u) in enumerate(zip(cnt[:n].tolist(), used[:n].tolist()))]
+        shares, sorders, slens = share[:m].tolist(), sorder[:m].tolist(), slen[:m].tolist()
+        peers = {_PROCS[p]: {_PROCS[o]: shares[a][o] for o in sorders[a][:slens[a]]}
+                 for a, p in enumerate(porder[:m].tolist())}
+        return out, peers
 
 
 def _merge(classes: list[GPUClass]) -> list[GPUClass]:

@@ -10,6 +10,7 @@ pytest.importorskip("numba")
 
 from envs import Scenario, predictor_for  # noqa: E402
 from envs.world import Layout, Placer  # noqa: E402
+from runtime.colocation import co_residence  # noqa: E402
 from runtime.control import OperatorPlan, Plan, PlanError  # noqa: E402
 from runtime.models import OPERATOR_GROUPS  # noqa: E402
 
@@ -101,7 +102,13 @@ def test_compiled_packing_keeps_ties_merges_and_rounding_of_the_python_loop(monk
                      for g in OPERATOR_GROUPS})
         copy = [GPUClass(c.count, c.kind, c.used_bytes, dict(c.procs)) for c in start]
         want = python._pack(copy, packed, plan)
-        got = compiled._pack_compiled(start, packed, plan)
-        assert got is not None and all(c.used_bytes <= cap * (1 + 1e-9) or c.kind != "pack" for c in got)
+        out = compiled._pack_compiled(start, packed, plan)
+        assert out is not None
+        got, peers = out
+        assert all(c.used_bytes <= cap * (1 + 1e-9) or c.kind != "pack" for c in got)
         assert [(c.count, c.kind, c.used_bytes, list(c.procs.items())) for c in got] == \
             [(c.count, c.kind, c.used_bytes, list(c.procs.items())) for c in want], trial
+        # the co-residence table made on the kernel's arrays: Python's, to the bit and in dict order
+        table = co_residence((c.count, c.procs) for c in want)
+        assert [(p, list(v.items())) for p, v in peers.items()] == \
+            [(p, list(v.items())) for p, v in table.items()], trial
