@@ -313,6 +313,26 @@ if njit is not None:
         return 0
 
 
+    @njit(cache=True)
+    def _slowdowns(util, off, idx, share, contention, out):  # noqa: ANN001, ANN202
+        """= ``StepModel.slowdown`` of each process, bit for bit: process ``i``'s co-resident shards
+        are ``idx[off[i]:off[i + 1]]`` (indices into ``util``, the busy shares by process) with
+        ``share`` shards per shard of it, in the order its peers dict has them."""
+        for i in range(out.shape[0]):
+            a, b = off[i], off[i + 1]
+            if a == b:
+                out[i] = 1.0
+                continue
+            s = 0.0
+            for j in range(a, b):
+                x = util[idx[j]]
+                if 0.0 > x:  # min(max(x, 0.0), 1.0) as Python evaluates it
+                    x = 0.0
+                if 1.0 < x:
+                    x = 1.0
+                s += share[j] * x
+            out[i] = 1.0 + contention * s
+
 _SERIALS = itertools.count()
 
 
@@ -348,6 +368,32 @@ def _template(sm: Any, kt: KernelTables) -> tuple:
     return kt, tuple(order), S, F, np.asarray(slots, dtype=np.int64)
 
 
+#: processes a busy-share dict may name, numbered for ``_slowdowns`` (any other name is added)
+_UTIL_INDEX: dict[str, int] = {}
+_LAST_UTIL: list = [None, np.zeros(0)]  # the last busy-share dict converted, and its array
+
+
+def _util_index(proc: str) -> int:
+    i = _UTIL_INDEX.get(proc)
+    if i is None:
+        i = _UTIL_INDEX[proc] = len(_UTIL_INDEX)
+    return i
+
+
+def _util_array(util: dict[str, float]) -> np.ndarray:
+    """The busy shares by ``_util_index`` (0.0 where ``util`` has none, as ``util.get(p, 0.0)``);
+    the last dict's array is kept (the simulators replace the dict, never mutate it)."""
+    if _LAST_UTIL[0] is util and _LAST_UTIL[1].shape[0] >= len(_UTIL_INDEX):
+        return _LAST_UTIL[1]
+    for p in util:
+        _util_index(p)
+    arr = np.zeros(max(len(_UTIL_INDEX), 1))
+    for p, v in util.items():
+        arr[_UTIL_INDEX[p]] = v
+    _LAST_UTIL[0], _LAST_UTIL[1] = util, arr
+    return arr
+
+
 class StepKernel:
     """One step model's structure as the compiled code reads it (made once per StepModel).
 
@@ -374,16 +420,35 @@ class StepKernel:
         #: the last memo value (see _memo_iter)
         self.out = np.zeros(2 + n, dtype=np.float64)
         self._slow: tuple = (None, self._ones)  # (util dict, slowdowns in procs order)
+        self._peers: tuple | None = None         # the co-residence table as arrays (_peer_arrays)
         self.memo_ids: tuple = (None, 0)         # (KernelMemo, this step model's signature id there)
 
     def slow_for(self, sm: Any, util: dict[str, float]) -> np.ndarray:
         """``sm.slowdowns(util)`` in :attr:`procs` order (ones without co-residence); cached while
         the same util dict is passed (the fast simulator replaces it, never mutates it)."""
         if self._slow[0] is not util:
-            arr = np.asarray([sm.slowdown(p, util) for p in self.procs], dtype=np.float64) if sm._has_peers \
-                else self._ones
+            if sm._has_peers:
+                off, idx, share = self._peer_arrays(sm)
+                arr = np.empty(len(self.procs))
+                _slowdowns(_util_array(util), off, idx, share, float(sm.sc.contention), arr)
+            else:
+                arr = self._ones
             self._slow = (util, arr)
         return self._slow[1]
+
+    def _peer_arrays(self, sm: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(offsets, process indices, shares): each of :attr:`procs`' co-resident shards as
+        ``_slowdowns`` reads them (made on first use)."""
+        if self._peers is None:
+            off, idx, share = [0], [], []
+            for p in self.procs:
+                for o, v in sm._peers.get(p, ()):
+                    idx.append(_util_index(o))
+                    share.append(v)
+                off.append(len(idx))
+            self._peers = (np.asarray(off, dtype=np.int64), np.asarray(idx, dtype=np.int64),
+                           np.asarray(share, dtype=np.float64))
+        return self._peers
 
 
 _WARM = False
@@ -477,3 +542,5 @@ def _warm() -> None:
     n = _memo_iter(memo, table, S, F, np.ones(1), 4, *args, out, miss)
     _table_put(table, miss[:n], np.ones(n))
     _memo_put(memo, _memo_key(*args), out, 4)
+    _slowdowns(np.ones(1), np.asarray([0, 1, 1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones(1), 0.1,
+               np.zeros(2))

@@ -161,3 +161,27 @@ def test_step_models_sharing_a_shape_equal_step_models_built_alone():
         assert ka.F.tolist() == kb.F.tolist()
     # the random plans repeat shapes (placements and tp), so some models above reused one
     assert 0 < len(shapes) < checked
+
+
+def test_compiled_slowdowns_equal_the_step_models():
+    """StepKernel.slow_for (compiled) gives StepModel.slowdown to the bit, for busy shares inside
+    and outside [0, 1], processes missing from the dict, and a fresh dict each call."""
+    env = make_env(seed=0)
+    env.reset(seed=0)
+    sim = env.sim
+    rng = np.random.default_rng(9)
+    checked = 0
+    for _ in range(40):
+        try:
+            layout = sim.placer.place(_random_plan(rng))
+        except PlanError:
+            continue
+        sm = StepModel(layout, sim.pred, sim.sc)
+        k = stepkernel.StepKernel(sm)
+        for _ in range(10):
+            procs = [p for p in layout.proc_gpus if rng.random() < 0.8]
+            util = {p: float(rng.choice([rng.uniform(0, 1), rng.uniform(-0.5, 1.5), 0.0, 1.0])) for p in procs}
+            want = [sm.slowdown(p, util) for p in k.procs]
+            assert k.slow_for(sm, util).tolist() == want
+            checked += sm._has_peers
+    assert checked > 100
