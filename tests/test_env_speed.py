@@ -188,3 +188,13 @@ def test_equivalence_bench_training_world_is_ppo_yaml_overrides(monkeypatch):
     default = env_equivalence.trajectory_digest("mixed", 40, 3, str(DEFAULT_CONFIG))
     world = env_equivalence.trajectory_digest("mixed", 40, 3, str(DEFAULT_CONFIG), training_world=True)
     assert world["digest"] != default["digest"]  # kv_migration off, pool calls spread: other numbers
+
+
+def test_plan_cost_bench_times_each_part_of_a_new_plan():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import plan_cost
+
+    out = plan_cost.measure(12, passes=1)
+    assert out["plans"] >= 12  # train.py's stream meets at least one new plan a step
+    assert all(out[part] > 0 for part in plan_cost.PARTS)
+    assert out["total"] == pytest.approx(sum(out[part] for part in plan_cost.PARTS))
