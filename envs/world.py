@@ -533,6 +533,11 @@ class StepShape:
         #: envs/stepkernel.py's template of this shape's kernel arrays (made on first use)
         self.kernel = None
 
+    def __deepcopy__(self, memo: dict) -> "StepShape":
+        # read-only once made (the kernel template is filled once, deterministically): copies of
+        # a simulator share it, as they share the step models built on it
+        return self
+
 
 class StepModel:
     """Iteration time of an attention unit under a layout (see docs/SIMULATOR.md, "Step").
