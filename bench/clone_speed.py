@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from intree import run_in_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,12 +68,7 @@ def _worker(intervals: int) -> dict[str, float]:
 
 
 def _run(root: Path, intervals: int) -> dict[str, float]:
-    code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
-            f"import json, clone_speed; print(json.dumps(clone_speed._worker({intervals})))")
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"clone_speed in {root} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_in_tree(root, "clone_speed", f"_worker({intervals})", "clone_speed")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from intree import run_in_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = ("random", "kept", "mixed", "walk")
@@ -78,14 +77,9 @@ def trajectory_digest(stream: str, steps: int, seed: int, scenario: str, trainin
 
 def _run(root: Path, stream: str, steps: int, seed: int, scenario: str, hash_seed: str,
          extra_env: dict[str, str] | None = None, training_world: bool = False) -> dict:
-    code = (f"import sys, json; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
-            f"import env_equivalence as e; print(json.dumps(e.trajectory_digest({stream!r}, {steps}, {seed}, "
-            f"{scenario!r}, {training_world})))")
-    env = dict(os.environ, PYTHONHASHSEED=hash_seed, **(extra_env or {}))
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False, env=env)
-    if res.returncode != 0:
-        raise RuntimeError(f"{stream} seed {seed} in {root} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_in_tree(root, "env_equivalence",
+                       f"trajectory_digest({stream!r}, {steps}, {seed}, {scenario!r}, {training_world})",
+                       f"{stream} seed {seed}", env={"PYTHONHASHSEED": hash_seed, **(extra_env or {})})
 
 
 def main() -> int:

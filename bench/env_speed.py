@@ -48,12 +48,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from intree import run_in_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = ("keep", "random", "ppo", "oq", "train", "trained")
@@ -272,6 +273,11 @@ def reference_speedup() -> dict:
 
 
 def _worker(what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> None:
+    print(json.dumps(_measure(what, steps, warmup, gc_off)))
+
+
+def _measure(what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> dict:
+    """``{what: result}`` of one measurement (run in a fresh process by :func:`_run`)."""
     if gc_off:
         import gc
 
@@ -288,7 +294,7 @@ def _worker(what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> Non
         out = learner_rate()
     else:
         out = env_rate(what, steps, warmup=warmup)
-    print(json.dumps({what: out}))
+    return {what: out}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,12 +304,7 @@ def _worker(what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> Non
 def _run(root: Path, what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> float | dict:
     """One measurement in a fresh process with ``root`` first on sys.path (``gc_off``: with the
     cyclic garbage collector disabled)."""
-    code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
-            f"import env_speed; env_speed._worker({what!r}, {steps}, {warmup}, {gc_off})")
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"{what} in {root} failed:\n{res.stderr[-2000:]}")
-    out = json.loads(res.stdout.strip().splitlines()[-1])[what]
+    out = run_in_tree(root, "env_speed", f"_measure({what!r}, {steps}, {warmup}, {gc_off})", what)[what]
     return out if isinstance(out, dict) else float(out)
 
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from intree import run_in_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("place", "step_model", "kernel", "slowdowns")
@@ -97,18 +98,9 @@ def measure(steps: int, seed: int = 0, passes: int = 5) -> dict:
     return out
 
 
-def _worker(steps: int) -> None:
-    print(json.dumps(measure(steps)))
-
-
 def _run(root: Path, steps: int) -> dict:
-    """:func:`measure` in a fresh process with ``root`` first on sys.path."""
-    code = (f"import sys; sys.path.insert(0, {str(root)!r}); sys.path.insert(1, {str(ROOT / 'bench')!r}); "
-            f"import plan_cost; plan_cost._worker({steps})")
-    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"plan_cost in {root} failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    """:func:`measure` in a fresh process with ``root``'s code."""
+    return run_in_tree(root, "plan_cost", f"measure({steps})", "plan_cost")
 
 
 def main() -> int:

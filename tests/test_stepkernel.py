@@ -48,6 +48,15 @@ def _random_plan(rng: np.random.Generator) -> Plan:
     return Plan(ops)
 
 
+def _placed(sim, rng: np.random.Generator, n: int):  # noqa: ANN001, ANN202
+    """Layouts of up to ``n`` random plans (those the placer refuses are skipped)."""
+    for _ in range(n):
+        try:
+            yield sim.placer.place(_random_plan(rng))
+        except PlanError:
+            continue
+
+
 @pytest.mark.parametrize("variant", [
     {},
     {"pool_dispatch": "spread"},
@@ -141,14 +150,9 @@ def test_step_models_sharing_a_shape_equal_step_models_built_alone():
     env = make_env(seed=0)
     env.reset(seed=0)
     sim = env.sim
-    rng = np.random.default_rng(5)
     shapes: dict = {}
     checked = 0
-    for _ in range(60):
-        try:
-            layout = sim.placer.place(_random_plan(rng))
-        except PlanError:
-            continue
+    for layout in _placed(sim, np.random.default_rng(5), 60):
         alone = StepModel(layout, sim.pred, sim.sc)
         built = StepModel(layout, sim.pred, sim.sc, shapes)
         checked += 1
@@ -171,11 +175,7 @@ def test_compiled_slowdowns_equal_the_step_models():
     sim = env.sim
     rng = np.random.default_rng(9)
     checked = 0
-    for _ in range(40):
-        try:
-            layout = sim.placer.place(_random_plan(rng))
-        except PlanError:
-            continue
+    for layout in _placed(sim, rng, 40):
         sm = StepModel(layout, sim.pred, sim.sc)
         k = stepkernel.StepKernel(sm)
         for _ in range(10):
