@@ -312,7 +312,6 @@ if njit is not None:
         out[:] = value
         return 0
 
-
     @njit(cache=True)
     def _slowdowns(util, off, idx, share, contention, out):  # noqa: ANN001, ANN202
         """= ``StepModel.slowdown`` of each process, bit for bit: process ``i``'s co-resident shards
@@ -332,6 +331,7 @@ if njit is not None:
                     x = 1.0
                 s += share[j] * x
             out[i] = 1.0 + contention * s
+
 
 _SERIALS = itertools.count()
 
