@@ -451,8 +451,8 @@ class StepShape:
     """The part of a :class:`StepModel` fixed by which groups form whole-model instances
     (``mono``) and each group's tp: where each group runs, the ring of stages a layer passes,
     the processes, the micro-batch choices. Plans that differ only in replica counts, batch
-    limits and co-residence share one (read-only; attributes as :class:`StepModel` documents
-    them, plus the templates its tables are filled from)."""
+    limits and co-residence share one (read-only; :class:`StepModel` copies the attributes it
+    shares, and fills its per-plan tables from ``groups``, ``stage_tab`` and ``ends``)."""
 
     __slots__ = ("layers", "qkv_frac", "local", "local_proc", "tp", "site", "sites", "stages", "hops", "remote",
                  "m", "m_choices", "slack", "fill", "remote_index", "groups", "stage_tab", "ends", "procs",
@@ -466,7 +466,9 @@ class StepShape:
         o = cfg.n_heads * cfg.head_dim * cfg.d_model
         self.qkv_frac = q / (q + o)
         attn_local = "attn" in mono
+        #: groups on the unit's own GPUs
         self.local = set(mono) if attn_local else {"attn"}
+        #: the process of the unit itself: a whole-model instance or an attention replica
         self.local_proc = MODEL if attn_local else "attn"
         self.tp = dict(zip(OPERATOR_GROUPS, tps))
         self.site = {}
@@ -491,10 +493,14 @@ class StepShape:
             stages[-1][1].extend(first[1])
         self.stages = stages
         self.hops = len(stages) if len(stages) > 1 else 0
+        #: whether any group runs outside the unit (then the load of other units matters)
         self.remote = any(site != "local" for site in self.site.values())
+        #: the most micro-batches an iteration is cut into, and the counts it may choose from
         self.m = scenario.micro_batches if self.hops else 1
         self.m_choices = tuple(range(1, self.m + 1)) if scenario.micro_batching == "adaptive" else (self.m,)
+        #: accepted slowdown for fewer micro-batches (adaptive only; 0 = the fastest count)
         self.slack = float(scenario.micro_batch_slack) if len(self.m_choices) > 1 else 0.0
+        #: decode-only calls to remote pools go to the fewest replicas (pool_dispatch: fill)
         self.fill = scenario.pool_dispatch == "fill"
         #: indices (in OPERATOR_GROUPS) of the groups outside the unit (the signature's pools)
         self.remote_index = tuple(i for i, g in enumerate(OPERATOR_GROUPS) if self.site[g] != "local")
