@@ -10,6 +10,10 @@ in, which the co-residence table and the power model iterate in); candidates are
 (free bytes, -shards of the group), as Python's ``list.sort`` does; merging keeps the first class
 of each key (opener, bytes rounded to the byte, shards) with its exact bytes, as ``_merge`` does.
 tests/test_packkernel.py compares the layouts with the Python loop's on random plans.
+
+``co_residence`` (session 24) then computes the packed classes' co-residence table on the same
+arrays (``runtime.colocation.co_residence``, bit for bit and in its dicts' order), which the
+placer would otherwise compute from the Python classes it builds.
 """
 from __future__ import annotations
 
