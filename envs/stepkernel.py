@@ -315,7 +315,7 @@ if njit is not None:
     @njit(cache=True)
     def _slowdowns(util, off, idx, share, contention, out):  # noqa: ANN001, ANN202
         """= ``StepModel.slowdown`` of each process, bit for bit: process ``i``'s co-resident shards
-        are ``idx[off[i]:off[i + 1]]`` (indices into ``util``, the busy shares by process) with
+        are ``idx[off[i]:off[i + 1]]`` (indices into ``util``, the busy shares in process order) with
         ``share`` shards per shard of it, in the order its peers dict has them."""
         for i in range(out.shape[0]):
             a, b = off[i], off[i + 1]
@@ -368,32 +368,6 @@ def _template(sm: Any, kt: KernelTables) -> tuple:
     return kt, tuple(order), S, F, np.asarray(slots, dtype=np.int64)
 
 
-#: processes a busy-share dict may name, numbered for ``_slowdowns`` (any other name is added)
-_UTIL_INDEX: dict[str, int] = {}
-_LAST_UTIL: list = [None, np.zeros(0)]  # the last busy-share dict converted, and its array
-
-
-def _util_index(proc: str) -> int:
-    i = _UTIL_INDEX.get(proc)
-    if i is None:
-        i = _UTIL_INDEX[proc] = len(_UTIL_INDEX)
-    return i
-
-
-def _util_array(util: dict[str, float]) -> np.ndarray:
-    """The busy shares by ``_util_index`` (0.0 where ``util`` has none, as ``util.get(p, 0.0)``);
-    the last dict's array is kept (the simulators replace the dict, never mutate it)."""
-    if _LAST_UTIL[0] is util and _LAST_UTIL[1].shape[0] >= len(_UTIL_INDEX):
-        return _LAST_UTIL[1]
-    for p in util:
-        _util_index(p)
-    arr = np.zeros(max(len(_UTIL_INDEX), 1))
-    for p, v in util.items():
-        arr[_UTIL_INDEX[p]] = v
-    _LAST_UTIL[0], _LAST_UTIL[1] = util, arr
-    return arr
-
-
 class StepKernel:
     """One step model's structure as the compiled code reads it (made once per StepModel).
 
@@ -430,20 +404,23 @@ class StepKernel:
             if sm._has_peers:
                 off, idx, share = self._peer_arrays(sm)
                 arr = np.empty(len(self.procs))
-                _slowdowns(_util_array(util), off, idx, share, float(sm.sc.contention), arr)
+                u = np.asarray([util.get(p, 0.0) for p in self.procs], dtype=np.float64)
+                _slowdowns(u, off, idx, share, float(sm.sc.contention), arr)
             else:
                 arr = self._ones
             self._slow = (util, arr)
         return self._slow[1]
 
     def _peer_arrays(self, sm: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(offsets, process indices, shares): each of :attr:`procs`' co-resident shards as
-        ``_slowdowns`` reads them (made on first use)."""
+        """(offsets, indices into :attr:`procs`, shares): each process's co-resident shards as
+        ``_slowdowns`` reads them (made on first use; a co-resident process is one of the layout's,
+        so one of :attr:`procs`)."""
         if self._peers is None:
+            at = {p: i for i, p in enumerate(self.procs)}
             off, idx, share = [0], [], []
             for p in self.procs:
                 for o, v in sm._peers.get(p, ()):
-                    idx.append(_util_index(o))
+                    idx.append(at[o])
                     share.append(v)
                 off.append(len(idx))
             self._peers = (np.asarray(off, dtype=np.int64), np.asarray(idx, dtype=np.int64),
