@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,19 @@ class KernelTables:
 
     ``table`` maps a packed key to ms; ``tids`` numbers the (group, tp, phase) curves and the
     send/recv curve (``"send"``).
+
+    Filling is the cold cost of the compiled path: each missing key costs a call back into Python
+    and a restart of the compiled sub-steps, and one profile query (some 200 us) per key. So a
+    fill also *prefetches*: the first miss of a one-dimensional curve (every group but attention,
+    and send/recv: the key varies in tokens only) fills the curve's whole token grid (every
+    quantised count up to ``_PREFETCH_TOKENS``), and a miss of attention's decode curve fills its
+    row (every quantised batch up to ``_PREFETCH_BATCH`` at that context), each in one vectorised
+    profile query. The values are the profile's at those keys, so what the simulator computes does
+    not change (the grid is only answered earlier); the vectorised query is checked against the
+    scalar one at the keys that were missing, and on any difference in any bit prefetching stops
+    for good (``prefetch``), leaving the per-key path. The profile database counts prefetched
+    answers in its flags like any other it gives (derived or beyond its grid), with its warnings
+    silenced as the predictor silences them.
     """
 
     def __init__(self, pred: Any) -> None:
@@ -58,6 +72,10 @@ class KernelTables:
         self.table = Dict.empty(key_type=types.int64, value_type=types.float64)
         self.tids: dict[Any, int] = {}
         self.curves: list[Any] = []
+        #: whether fills prefetch (see the class docstring); off for good after a mismatch or
+        #: with a profile database that cannot answer vectorised queries
+        self.prefetch = all(hasattr(pred.db, a) for a in ("group_latency_vec", "send_recv_vec"))
+        self._fetched: set[tuple] = set()  # (tid, context, batch) of the rows prefetched so far
 
     def tid(self, curve: Any) -> int:
         """Id of a curve: ``(group, tp, phase)`` or ``"send"``."""
@@ -70,7 +88,8 @@ class KernelTables:
         return t
 
     def fill(self, keys: np.ndarray) -> None:
-        """Add the values of ``keys`` from the predictor's memoised calls (the Python path's)."""
+        """Add the values of ``keys`` from the predictor's memoised calls (the Python path's), and
+        prefetch the rows they lie in (see the class docstring)."""
         p = self.pred
         bpt = p.cfg.d_model * p.cfg.dtype_bytes
         values = []
@@ -85,6 +104,67 @@ class KernelTables:
                 values.append(p._group(g, tok, ctx, batch, tp, phase))
         _table_put(self.table, keys, np.asarray(values, dtype=np.float64))  # (a typed dict's own
         # setitem from Python is dispatched and compiled per process: slower by far)
+        if self.prefetch:
+            self._prefetch(keys.tolist(), values)
+
+    def _prefetch(self, keys: list[int], values: list[float]) -> None:
+        """Fill the rows of the missing ``keys`` (whose scalar ``values`` were just computed) in
+        one vectorised query each; stop prefetching for good if a vectorised value differs from
+        the scalar one at one of ``keys``."""
+        rows: dict[tuple, list[tuple[int, float]]] = {}
+        for key, value in zip(keys, values):
+            tid, batch, ctx, tok = key >> 56, (key >> 40) & 0xFFFF, (key >> 20) & 0xFFFFF, key & 0xFFFFF
+            curve = self.curves[tid]
+            if curve == "send" or curve[0] != "attn":
+                row = (tid, ctx, batch)
+            elif curve[2] == "decode" and tok == batch:
+                row = (tid, ctx, -1)  # decode: tokens = batch (one new token per sequence)
+            else:
+                continue  # prefill: three dimensions, filled key by key
+            if row not in self._fetched:
+                rows.setdefault(row, []).append((tok, value))
+        for row, asked in rows.items():
+            self._fetched.add(row)
+            tid, ctx, batch = row
+            toks = _grid(_PREFETCH_BATCH if batch < 0 else _PREFETCH_TOKENS)
+            got = self._vector(self.curves[tid], toks, ctx, toks if batch < 0 else batch)
+            at = {t: v for t, v in zip(toks.tolist(), got.tolist())}
+            if any(t in at and at[t] != v for t, v in asked):  # (compared bit for bit; never NaN)
+                self.prefetch = False
+                return
+            base = (tid << 56) | (ctx << 20)
+            packed = (toks << 40) if batch < 0 else np.full(toks.shape, batch << 40, dtype=np.int64)
+            _table_put_new(self.table, base | packed | toks, got)
+
+    def _vector(self, curve: Any, toks: np.ndarray, ctx: int, batch: np.ndarray | int) -> np.ndarray:
+        """ms of ``curve`` at each token count ``toks`` (context ``ctx``, ``batch`` sequences), as
+        the predictor's scalar calls compute them, in one profile query."""
+        p = self.pred
+        db = p.db
+        with warnings.catch_warnings():  # (as ExecutionPredictor's queries: the flags keep the count)
+            warnings.simplefilter("ignore")
+            if curve == "send":
+                bpt = p.cfg.d_model * p.cfg.dtype_bytes
+                return np.asarray(db.send_recv_vec(p.gpu_name, (toks * bpt).astype(np.float64)), dtype=np.float64)
+            g, tp, phase = curve
+            b = np.maximum(np.asarray(batch, dtype=np.float64), 1.0) * np.ones(toks.shape)
+            return np.asarray(db.group_latency_vec(g, p.gpu_name, p.model_name, toks.astype(np.float64),
+                                                  np.full(toks.shape, float(ctx)), b, tp, phase), dtype=np.float64)
+
+
+#: prefetched token grids (see KernelTables): every quantised count up to these
+_PREFETCH_TOKENS = 1 << 16
+_PREFETCH_BATCH = 256
+
+
+def _grid(limit: int) -> np.ndarray:
+    """Every value ``envs.predictor.quantise`` returns in 1 .. ``limit`` (ascending, int64)."""
+    out = list(range(1, min(limit, 64) + 1))
+    e = 2
+    while (32 << e) <= limit:  # above 64: 16 steps per power of two, 64 + 4 .. 128, 128 + 8 .. 256, ...
+        out += [j << e for j in range(17, 33) if (j << e) <= limit]
+        e += 1
+    return np.asarray(out, dtype=np.int64)
 
 
 def tables_for(pred: Any) -> KernelTables:
@@ -111,6 +191,13 @@ if njit is not None:
     def _table_put(table, keys, values):  # noqa: ANN001, ANN202
         for i in range(keys.shape[0]):
             table[keys[i]] = values[i]
+
+    @njit(cache=True)
+    def _table_put_new(table, keys, values):  # noqa: ANN001, ANN202
+        """Add the ``keys`` the table lacks (a prefetch never overwrites a value)."""
+        for i in range(keys.shape[0]):
+            if keys[i] not in table:
+                table[keys[i]] = values[i]
 
     @njit(cache=True)
     def _get(table, miss, state, tid, tok, ctx, batch):  # noqa: ANN001, ANN202
@@ -518,6 +605,7 @@ def _warm() -> None:
     args = (0, 0, 1, False, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     n = _memo_iter(memo, table, S, F, np.ones(1), 4, *args, out, miss)
     _table_put(table, miss[:n], np.ones(n))
+    _table_put_new(table, miss[:n], np.ones(n))
     _memo_put(memo, _memo_key(*args), out, 4)
     _slowdowns(np.ones(1), np.asarray([0, 1, 1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones(1), 0.1,
                np.zeros(2))

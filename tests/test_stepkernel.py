@@ -185,3 +185,53 @@ def test_compiled_slowdowns_equal_the_step_models():
             assert k.slow_for(sm, util).tolist() == want
             checked += sm._has_peers
     assert checked > 100
+
+
+def test_token_grid_is_the_image_of_quantise():
+    for limit in (64, 256, 1 << 16):
+        assert stepkernel._grid(limit).tolist() == sorted({quantise(n) for n in range(1, limit + 1)})
+
+
+def _key(kt: stepkernel.KernelTables, curve, tok: int, ctx: int, batch: int) -> int:
+    return (kt.tid(curve) << 56) | (batch << 40) | (ctx << 20) | tok
+
+
+def _scalar(kt: stepkernel.KernelTables, key: int) -> float:
+    """The Python path's value of a table key, uncached (the predictor's own scalar query)."""
+    p = kt.pred
+    tid, batch, ctx, tok = key >> 56, (key >> 40) & 0xFFFF, (key >> 20) & 0xFFFFF, key & 0xFFFFF
+    curve = kt.curves[tid]
+    if curve == "send":
+        return p._send_uncached(tok * p.cfg.d_model * p.cfg.dtype_bytes)
+    return p._group_uncached(curve[0], tok, ctx, batch, curve[1], curve[2])
+
+
+def test_a_fill_prefetches_its_row_with_the_scalar_values():
+    from envs import predictor_for
+
+    kt = stepkernel.KernelTables(predictor_for("llama-2-70b", "h100"))
+    asked = [_key(kt, ("mlp", 2, "decode"), 100, 0, 1), _key(kt, "send", 3000, 0, 0),
+             _key(kt, ("attn", 4, "decode"), 12, 1536, 12), _key(kt, ("attn", 1, "prefill"), 512, 2048, 3)]
+    kt.fill(np.asarray(asked, dtype=np.int64))
+    assert kt.prefetch
+    keys = list(kt.table.keys())
+    grid = stepkernel._grid(stepkernel._PREFETCH_TOKENS).tolist()
+    rows = stepkernel._grid(stepkernel._PREFETCH_BATCH).tolist()
+    expected = set(asked)
+    expected |= {_key(kt, ("mlp", 2, "decode"), t, 0, 1) for t in grid} | {_key(kt, "send", t, 0, 0) for t in grid}
+    expected |= {_key(kt, ("attn", 4, "decode"), b, 1536, b) for b in rows}  # prefill: only the key asked
+    assert set(keys) == expected
+    assert all(kt.table[k] == _scalar(kt, k) for k in keys)  # bit for bit, beyond the grid's measured end too
+
+
+def test_prefetching_stops_when_a_vectorised_value_differs(monkeypatch):
+    from envs import predictor_for
+
+    kt = stepkernel.KernelTables(predictor_for("llama-2-70b", "h100"))
+    vector = kt._vector
+    monkeypatch.setattr(kt, "_vector", lambda *a: np.nextafter(vector(*a), np.inf))  # one ulp off
+    key = _key(kt, ("proj", 1, "decode"), 200, 0, 1)
+    kt.fill(np.asarray([key], dtype=np.int64))
+    assert not kt.prefetch and list(kt.table.keys()) == [key] and kt.table[key] == _scalar(kt, key)
+    kt.fill(np.asarray([_key(kt, ("proj", 1, "decode"), 300, 0, 1)], dtype=np.int64))
+    assert len(kt.table) == 2  # the per-key path from then on
