@@ -216,11 +216,11 @@ def test_a_fill_prefetches_its_row_with_the_scalar_values():
     assert kt.prefetch
     keys = list(kt.table.keys())
     grid = stepkernel._grid(stepkernel._PREFETCH_TOKENS).tolist()
-    rows = stepkernel._grid(stepkernel._PREFETCH_BATCH).tolist()
-    expected = set(asked)
-    expected |= {_key(kt, ("mlp", 2, "decode"), t, 0, 1) for t in grid} | {_key(kt, "send", t, 0, 0) for t in grid}
-    expected |= {_key(kt, ("attn", 4, "decode"), b, 1536, b) for b in rows}  # prefill: only the key asked
-    assert set(keys) == expected
+    ctxs = stepkernel._grid(stepkernel._PREFETCH_CONTEXT).tolist()
+    expected = {_key(kt, ("mlp", 2, "decode"), t, 0, 1) for t in grid} | {_key(kt, "send", t, 0, 0) for t in grid}
+    expected |= {_key(kt, ("attn", 4, "decode"), 12, c, 12) for c in ctxs}
+    expected |= {_key(kt, ("attn", 1, "prefill"), 512, c, 3) for c in ctxs}
+    assert set(keys) == expected | set(asked)  # (send's 3000 tokens is off the grid: asked, not prefetched)
     assert all(kt.table[k] == _scalar(kt, k) for k in keys)  # bit for bit, beyond the grid's measured end too
 
 
