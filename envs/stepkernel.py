@@ -57,10 +57,12 @@ class KernelTables:
     and a restart of the compiled sub-steps, and one profile query (some 200 us) per key. So a
     fill also *prefetches*: the first miss of a one-dimensional curve (every group but attention,
     and send/recv: the key varies in tokens only) fills the curve's whole token grid (every
-    quantised count up to ``_PREFETCH_TOKENS``), and a miss of an attention curve fills its row
-    over contexts (every quantised context up to ``_PREFETCH_CONTEXT`` at the key's tokens and
-    batch: the running sequences' mean context moves every sub-step, the batch and chunk much
-    less), each in one vectorised profile query. The values are the profile's at those keys, so what the simulator computes does
+    quantised count up to ``_PREFETCH_TOKENS``), the first miss of attention's decode curve its
+    (batch, context) grid (every quantised batch up to ``_PREFETCH_BATCH`` by every quantised
+    context up to ``_PREFETCH_CONTEXT``: 16,896 keys, about a millisecond), and a miss of
+    attention's prefill curve its row over contexts at the key's tokens and batch (the running
+    sequences' mean prompt moves every sub-step, the chunk and batch much less), each in one
+    vectorised profile query. The values are the profile's at those keys, so what the simulator computes does
     not change (the grid is only answered earlier); the vectorised query is checked against the
     scalar one at the keys that were missing, and on any difference in any bit prefetching stops
     for good (``prefetch``), leaving the per-key path. The profile database counts prefetched
@@ -112,32 +114,45 @@ class KernelTables:
         """Fill the rows of the missing ``keys`` (whose scalar ``values`` were just computed) in
         one vectorised query each; stop prefetching for good if a vectorised value differs from
         the scalar one at one of ``keys``. A row of a 1-D curve runs over token counts at the key's
-        (context, batch); a row of attention over contexts at the key's (tokens, batch)."""
-        rows: dict[tuple, list[tuple[int, float]]] = {}
+        (context, batch); attention's decode row is its whole (batch = tokens, context) grid; a
+        prefill row runs over contexts at the key's (tokens, batch)."""
+        rows: dict[tuple, list[tuple[tuple[int, int], float]]] = {}
         for key, value in zip(keys, values):
             tid, batch, ctx, tok = key >> 56, (key >> 40) & 0xFFFF, (key >> 20) & 0xFFFFF, key & 0xFFFFF
             curve = self.curves[tid]
             if curve == "send" or curve[0] != "attn":
-                row, at = (tid, -1, ctx, batch), tok
+                row = (tid, -1, ctx, batch)
+            elif curve[2] == "decode":
+                if tok != batch:  # (the kernel asks decode with tokens = batch: one token a sequence)
+                    continue
+                row = (tid, -1, -1, -1)
             else:
-                row, at = (tid, tok, -1, batch), ctx
+                row = (tid, tok, -1, batch)
             if row not in self._fetched:
-                rows.setdefault(row, []).append((at, value))
+                rows.setdefault(row, []).append(((tok, ctx), value))
         for row, asked in rows.items():
             self._fetched.add(row)
             tid, tok, ctx, batch = row
-            over = _grid(_PREFETCH_TOKENS if tok < 0 else _PREFETCH_CONTEXT)
-            toks, ctxs = (over, np.full(over.shape, ctx)) if tok < 0 else (np.full(over.shape, tok), over)
-            got = self._vector(self.curves[tid], toks, ctxs, batch)
-            at = dict(zip(over.tolist(), got.tolist()))
+            if ctx >= 0:  # over token counts
+                toks = _grid(_PREFETCH_TOKENS)
+                ctxs, batches = np.full(toks.shape, ctx), np.full(toks.shape, batch)
+            elif tok >= 0:  # over contexts
+                ctxs = _grid(_PREFETCH_CONTEXT)
+                toks, batches = np.full(ctxs.shape, tok), np.full(ctxs.shape, batch)
+            else:  # decode: batches x contexts
+                toks, ctxs = (m.ravel() for m in np.meshgrid(_grid(_PREFETCH_BATCH), _grid(_PREFETCH_CONTEXT),
+                                                             indexing="ij"))
+                batches = toks
+            got = self._vector(self.curves[tid], toks, ctxs, batches)
+            at = dict(zip(zip(toks.tolist(), ctxs.tolist()), got.tolist()))
             if any(x in at and at[x] != v for x, v in asked):  # (compared bit for bit; never NaN)
                 self.prefetch = False
                 return
-            _table_put_new(self.table, (tid << 56) | (batch << 40) | (ctxs << 20) | toks, got)
+            _table_put_new(self.table, (tid << 56) | (batches << 40) | (ctxs << 20) | toks, got)
 
-    def _vector(self, curve: Any, toks: np.ndarray, ctxs: np.ndarray, batch: int) -> np.ndarray:
-        """ms of ``curve`` at each (token count, context) of ``toks`` / ``ctxs`` with ``batch``
-        sequences, as the predictor's scalar calls compute them, in one profile query."""
+    def _vector(self, curve: Any, toks: np.ndarray, ctxs: np.ndarray, batches: np.ndarray) -> np.ndarray:
+        """ms of ``curve`` at each (token count, context, batch) of ``toks`` / ``ctxs`` / ``batches``
+        (int64 arrays), as the predictor's scalar calls compute them, in one profile query."""
         p = self.pred
         db = p.db
         with warnings.catch_warnings():  # (as ExecutionPredictor's queries: the flags keep the count)
@@ -147,13 +162,15 @@ class KernelTables:
                 return np.asarray(db.send_recv_vec(p.gpu_name, (toks * bpt).astype(np.float64)), dtype=np.float64)
             g, tp, phase = curve
             return np.asarray(db.group_latency_vec(g, p.gpu_name, p.model_name, toks.astype(np.float64),
-                                                  ctxs.astype(np.float64), np.full(toks.shape, float(max(batch, 1))),
-                                                  tp, phase), dtype=np.float64)
+                                                  ctxs.astype(np.float64),
+                                                  np.maximum(batches, 1).astype(np.float64), tp, phase),
+                              dtype=np.float64)
 
 
-#: prefetched grids (see KernelTables): every quantised token count / context up to these
+#: prefetched grids (see KernelTables): every quantised token count / context / decode batch up to these
 _PREFETCH_TOKENS = 1 << 16
 _PREFETCH_CONTEXT = 1 << 13
+_PREFETCH_BATCH = 256
 
 
 def _grid(limit: int) -> np.ndarray:

@@ -218,7 +218,8 @@ def test_a_fill_prefetches_its_row_with_the_scalar_values():
     grid = stepkernel._grid(stepkernel._PREFETCH_TOKENS).tolist()
     ctxs = stepkernel._grid(stepkernel._PREFETCH_CONTEXT).tolist()
     expected = {_key(kt, ("mlp", 2, "decode"), t, 0, 1) for t in grid} | {_key(kt, "send", t, 0, 0) for t in grid}
-    expected |= {_key(kt, ("attn", 4, "decode"), 12, c, 12) for c in ctxs}
+    batches = stepkernel._grid(stepkernel._PREFETCH_BATCH).tolist()
+    expected |= {_key(kt, ("attn", 4, "decode"), b, c, b) for b in batches for c in ctxs}
     expected |= {_key(kt, ("attn", 1, "prefill"), 512, c, 3) for c in ctxs}
     assert set(keys) == expected | set(asked)  # (send's 3000 tokens is off the grid: asked, not prefetched)
     assert all(kt.table[k] == _scalar(kt, k) for k in keys)  # bit for bit, beyond the grid's measured end too
