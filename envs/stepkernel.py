@@ -62,9 +62,9 @@ class KernelTables:
     context up to ``_PREFETCH_CONTEXT``: 16,896 keys, about a millisecond), and a miss of
     attention's prefill curve its row over contexts at the key's tokens and batch (the running
     sequences' mean prompt moves every sub-step, the chunk and batch much less), each in one
-    vectorised profile query. The values are the profile's at those keys, so what the simulator computes does
-    not change (the grid is only answered earlier); the vectorised query is checked against the
-    scalar one at the keys that were missing, and on any difference in any bit prefetching stops
+    vectorised profile query. The values are the profile's at those keys, so what the simulator
+    computes does not change (the grid is only answered earlier); the vectorised query is checked
+    against the scalar one at the keys that were missing, and on any difference in any bit prefetching stops
     for good (``prefetch``), leaving the per-key path. The profile database counts prefetched
     answers in its flags like any other it gives (derived or beyond its grid), with its warnings
     silenced as the predictor silences them.
@@ -78,7 +78,8 @@ class KernelTables:
         #: whether fills prefetch (see the class docstring); off for good after a mismatch or
         #: with a profile database that cannot answer vectorised queries
         self.prefetch = all(hasattr(pred.db, a) for a in ("group_latency_vec", "send_recv_vec"))
-        self._fetched: set[tuple] = set()  # (tid, context, batch) of the rows prefetched so far
+        #: rows prefetched so far: (tid, tokens, context, batch), -1 where the row runs over it
+        self._fetched: set[tuple] = set()
 
     def tid(self, curve: Any) -> int:
         """Id of a curve: ``(group, tp, phase)`` or ``"send"``."""
