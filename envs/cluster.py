@@ -123,6 +123,19 @@ class ClusterTimeline:
         op = tl.op
         return OperatorPlan(max(n, 1), op.max_batch, op.placement, op.tp)
 
+    def _serving_fields(self, g: str, now: float) -> tuple[int, int, str, int]:
+        """``serving_op(g, now)``'s (replicas, max_batch, placement, tp), without building it."""
+        tl = self.groups[g]
+        if tl.switch_at is not None and now < tl.switch_at and tl.old is not None:
+            op = tl.old
+            return op.replicas, op.max_batch, op.placement, op.tp
+        n = 0
+        for r in tl.ready:
+            if r <= now:
+                n += 1
+        op = tl.op
+        return max(n, 1), op.max_batch, op.placement, op.tp
+
     def serving_plan(self, now: float) -> Plan:
         """Per group the replicas serving at ``now`` (cached for the span between the loads or
         switches completed before and after ``now``, within which it cannot change)."""
@@ -133,7 +146,9 @@ class ClusterTimeline:
                     return plan
         else:
             cache = self._cache = []
-        plan = Plan({g: self.serving_op(g, now) for g in OPERATOR_GROUPS})
+        # the placer's shared Plan object for these fields: the serving plans of successive
+        # intervals repeat, and the identity caches downstream (placement, step model) then hit
+        plan = self.placer.plan_for(tuple(self._serving_fields(g, now) for g in OPERATOR_GROUPS))
         if len(cache) >= 4:
             del cache[0]
         cache.append((*self._bounds(now), plan))

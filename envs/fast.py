@@ -100,6 +100,7 @@ class FastSimulator(Simulator):
         self._U = 0.0         # serving units in the last sub-step
         self._unit_sig = None  # (attention placement, unit tp) of the serving units
         self._ukey: tuple = (None, None, ())  # (layout, util dict, the memo key's busy shares)
+        self._urnd: tuple = (None, ())         # (util dict, its busy shares rounded for memo keys)
         # the compiled sub-steps' state (envs/fluidkernel.py: the fluid state, the interval's
         # accumulators, the cached operating point) and the cached busy shares, or None
         self._kx = fluidkernel.new_state() if self._kmemo is not None else None
@@ -158,8 +159,13 @@ class FastSimulator(Simulator):
         once per interval). The rounded shares matter only where processes share GPUs."""
         uk = self._ukey
         if uk[0] is not layout or uk[1] is not self.util:
-            peers = any(layout.peers.values())
-            uk = self._ukey = (layout, self.util, tuple(round(v, 1) for v in self.util.values()) if peers else ())
+            rnd: tuple = ()
+            if any(layout.peers.values()):
+                r = self._urnd  # (util dict, its rounded shares): one util dict serves many layouts
+                if r[0] is not self.util:
+                    r = self._urnd = (self.util, tuple(round(v, 1) for v in self.util.values()))
+                rnd = r[1]
+            uk = self._ukey = (layout, self.util, rnd)
         return uk
 
     def _timed(self, layout: Layout, sm: StepModel, key: tuple) -> tuple[float, dict]:

@@ -93,6 +93,7 @@ class FastActionDecoder:
         self._deltas = tuple(int(d) for d in config.replica_deltas)
         self._rlevels = tuple(int(r) for r in config.replica_levels)
         self._levels = tuple(int(b) for b in config.batch_levels)
+        self._plans: dict[tuple, object] = {}  # one Plan per content (see _decode)
 
     def decode(self, action, prev):  # noqa: ANN001 - same signature as the codec
         a = np.asarray(action).reshape(-1)
@@ -113,7 +114,7 @@ class FastActionDecoder:
         c = self.config
         lo, hi_r = c.min_replicas, c.max_replicas
         hi = self._hi
-        ops = {}
+        fields = []
         for k, g in enumerate(OPERATOR_GROUPS):
             i = 3 * k
             d_idx = min(max(a[i], 0), hi[i])
@@ -122,5 +123,11 @@ class FastActionDecoder:
             old = prev[g]
             r = self._rlevels[d_idx] if self._rlevels else old.replicas + self._deltas[d_idx]
             replicas = min(max(r, lo), hi_r)
-            ops[g] = OperatorPlan(replicas, self._levels[b_idx], PLACEMENTS[p_idx], old.tp)
-        return Plan(ops)
+            fields.append((replicas, self._levels[b_idx], PLACEMENTS[p_idx], old.tp))
+        # equal plans as one object (plans are immutable): the env's caches keyed by the decoded
+        # plan's identity (tp follow-up, placement) then hit when a policy revisits a plan
+        key = tuple(fields)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = put(self._plans, key, Plan({g: OperatorPlan(*f) for g, f in zip(OPERATOR_GROUPS, fields)}), 512)
+        return plan

@@ -120,6 +120,7 @@ class Placer:
         self._need: dict[tuple, float] = {}
         self._inst: dict[tuple, float] = {}
         self._per_rep: dict[tuple, tuple[float, float]] = {}
+        self._plans: dict[tuple, Plan] = {}  # plan_for's table
         #: whether packing runs compiled (envs/packkernel.py; OPSCALE_KERNEL=0 or no numba: Python)
         self._compiled = stepkernel.ENABLED
         if self._compiled:
@@ -176,6 +177,17 @@ class Placer:
         return need
 
     # -------------------------------------------------------------- public
+    def plan_for(self, fields: tuple[tuple[int, int, str, int], ...]) -> Plan:
+        """One shared Plan per content: ``fields`` holds (replicas, max_batch, placement, tp) of
+        each group in OPERATOR_GROUPS order. Plans are immutable, so callers that rebuild equal
+        plans (the timeline's serving plans) get the same object back and the identity caches
+        here and in the simulators hit (the 512 most recent contents are kept)."""
+        hit = self._plans.get(fields)
+        if hit is None:
+            hit = put(self._plans, fields, Plan({g: OperatorPlan(*f) for g, f in zip(OPERATOR_GROUPS, fields)}),
+                      512)
+        return hit
+
     def place(self, plan: Plan) -> Layout:
         """Place ``plan``; repairs it to fit memory and ``max_gpus`` or raises PlanError."""
         last = self._last.get(id(plan))

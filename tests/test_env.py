@@ -10,6 +10,7 @@ import pytest
 
 from envs import ENV_ID, Scenario, ScenarioError, make_env, scenario_trace
 from runtime.codec import ObservationEncoder
+from runtime.control import Plan
 
 INFO_KEYS = {"slo_attainment", "gpus", "energy_j", "ttft_p99_s", "tbt_p99_s", "plan", "requests_finished",
              "requests_queued", "requests_rejected"}
@@ -185,6 +186,12 @@ def test_fast_encoder_and_decoder_twins_equal_the_codec():
         obs, *_ = env.step(a)
         np.testing.assert_allclose(env._fast_encoder.encode(env.state), enc.encode(env.state), rtol=1e-6,
                                    atol=1e-7)
+    # equal decoded plans are one object (the env's identity caches hit when a policy revisits one),
+    # also when the previous plan is an equal copy rather than the same object
+    prev = env.sim.timeline.target_plan
+    twin = Plan({g: prev[g] for g in prev.ops})
+    a = rng.integers(0, env.action_space.nvec)
+    assert env._fast_decoder.decode(a, twin) is env._fast_decoder.decode(a, prev) == dec.decode(a, prev)
 
 
 def test_reference_fidelity_env_passes_check_env_and_reports_the_same_keys():

@@ -163,6 +163,30 @@ def test_new_replicas_serve_only_after_their_weights_load_and_removed_units_drai
     assert sim.summary()["drain_gpu_seconds"] == sim.drain_gpu_seconds < sim.gpu_seconds
 
 
+def test_equal_serving_plans_are_one_object_shared_through_the_placer():
+    """The timeline's serving plans come from ``Placer.plan_for``: equal contents give the same
+    (immutable) Plan object, equal to one built directly, so identity caches downstream hit."""
+    sc = Scenario()
+    placer = Placer(sc, predictor_for(sc.model, sc.gpu))
+    fields = ((2, 64, "model", 4),) * 5
+    a = placer.plan_for(fields)
+    assert a is placer.plan_for(tuple(fields)) and a == Plan.model_level(2, 64, 4)
+    assert placer.plan_for(((3, 64, "model", 4),) * 5) == Plan.model_level(3, 64, 4)
+    from envs.cluster import ClusterTimeline
+
+    start = Plan.model_level(2, 64, 4)
+    tl = ClusterTimeline(placer, start)
+    served = tl.serving_plan(0.0)
+    assert served == start and served is placer.plan_for(fields)
+    tl.apply(Plan.model_level(3, 64, 4), 10.0)
+    loading = tl.serving_plan(10.0)  # the third instance still loads: two serve
+    assert loading is served
+    done = tl.serving_plan(1e6)
+    assert done == Plan.model_level(3, 64, 4) and done is placer.plan_for(((3, 64, "model", 4),) * 5)
+    # a second timeline on the same placer gets the same objects
+    assert ClusterTimeline(placer, Plan.model_level(2, 64, 4)).serving_plan(5.0) is served
+
+
 def test_switching_placement_is_blue_green_and_switching_back_cancels():
     sc = Scenario()
     from envs.cluster import ClusterTimeline
