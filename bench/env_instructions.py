@@ -1,6 +1,6 @@
 """CPU instructions per fast-env step, counted by valgrind, against another checkout.
 
-Usage: ``python bench/env_instructions.py --baseline DIR [--streams random,train,keep] [--steps 300]
+Usage: ``python bench/env_instructions.py --baseline DIR [--streams random,train,keep] [--steps 300] [--gc]
 [--warm] [--json]``
 
 On a shared, noisy host an env-level A/B (bench/env_speed.py) cannot resolve a change of a few
@@ -14,6 +14,15 @@ early stream: random replica counts under the frozen layout; its actions are dra
 plain run of this tree, saved, and replayed by both trees) and ``keep`` (the plan kept). With
 ``--warm`` each tree first runs the stream once uncounted and then replays it from the same
 reset (the caches of placements and step models full, as late in a training run).
+
+Python's cyclic collector is off while the steps are counted (``--gc`` leaves it on): a
+collection runs when allocations cross a threshold, so a change that allocates a little more or
+less moves collections (millions of instructions each) in or out of the window, which swamps
+the per-step difference being measured (bench/env_speed.py ``--gc-share`` measures the
+collector's share of a step). Two runs of one tree counted the same (1.261 M instructions a step
+on the kept plan, 300 steps). One-off costs inside the window count too and read as a per-step
+change once spread over the steps, e.g. a numba function's first call loading its compiled code
+(some 4 M instructions; session 26 met one: docs/SIMULATOR.md "Speed", log).
 
 It prints instructions per step for each tree and their ratio (baseline / current: > 1 means the
 current tree executes fewer). Instructions are not time: cache misses and branch mispredictions
@@ -39,10 +48,12 @@ STREAMS = ("random", "train", "keep")
 
 
 def drive(stream: str, steps: int, actions: str | None = None, warm: bool = False,
-          record: str | None = None) -> None:
+          record: str | None = None, gc_on: bool = False) -> None:
     """Run ``steps`` env steps of ``stream`` (in the tree first on sys.path), the steps inside
-    ``map()``. ``actions``: a .npy of actions to replay instead; ``record``: only draw the
-    actions (stepping this tree's env) and save them there."""
+    ``map()``, the cyclic collector off unless ``gc_on``. ``actions``: a .npy of actions to replay
+    instead; ``record``: only draw the actions (stepping this tree's env) and save them there."""
+    import gc
+
     import numpy as np
 
     import env_speed
@@ -87,7 +98,11 @@ def drive(stream: str, steps: int, actions: str | None = None, warm: bool = Fals
         for a in acts:  # uncounted: the same stream fills the caches
             one(a)
     stepper.reset(seed=0)
+    if not gc_on:
+        gc.collect()
+        gc.disable()
     list(map(one, acts))  # counted: callgrind collects inside map_next only
+    gc.enable()
 
 
 def _code(root: Path, call: str) -> str:
@@ -110,14 +125,14 @@ def _collected(proc: subprocess.Popen, what: str) -> int:
     return int(m.group(1))
 
 
-def measure(stream: str, steps: int, baseline: Path, warm: bool, tmp: Path) -> dict:
+def measure(stream: str, steps: int, baseline: Path, warm: bool, tmp: Path, gc_on: bool = False) -> dict:
     """Instructions per step of both trees on one stream (both runs at once)."""
     actions = None
     if stream == "train":
         actions = tmp / "train_actions.npy"
         code = _code(ROOT, f"drive('train', {steps}, record={str(actions)!r})")
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=dict(os.environ, PYTHONHASHSEED="0"))
-    call = f"drive({stream!r}, {steps}, actions={str(actions) if actions else None!r}, warm={warm})"
+    call = f"drive({stream!r}, {steps}, actions={str(actions) if actions else None!r}, warm={warm}, gc_on={gc_on})"
     procs = {name: _start(root, call, tmp / f"{name}.{stream}.out")
              for name, root in (("current", ROOT), ("baseline", baseline))}
     counts = {name: _collected(p, f"{stream} stream in the {name} tree") for name, p in procs.items()}
@@ -132,6 +147,8 @@ def main() -> int:
     p.add_argument("--streams", default="random,train,keep", help=f"comma-separated, of {', '.join(STREAMS)}")
     p.add_argument("--steps", type=int, default=300, help="counted env steps per stream")
     p.add_argument("--warm", action="store_true", help="run the stream once uncounted first (caches full)")
+    p.add_argument("--gc", action="store_true",
+                   help="leave the cyclic collector on while counting (see the module doc)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     streams = [s.strip() for s in a.streams.split(",") if s.strip()]
@@ -145,7 +162,7 @@ def main() -> int:
     res = {}
     with tempfile.TemporaryDirectory() as d:
         for s in streams:
-            res[s] = measure(s, a.steps, a.baseline.resolve(), a.warm, Path(d))
+            res[s] = measure(s, a.steps, a.baseline.resolve(), a.warm, Path(d), a.gc)
             if not a.json:
                 r = res[s]
                 print(f"{s:7s} {a.steps} steps{' (warm)' if a.warm else ''}: current "

@@ -198,3 +198,25 @@ def test_plan_cost_bench_times_each_part_of_a_new_plan():
     assert out["plans"] >= 12  # train.py's stream meets at least one new plan a step
     assert all(out[part] > 0 for part in plan_cost.PARTS)
     assert out["total"] == pytest.approx(sum(out[part] for part in plan_cost.PARTS))
+
+
+def test_instruction_bench_driver_replays_a_recorded_stream_with_the_collector_restored(monkeypatch, tmp_path,
+                                                                                       capsys):
+    """bench/env_instructions.py's driver (what runs under valgrind) without valgrind: it records
+    train.py's stream, replays it (cold and warm) and leaves the cyclic collector as it found it."""
+    import gc
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import env_instructions
+
+    rec = tmp_path / "acts.npy"
+    env_instructions.drive("train", 6, record=str(rec))
+    acts = np.load(rec)
+    assert acts.shape[0] == 6 and acts.dtype.kind == "i"
+    env_instructions.drive("train", 6, actions=str(rec), warm=True)
+    env_instructions.drive("keep", 4)
+    assert gc.isenabled()
+    monkeypatch.setattr(sys, "argv", ["env_instructions.py", "--baseline", str(tmp_path), "--streams", "bogus"])
+    with pytest.raises(SystemExit):
+        env_instructions.main()
+    assert "unknown stream(s) ['bogus']" in capsys.readouterr().err
