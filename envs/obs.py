@@ -16,6 +16,7 @@ from runtime.control import PLACEMENTS, ClusterState
 from runtime.models import OPERATOR_GROUPS
 
 from envs.memo import put
+from envs.world import shared_plan
 
 _LOG9 = math.log(9.0)
 
@@ -109,8 +110,6 @@ class FastActionDecoder:
 
     def _decode(self, a: list[int], prev):  # noqa: ANN001, ANN202
         """The codec's decode on a list of ints (same clipping, same OperatorPlan fields)."""
-        from runtime.control import OperatorPlan, Plan
-
         c = self.config
         lo, hi_r = c.min_replicas, c.max_replicas
         hi = self._hi
@@ -126,8 +125,4 @@ class FastActionDecoder:
             fields.append((replicas, self._levels[b_idx], PLACEMENTS[p_idx], old.tp))
         # equal plans as one object (plans are immutable): the env's caches keyed by the decoded
         # plan's identity (tp follow-up, placement) then hit when a policy revisits a plan
-        key = tuple(fields)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = put(self._plans, key, Plan({g: OperatorPlan(*f) for g, f in zip(OPERATOR_GROUPS, fields)}), 512)
-        return plan
+        return shared_plan(self._plans, tuple(fields))

@@ -104,6 +104,16 @@ class Layout:
         return MODEL if group in self.mono else group
 
 
+def shared_plan(table: dict, fields: tuple[tuple[int, int, str, int], ...]) -> Plan:
+    """``table``'s Plan for ``fields`` ((replicas, max_batch, placement, tp) of each group in
+    OPERATOR_GROUPS order), made and stored on a miss (the 512 most recent kept): one object per
+    content, so the identity caches of its users hit when an equal plan comes back."""
+    hit = table.get(fields)
+    if hit is None:
+        hit = put(table, fields, Plan({g: OperatorPlan(*f) for g, f in zip(OPERATOR_GROUPS, fields)}), 512)
+    return hit
+
+
 def _plan_key(plan: Plan) -> tuple:
     return tuple((g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in sorted(plan.ops.items()))
 
@@ -182,11 +192,7 @@ class Placer:
         each group in OPERATOR_GROUPS order. Plans are immutable, so callers that rebuild equal
         plans (the timeline's serving plans) get the same object back and the identity caches
         here and in the simulators hit (the 512 most recent contents are kept)."""
-        hit = self._plans.get(fields)
-        if hit is None:
-            hit = put(self._plans, fields, Plan({g: OperatorPlan(*f) for g, f in zip(OPERATOR_GROUPS, fields)}),
-                      512)
-        return hit
+        return shared_plan(self._plans, fields)
 
     def place(self, plan: Plan) -> Layout:
         """Place ``plan``; repairs it to fit memory and ``max_gpus`` or raises PlanError."""
