@@ -20,7 +20,7 @@ collection runs when allocations cross a threshold, so a change that allocates a
 less moves collections (millions of instructions each) in or out of the window, which swamps
 the per-step difference being measured (bench/env_speed.py ``--gc-share`` measures the
 collector's share of a step). Two runs of one tree counted the same (1.261 M instructions a step
-on the kept plan, 300 steps). One-off costs inside the window count too and read as a per-step
+on the kept plan, 300 steps, collector on). One-off costs inside the window count too and read as a per-step
 change once spread over the steps, e.g. a numba function's first call loading its compiled code
 (some 4 M instructions; session 26 met one: docs/SIMULATOR.md "Speed", log).
 

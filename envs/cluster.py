@@ -119,9 +119,7 @@ class ClusterTimeline:
         tl = self.groups[g]
         if tl.switch_at is not None and now < tl.switch_at and tl.old is not None:
             return tl.old
-        n = sum(1 for r in tl.ready if r <= now)
-        op = tl.op
-        return OperatorPlan(max(n, 1), op.max_batch, op.placement, op.tp)
+        return OperatorPlan(*self._serving_fields(g, now))
 
     def _serving_fields(self, g: str, now: float) -> tuple[int, int, str, int]:
         """``serving_op(g, now)``'s (replicas, max_batch, placement, tp), without building it."""
