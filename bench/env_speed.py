@@ -1,7 +1,7 @@
 """Fast-model env steps per second against a PPO MlpPolicy's action-prediction rate.
 
 Usage: ``python bench/env_speed.py [--steps 3000] [--rounds 3] [--warmup 0] [--baseline DIR] [--learner]
-[--train-share STEPS] [--gc-share] [--json]``
+[--train-share STEPS] [--gc-share] [--live] [--interleaved] [--json]``
 
 Measures, on the same machine in one run:
 * env steps/s of ``opscale/OperatorScaling-v0`` (fast fidelity) under these action streams:
@@ -17,7 +17,15 @@ Measures, on the same machine in one run:
   the shipped checkpoints/ppo-default sampling its actions, as PPO's rollouts do once the policy
   is trained). Only ``env.step`` is timed; ``--warmup N``
   first runs N untimed steps of the same stream (the profile and placement caches fill in a
-  long training run; 0 = the session-1 method);
+  long training run; 0 = the session-1 method). Since session 27 the streams drawn by a policy or
+  controller (``ppo``, ``oq``, ``trained``) are recorded first (run live, untimed, in their own
+  process) and replayed, so that, as in the other streams and in the predict loop below, nothing
+  but the loop runs between two timed calls: a policy call between two steps leaves the CPU's
+  caches and branch predictors to the policy, and the next step of the shipped policy's stream
+  took some 3x longer here (about 1.6 ms against 0.5 ms; docs/SIMULATOR.md "Speed", session 27).
+  ``--live`` times them live as before; ``--interleaved`` measures that case on purpose (below).
+  A replay that does not end on the recording's last observation is reported (a tree that
+  computes something else walks another trajectory with the same actions);
 * ``PPO("MlpPolicy").predict`` calls/s on one observation (torch with one thread), with SB3's
   defaults and again with torch.distributions' argument checks off, as train.py runs its policy
   since session 13 (``agents.training.distribution_checks``; the same numbers, faster);
@@ -32,6 +40,9 @@ Measures, on the same machine in one run:
   side (``agents.training.train`` with agents/configs/ppo.yaml for STEPS timesteps, into a
   temporary folder; the training and evaluation VecEnvs' ``step_wait`` and ``env_method``
   calls, i.e. env steps, resets and action masks, are timed);
+* with ``--interleaved``: per stream (current tree), ``PPO("MlpPolicy").predict`` and ``env.step``
+  alternating in one loop as a rollout runs them, each timed, and their ratio: each side pays for
+  the caches the other left, which is what training sees (``--train-share`` measures a real run);
 * with ``--gc-share``: each stream again with Python's cyclic garbage collector off (current tree
   only), and the share of an env step the collections take, ``1 - rate with / rate without``
   (the env makes next to no cyclic garbage, so the collections are the price of the objects a
@@ -49,6 +60,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +70,9 @@ from intree import run_in_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = ("keep", "random", "ppo", "oq", "train", "trained")
+#: streams whose actions come from a policy or controller reading the env: by default drawn live
+#: once per round (untimed, in their own process) and replayed by each tree (see the module doc)
+RECORDED = ("ppo", "oq", "trained")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,61 +111,162 @@ def _masked_random(rng: np.random.Generator, mask: np.ndarray, nvec: np.ndarray)
     return out
 
 
-def env_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0) -> float:
-    """Env steps per second of ``env.step`` alone under an action stream (see module doc), after
-    ``warmup`` untimed steps of the same stream."""
-    from envs import make_env
+class _Stream:
+    """A live action stream (see the module doc) on a fresh env: ``stepper`` is what ``step`` is
+    called on (the env, or train.py's PlanRestriction around it), ``env`` the env itself."""
 
-    wrapped = _train_env(seed) if stream in ("train", "trained") else None
-    env = wrapped.unwrapped if wrapped is not None else make_env(seed=seed)
-    stepper = wrapped if wrapped is not None else env
-    obs, _ = stepper.reset(seed=seed)
-    rng = np.random.default_rng(seed)
-    nvec = env.action_space.nvec
-    model = _policy(env) if stream == "ppo" else None
-    trained = None
-    if stream == "trained":
-        import torch
+    def __init__(self, stream: str, seed: int = 0) -> None:
+        from envs import make_env
 
-        import envs
-        from agents.ppo import PPOController
+        self.name = stream
+        wrapped = _train_env(seed) if stream in ("train", "trained") else None
+        self.wrapped = wrapped
+        self.env = wrapped.unwrapped if wrapped is not None else make_env(seed=seed)
+        self.stepper = wrapped if wrapped is not None else self.env
+        self.obs, _ = self.stepper.reset(seed=seed)
+        self.rng = np.random.default_rng(seed)
+        self.nvec = self.env.action_space.nvec
+        env = self.env
+        self.model = _policy(env) if stream == "ppo" else None
+        self.trained = None
+        if stream == "trained":
+            import torch
 
-        torch.set_num_threads(1)
-        tree = Path(envs.__file__).resolve().parents[1]  # the checkout under test
-        trained = PPOController(tree / "checkpoints" / "ppo-default", deterministic=False)
-    ctl = None
-    if stream == "oq":
-        from agents.registry import make_controller
+            import envs
+            from agents.ppo import PPOController
 
-        ctl, _ = make_controller("operator-queueing", env.scenario, slo=env.slo)
-        ctl.reset(env.state)
-    keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
+            torch.set_num_threads(1)
+            tree = Path(envs.__file__).resolve().parents[1]  # the checkout under test
+            self.trained = PPOController(tree / "checkpoints" / "ppo-default", deterministic=False)
+        self.ctl = None
+        if stream == "oq":
+            from agents.registry import make_controller
+
+            self.ctl, _ = make_controller("operator-queueing", env.scenario, slo=env.slo)
+            self.ctl.reset(env.state)
+        self.keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
+
+    def action(self) -> np.ndarray:
+        """The stream's next action (reads the env's current state or observation)."""
+        s, env = self.name, self.env
+        if s == "keep":
+            return self.keep
+        if s == "random":
+            return self.rng.integers(0, self.nvec)
+        if s == "ppo":
+            return self.model.predict(self.obs, deterministic=False)[0]
+        if s == "train":
+            return _masked_random(self.rng, self.wrapped.action_masks(), self.nvec)
+        if s == "trained":
+            return self.trained.act(env.state)
+        tgt = env.sim.timeline.target_plan
+        return env.decoder.encode(self.ctl.decide(env.state), tgt)
+
+    def step(self, a: np.ndarray) -> None:
+        """``step(a)``; a finished episode resets (the controller of ``oq`` with it)."""
+        self.obs, _, term, trunc, _ = self.stepper.step(a)
+        if term or trunc:
+            self.obs, _ = self.stepper.reset()
+            if self.ctl is not None:
+                self.ctl.reset(self.env.state)
+
+
+def record_actions(stream: str, n: int, path: str, seed: int = 0) -> int:
+    """Run ``stream`` live for ``n`` steps on this tree's env and save its actions and the last
+    observation to ``path`` (an .npz, for :func:`env_rate` ``actions=``); returns ``n``."""
+    st = _Stream(stream, seed)
+    acts = []
+    for _ in range(n):
+        acts.append(np.asarray(st.action(), dtype=np.int64).reshape(-1))
+        st.step(acts[-1])
+    np.savez(path, actions=np.stack(acts), last_obs=np.asarray(st.obs))
+    return n
+
+
+def _recorded(path: str, need: int) -> tuple[np.ndarray, np.ndarray]:
+    """(actions, last observation) of a recording, which must hold ``need`` actions."""
+    with np.load(path) as f:
+        acts, last = f["actions"], f["last_obs"]
+    if len(acts) != need:
+        raise ValueError(f"{path}: {len(acts)} recorded actions, but warm-up + timed steps need {need}")
+    return acts, last
+
+
+def replay_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0, actions: str | None = None) -> dict:
+    """Env steps per second of ``env.step`` alone under ``stream`` (after ``warmup`` untimed steps).
+
+    ``actions``: a recording of the stream (:func:`record_actions`, warmup + steps actions) to
+    replay instead of running the stream's policy or controller between the timed steps.
+    Returns ``{"steps_per_s", "same_trajectory"}``; the second says whether the replay ended on
+    the recording's last observation (None when live): a tree that computes something else than
+    the recording's (a non-exact change under A/B) walks another trajectory with the same actions.
+    """
+    st = _Stream(stream, seed)
+    acts = last = None
+    if actions is not None:
+        acts, last = _recorded(actions, steps + warmup)
     n = 0
     spent = 0.0
     while n < steps + warmup:
-        if stream == "keep":
-            a = keep
-        elif stream == "random":
-            a = rng.integers(0, nvec)
-        elif stream == "ppo":
-            a, _ = model.predict(obs, deterministic=False)
-        elif stream == "train":
-            a = _masked_random(rng, wrapped.action_masks(), nvec)
-        elif stream == "trained":
-            a = trained.act(env.state)
-        else:
-            tgt = env.sim.timeline.target_plan
-            a = env.decoder.encode(ctl.decide(env.state), tgt)
+        a = acts[n] if acts is not None else st.action()
         t0 = time.perf_counter()
-        obs, _, term, trunc, _ = stepper.step(a)
+        st.step(a)
         if n >= warmup:
             spent += time.perf_counter() - t0
         n += 1
-        if term or trunc:
-            obs, _ = stepper.reset()
-            if ctl is not None:
-                ctl.reset(env.state)
-    return steps / spent
+    same = None if last is None else bool(np.array_equal(st.obs, last))
+    return {"steps_per_s": steps / spent, "same_trajectory": same}
+
+
+def env_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0, actions: str | None = None) -> float:
+    """Env steps per second of ``env.step`` alone (:func:`replay_rate`'s ``steps_per_s``)."""
+    return replay_rate(stream, steps, seed, warmup, actions)["steps_per_s"]
+
+
+def interleaved_rates(stream: str, steps: int, seed: int = 0, warmup: int = 0, actions: str | None = None) -> dict:
+    """``PPO("MlpPolicy").predict`` and ``env.step`` alternating in one loop, as a rollout runs them,
+    each timed: predict on the env's last observation (its action unused: the stream's, or the
+    recording's, is stepped), then the step. Predict alternates SB3's defaults and torch.distributions'
+    checks off, call by call. Each side then runs with the CPU caches and branch predictors the
+    other left (a step of the shipped policy's stream takes some 3x longer after a policy call than
+    after another step here: docs/SIMULATOR.md "Speed", session 27). Returns both rates, their
+    ratios and ``same_trajectory`` (see :func:`replay_rate`)."""
+    import torch
+
+    from envs import make_env
+
+    st = _Stream(stream, seed)
+    acts = last = None
+    if actions is not None:
+        acts, last = _recorded(actions, steps + warmup)
+    torch.set_num_threads(1)
+    model = _policy(make_env())
+    checks0 = torch.distributions.Distribution._validate_args
+    pred = [0.0, 0.0]  # seconds of predict calls with the checks on, off
+    calls = [0, 0]
+    spent = 0.0
+    try:
+        for n in range(steps + warmup):
+            on = n % 2 == 0
+            torch.distributions.Distribution.set_default_validate_args(on)
+            t0 = time.perf_counter()
+            model.predict(st.obs, deterministic=True)
+            t1 = time.perf_counter()
+            a = acts[n] if acts is not None else st.action()
+            t2 = time.perf_counter()
+            st.step(a)
+            t3 = time.perf_counter()
+            if n >= warmup:
+                pred[0 if on else 1] += t1 - t0
+                calls[0 if on else 1] += 1
+                spent += t3 - t2
+    finally:
+        torch.distributions.Distribution.set_default_validate_args(checks0)
+    env_ps = steps / spent
+    p_on, p_off = calls[0] / pred[0], calls[1] / pred[1]
+    return {"steps_per_s": env_ps, "predict_per_s": p_on, "predict_nochecks_per_s": p_off,
+            "ratio_to_predict": env_ps / p_on, "ratio_to_predict_nochecks": env_ps / p_off,
+            "same_trajectory": None if last is None else bool(np.array_equal(st.obs, last))}
 
 
 def ppo_rate(calls: int, checks: bool = True) -> float:
@@ -272,12 +388,9 @@ def reference_speedup() -> dict:
             "requests": out["requests"]}
 
 
-def _worker(what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> None:
-    print(json.dumps(_measure(what, steps, warmup, gc_off)))
-
-
-def _measure(what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> dict:
-    """``{what: result}`` of one measurement (run in a fresh process by :func:`_run`)."""
+def _measure(what: str, steps: int, warmup: int = 0, gc_off: bool = False, actions: str | None = None) -> dict:
+    """``{what: result}`` of one measurement (run in a fresh process by :func:`_run`); ``what`` is
+    a stream, ``interleaved:<stream>``, ``record:<stream>:<path>`` or one of the other measurements."""
     if gc_off:
         import gc
 
@@ -292,8 +405,13 @@ def _measure(what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> di
         out = train_share(steps)
     elif what == "learner":
         out = learner_rate()
+    elif what.startswith("record:"):
+        _, stream, path = what.split(":", 2)
+        out = record_actions(stream, steps, path)
+    elif what.startswith("interleaved:"):
+        out = interleaved_rates(what.split(":", 1)[1], steps, warmup=warmup, actions=actions)
     else:
-        out = env_rate(what, steps, warmup=warmup)
+        out = replay_rate(what, steps, warmup=warmup, actions=actions)
     return {what: out}
 
 
@@ -301,10 +419,11 @@ def _measure(what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> di
 # driver
 # ---------------------------------------------------------------------------------------------
 
-def _run(root: Path, what: str, steps: int, warmup: int = 0, gc_off: bool = False) -> float | dict:
+def _run(root: Path, what: str, steps: int, warmup: int = 0, gc_off: bool = False,
+         actions: str | None = None) -> float | dict:
     """One measurement in a fresh process with ``root`` first on sys.path (``gc_off``: with the
-    cyclic garbage collector disabled)."""
-    out = run_in_tree(root, "env_speed", f"_measure({what!r}, {steps}, {warmup}, {gc_off})", what)[what]
+    cyclic garbage collector disabled; ``actions``: a recording to replay)."""
+    out = run_in_tree(root, "env_speed", f"_measure({what!r}, {steps}, {warmup}, {gc_off}, {actions!r})", what)[what]
     return out if isinstance(out, dict) else float(out)
 
 
@@ -325,6 +444,12 @@ def main() -> int:
                    help="also time a real training run of STEPS timesteps and its env side (each round, each tree)")
     p.add_argument("--gc-share", action="store_true",
                    help="also run each stream with the garbage collector off: the collections' share of a step")
+    p.add_argument("--live", action="store_true",
+                   help=f"time the streams {RECORDED} live, their policy or controller between the timed steps "
+                        "(before session 27: slower steps, see the module doc), not replayed")
+    p.add_argument("--interleaved", action="store_true",
+                   help="also alternate PPO predict and env.step in one loop per stream, as a rollout runs them "
+                        "(current tree)")
     p.add_argument("--no-reference", action="store_true", help="skip the reference-simulator replay")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
@@ -343,7 +468,10 @@ def main() -> int:
     learns: list[float] = []
     shares: dict[str, list[dict]] = {t: [] for t in trees}
     no_gc: dict[str, list[float]] = {s: [] for s in streams}
-    for _ in range(a.rounds):
+    same: dict[str, dict[str, list]] = {t: {s: [] for s in streams} for t in trees}
+    inter: dict[str, list[dict]] = {s: [] for s in streams}
+    tmp = tempfile.TemporaryDirectory(prefix="env_speed_")
+    for r in range(a.rounds):
         preds.append(_run(ROOT, "predict", a.steps))
         preds_nc.append(_run(ROOT, "predict_nochecks", a.steps))
         if a.train_share:
@@ -352,10 +480,20 @@ def main() -> int:
         if a.learner:
             learns.append(_run(ROOT, "learner", a.steps))
         for s in streams:
+            n = _steps_for(s, a.steps)
+            acts = None
+            if s in RECORDED and not a.live:  # drawn once per round by this tree, replayed by each
+                acts = str(Path(tmp.name) / f"{s}-{r}.npz")
+                _run(ROOT, f"record:{s}:{acts}", n + a.warmup)
             for t, root in trees.items():
-                rates[t][s].append(_run(root, s, _steps_for(s, a.steps), a.warmup))
+                got = _run(root, s, n, a.warmup, actions=acts)
+                rates[t][s].append(got["steps_per_s"])
+                same[t][s].append(got["same_trajectory"])
             if a.gc_share:
-                no_gc[s].append(_run(ROOT, s, _steps_for(s, a.steps), a.warmup, gc_off=True))
+                no_gc[s].append(_run(ROOT, s, n, a.warmup, gc_off=True, actions=acts)["steps_per_s"])
+            if a.interleaved:
+                inter[s].append(_run(ROOT, f"interleaved:{s}", n, a.warmup, actions=acts))
+    tmp.cleanup()
     pred = float(np.median(preds))
     learn = float(np.median(learns)) if learns else None
     pred_nc = float(np.median(preds_nc))
@@ -365,7 +503,9 @@ def main() -> int:
         out[t] = {s: {"steps_per_s": float(np.median(v)), "ratio_to_predict": float(np.median(v)) / pred,
                       "ratio_to_predict_nochecks": float(np.median(v)) / pred_nc,
                       "ratio_to_learner": float(np.median(v)) / learn if learn else None,
-                      "rounds": [round(x, 1) for x in v]} for s, v in rates[t].items()}
+                      "rounds": [round(x, 1) for x in v],
+                      "replayed": s in RECORDED and not a.live,
+                      "same_trajectory": same[t][s]} for s, v in rates[t].items()}
     if a.baseline is not None:
         out["speedup"] = {s: out["current"][s]["steps_per_s"] / out["baseline"][s]["steps_per_s"] for s in streams}
     if a.gc_share:
@@ -374,6 +514,13 @@ def main() -> int:
             out["current"][s]["gc_off_steps_per_s"] = off
             out["current"][s]["gc_share"] = 1.0 - out["current"][s]["steps_per_s"] / off
             out["current"][s]["gc_off_rounds"] = [round(x, 1) for x in v]
+    if a.interleaved:
+        out["interleaved"] = {}
+        for s, runs in inter.items():
+            med = {k: float(np.median([x[k] for x in runs]))
+                   for k in ("steps_per_s", "predict_per_s", "predict_nochecks_per_s", "ratio_to_predict",
+                             "ratio_to_predict_nochecks")}
+            out["interleaved"][s] = dict(med, rounds=runs)
     if a.train_share:
         for t in trees:
             runs = shares[t]
@@ -408,7 +555,21 @@ def main() -> int:
             line += f"   baseline {base['steps_per_s']:8.0f} steps/s  speed-up {out['speedup'][s]:.2f}x"
         if a.gc_share:
             line += f"   collector off {cur['gc_off_steps_per_s']:8.0f} steps/s: {100 * cur['gc_share']:.0f} % of a step"
+        if cur["replayed"]:
+            line += "   (replayed)"
         print(line)
+    for t in trees:
+        off = [s for s in streams if False in out[t][s]["same_trajectory"]]
+        if off:
+            print(f"note: the {t} tree's replay of {off} left the recorded trajectory (it computes something "
+                  f"else than this tree): same actions, other states")
+    if a.interleaved:
+        print("as a rollout runs them (predict and env.step alternating in one loop, each timed):")
+        for s in streams:
+            it = out["interleaved"][s]
+            print(f"  {names[s]:24s} env {it['steps_per_s']:8.0f} steps/s, predict {it['predict_per_s']:6.0f} "
+                  f"calls/s ({it['predict_nochecks_per_s']:6.0f} checks off)  ratio {it['ratio_to_predict']:5.2f} "
+                  f"({it['ratio_to_predict_nochecks']:5.2f} checks off)")
     if a.train_share:
         for t in trees:
             ts = out[t]["train_share"]

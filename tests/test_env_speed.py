@@ -119,20 +119,63 @@ def test_bench_env_rate_runs_every_stream_but_ppo(monkeypatch, capsys):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_bench_gc_share_worker_measures_with_the_collector_off(monkeypatch, capsys):
+def test_bench_gc_share_worker_measures_with_the_collector_off(monkeypatch):
     import gc
-    import json
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import env_speed
 
     assert gc.isenabled()
     try:
-        env_speed._worker("keep", 20, 0, True)
+        got = env_speed._measure("keep", 20, 0, True)
         assert not gc.isenabled()  # the measurement ran (and the worker process ends) without collections
     finally:
         gc.enable()
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["keep"] > 0
+    assert got["keep"]["steps_per_s"] > 0 and got["keep"]["same_trajectory"] is None
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_replays_a_recorded_stream_onto_the_same_trajectory(monkeypatch, tmp_path):
+    """A policy-driven stream is recorded live and replayed: the replay steps the env through the
+    recording's states (it ends on its last observation), with or without warm-up; a recording of
+    the wrong length, or a tree that walks elsewhere, is named."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import env_speed
+
+    path = str(tmp_path / "oq.npz")
+    assert env_speed.record_actions("oq", 30, path) == 30
+    with np.load(path) as f:
+        acts = f["actions"]
+    assert acts.shape == (30, 15) and acts.dtype == np.int64
+    # the controller changes the plan within these steps: the replay is not of a kept plan
+    assert len({a.tobytes() for a in acts}) > 1
+    for warmup in (0, 10):
+        got = env_speed.replay_rate("oq", 30 - warmup, warmup=warmup, actions=path)
+        assert got["steps_per_s"] > 0 and got["same_trajectory"] is True
+    with pytest.raises(ValueError, match=r"oq.npz: 30 recorded actions, but warm-up \+ timed steps need 31"):
+        env_speed.replay_rate("oq", 31, actions=path)
+    # the same actions on another env (train.py's: frozen layout, another start plan) end elsewhere
+    assert env_speed.replay_rate("train", 30, actions=path)["same_trajectory"] is False
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_interleaved_times_predict_and_step_in_one_loop(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import env_speed
+
+    before = torch.distributions.Distribution._validate_args
+    path = str(tmp_path / "trained.npz")
+    env_speed.record_actions("trained", 12, path)
+    got = env_speed.interleaved_rates("trained", 8, warmup=4, actions=path)
+    assert got["same_trajectory"] is True
+    assert got["steps_per_s"] > 0 and got["predict_per_s"] > 0 and got["predict_nochecks_per_s"] > 0
+    assert got["ratio_to_predict"] == pytest.approx(got["steps_per_s"] / got["predict_per_s"])
+    assert got["ratio_to_predict_nochecks"] == pytest.approx(got["steps_per_s"] / got["predict_nochecks_per_s"])
+    assert torch.distributions.Distribution._validate_args == before  # the checks' default is restored
+    live = env_speed.interleaved_rates("random", 6)
+    assert live["same_trajectory"] is None and live["steps_per_s"] > 0
 
 
 def test_first_reset_freezes_the_heap_once():
