@@ -112,13 +112,15 @@ def _masked_random(rng: np.random.Generator, mask: np.ndarray, nvec: np.ndarray)
 
 
 class _Stream:
-    """A live action stream (see the module doc) on a fresh env: ``stepper`` is what ``step`` is
-    called on (the env, or train.py's PlanRestriction around it), ``env`` the env itself."""
+    """An action stream (see the module doc) on a fresh env: ``stepper`` is what ``step`` is
+    called on (the env, or train.py's PlanRestriction around it), ``env`` the env itself. With
+    ``live=False`` (a replay) the stream's policy or controller is not built."""
 
-    def __init__(self, stream: str, seed: int = 0) -> None:
+    def __init__(self, stream: str, seed: int = 0, live: bool = True) -> None:
         from envs import make_env
 
         self.name = stream
+        self.live = live
         wrapped = _train_env(seed) if stream in ("train", "trained") else None
         self.wrapped = wrapped
         self.env = wrapped.unwrapped if wrapped is not None else make_env(seed=seed)
@@ -127,9 +129,9 @@ class _Stream:
         self.rng = np.random.default_rng(seed)
         self.nvec = self.env.action_space.nvec
         env = self.env
-        self.model = _policy(env) if stream == "ppo" else None
+        self.model = _policy(env) if stream == "ppo" and live else None
         self.trained = None
-        if stream == "trained":
+        if stream == "trained" and live:
             import torch
 
             import envs
@@ -139,7 +141,7 @@ class _Stream:
             tree = Path(envs.__file__).resolve().parents[1]  # the checkout under test
             self.trained = PPOController(tree / "checkpoints" / "ppo-default", deterministic=False)
         self.ctl = None
-        if stream == "oq":
+        if stream == "oq" and live:
             from agents.registry import make_controller
 
             self.ctl, _ = make_controller("operator-queueing", env.scenario, slo=env.slo)
@@ -149,6 +151,8 @@ class _Stream:
     def action(self) -> np.ndarray:
         """The stream's next action (reads the env's current state or observation)."""
         s, env = self.name, self.env
+        if s in RECORDED and not self.live:
+            raise RuntimeError(f"stream {s!r} was opened for a replay: its policy or controller was not built")
         if s == "keep":
             return self.keep
         if s == "random":
@@ -201,7 +205,7 @@ def replay_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0, actions
     the recording's last observation (None when live): a tree that computes something else than
     the recording's (a non-exact change under A/B) walks another trajectory with the same actions.
     """
-    st = _Stream(stream, seed)
+    st = _Stream(stream, seed, live=actions is None)
     acts = last = None
     if actions is not None:
         acts, last = _recorded(actions, steps + warmup)
@@ -235,7 +239,7 @@ def interleaved_rates(stream: str, steps: int, seed: int = 0, warmup: int = 0, a
 
     from envs import make_env
 
-    st = _Stream(stream, seed)
+    st = _Stream(stream, seed, live=actions is None)
     acts = last = None
     if actions is not None:
         acts, last = _recorded(actions, steps + warmup)

@@ -154,6 +154,8 @@ def test_bench_replays_a_recorded_stream_onto_the_same_trajectory(monkeypatch, t
         assert got["steps_per_s"] > 0 and got["same_trajectory"] is True
     with pytest.raises(ValueError, match=r"oq.npz: 30 recorded actions, but warm-up \+ timed steps need 31"):
         env_speed.replay_rate("oq", 31, actions=path)
+    with pytest.raises(RuntimeError, match="'oq' was opened for a replay"):
+        env_speed._Stream("oq", live=False).action()  # a replay builds no controller to ask
     # the same actions on another env (train.py's: frozen layout, another start plan) end elsewhere
     assert env_speed.replay_rate("train", 30, actions=path)["same_trajectory"] is False
 
