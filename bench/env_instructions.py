@@ -58,32 +58,16 @@ def drive(stream: str, steps: int, actions: str | None = None, warm: bool = Fals
 
     import env_speed
 
-    wrapped = env_speed._train_env(0) if stream == "train" else None
-    if wrapped is None:
-        from envs import make_env
-
-        env = make_env(seed=0)
-        stepper = env
-    else:
-        env, stepper = wrapped.unwrapped, wrapped
-    stepper.reset(seed=0)
-    rng = np.random.default_rng(0)
-    nvec = env.action_space.nvec
-    keep = env.decoder.encode(env.sim.timeline.target_plan, env.sim.timeline.target_plan)
+    st = env_speed._Stream(stream, 0)  # bench/env_speed.py's streams, on a fresh env
+    stepper = st.stepper
     if actions is not None:
         acts = list(np.load(actions))
     else:
         acts = []
         for _ in range(steps):
-            if stream == "train":
-                acts.append(env_speed._masked_random(rng, wrapped.action_masks(), nvec))
-                _, _, term, trunc, _ = stepper.step(acts[-1])
-                if term or trunc:
-                    stepper.reset()
-            elif stream == "random":
-                acts.append(rng.integers(0, nvec))
-            else:
-                acts.append(keep)
+            acts.append(st.action())
+            if stream == "train":  # its actions depend on the plan the env has reached
+                st.step(acts[-1])
         if record is not None:
             np.save(record, np.asarray(acts))
             return

@@ -187,13 +187,18 @@ def record_actions(stream: str, n: int, path: str, seed: int = 0) -> int:
     return n
 
 
-def _recorded(path: str, need: int) -> tuple[np.ndarray, np.ndarray]:
-    """(actions, last observation) of a recording, which must hold ``need`` actions."""
-    with np.load(path) as f:
+def _opened(stream: str, seed: int, actions: str | None,
+            need: int) -> tuple[_Stream, np.ndarray | None, np.ndarray | None]:
+    """(the stream on a fresh env, the recording's actions, its last observation): live (no
+    recording, both None) or for a replay of ``actions``, which must hold ``need`` actions."""
+    st = _Stream(stream, seed, live=actions is None)
+    if actions is None:
+        return st, None, None
+    with np.load(actions) as f:
         acts, last = f["actions"], f["last_obs"]
     if len(acts) != need:
-        raise ValueError(f"{path}: {len(acts)} recorded actions, but warm-up + timed steps need {need}")
-    return acts, last
+        raise ValueError(f"{actions}: {len(acts)} recorded actions, but warm-up + timed steps need {need}")
+    return st, acts, last
 
 
 def replay_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0, actions: str | None = None) -> dict:
@@ -205,10 +210,7 @@ def replay_rate(stream: str, steps: int, seed: int = 0, warmup: int = 0, actions
     the recording's last observation (None when live): a tree that computes something else than
     the recording's (a non-exact change under A/B) walks another trajectory with the same actions.
     """
-    st = _Stream(stream, seed, live=actions is None)
-    acts = last = None
-    if actions is not None:
-        acts, last = _recorded(actions, steps + warmup)
+    st, acts, last = _opened(stream, seed, actions, steps + warmup)
     n = 0
     spent = 0.0
     while n < steps + warmup:
@@ -239,10 +241,7 @@ def interleaved_rates(stream: str, steps: int, seed: int = 0, warmup: int = 0, a
 
     from envs import make_env
 
-    st = _Stream(stream, seed, live=actions is None)
-    acts = last = None
-    if actions is not None:
-        acts, last = _recorded(actions, steps + warmup)
+    st, acts, last = _opened(stream, seed, actions, steps + warmup)
     torch.set_num_threads(1)
     model = _policy(make_env())
     checks0 = torch.distributions.Distribution._validate_args
