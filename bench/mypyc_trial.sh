@@ -9,6 +9,9 @@
 # --baseline). Session 28's result is in docs/SIMULATOR.md ("Speed", log). The compiled tree is
 # thrown away: nothing here changes this checkout.
 #
+# The patch was made against 71d3c31; if those lines have moved, git apply names the hunk that
+# failed and the patch needs remaking (the same kinds of annotation, wherever mypy reports).
+#
 # Needs mypy (which ships mypyc) and a C compiler in the active environment:
 #   pip install mypy && bash bench/mypyc_trial.sh [ROUNDS]
 # Takes about 4 minutes to compile on 2 cores, then a few minutes per round.
