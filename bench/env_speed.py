@@ -12,8 +12,9 @@ Measures, on the same machine in one run:
   ``oq`` (the operator-queueing controller's plans encoded as actions: a realistic
   autoscaler that changes the plan now and then), and ``train`` (what ``train.py``'s envs
   receive early in training: the env under ``agents.wrappers.PlanRestriction`` with the
-  initial plan and frozen layout of agents/configs/ppo.yaml, uniformly random actions among
-  the allowed ones: only the replica sub-action varies), and ``trained`` (the same env driven by
+  initial plan, frozen layout and frozen replica counts of agents/configs/ppo.yaml, on its
+  training split, uniformly random actions among the allowed ones: only the replica sub-actions
+  of attention, projections and MLP vary; before session 29 embed's and head's varied too), and ``trained`` (the same env driven by
   the shipped checkpoints/ppo-default sampling its actions, as PPO's rollouts do once the policy
   is trained). Only ``env.step`` is timed; ``--warmup N``
   first runs N untimed steps of the same stream (the profile and placement caches fill in a
@@ -88,8 +89,12 @@ def _policy(env):  # noqa: ANN001, ANN202
 
 
 def _train_env(seed: int):  # noqa: ANN202
-    """The env as train.py builds it: ppo.yaml's training world, PlanRestriction with its initial
-    plan and frozen layout."""
+    """The env as train.py's rollouts step it: agents/configs/ppo.yaml's training world
+    (``scenario_overrides``) and split (``train_split``), under PlanRestriction with its initial
+    plan, frozen layout and frozen replica counts (``freeze_replicas``: embed and head since
+    session 14). Until session 29 this left out ``freeze_replicas`` and the split, so the ``train``
+    stream also drew embed and head replica counts, which train.py has not sent since session 14.
+    Fields a tree's hyperparameters lack (an older checkout under ``--baseline``) keep its defaults."""
     from agents.hyperparams import load_hyperparams
     from agents.wrappers import PlanRestriction
     from envs import Scenario, make_env
@@ -97,7 +102,13 @@ def _train_env(seed: int):  # noqa: ANN202
     hp = load_hyperparams()
     over = dict(getattr(hp, "scenario_overrides", None) or {})  # trees before session 16 have none
     scenario = Scenario.from_yaml().replace(**over) if over else None
-    return PlanRestriction(make_env(scenario, seed=seed), hp.initial_plan or None, hp.freeze_layout)
+    mults = list(getattr(hp, "rate_mults", None) or [1.0])  # (trees before session 12 have none)
+    env = make_env(scenario, split=getattr(hp, "train_split", "train"), seed=seed,
+                   **({"rate_mults": mults} if mults != [1.0] else {}))
+    frozen = tuple(getattr(hp, "freeze_replicas", None) or ())  # trees before session 14 have none
+    if frozen:
+        return PlanRestriction(env, hp.initial_plan or None, hp.freeze_layout, frozen)
+    return PlanRestriction(env, hp.initial_plan or None, hp.freeze_layout)
 
 
 def _masked_random(rng: np.random.Generator, mask: np.ndarray, nvec: np.ndarray) -> np.ndarray:

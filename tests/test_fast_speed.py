@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agents import training
+from agents.envtools import load_scenario
+from agents.wrappers import PlanRestriction
 from envs import make_env
 from envs.world import StepModel
 from runtime.control import OperatorPlan, Plan
@@ -176,6 +179,20 @@ def test_bench_train_stream_sends_what_train_py_envs_receive(monkeypatch):  # no
     # only the replica sub-action varies: batch limits and placements stay as ppo.yaml sets them
     assert all((target[g].max_batch, target[g].placement) == (first[g].max_batch, first[g].placement)
                for g in OPERATOR_GROUPS)
+    # and not for the groups ppo.yaml freezes (embed and head), on train.py's split and world:
+    # the env agents.training builds for its rollouts, wrapper settings and all
+    hp = load_hyperparams()
+    assert hp.freeze_replicas and all(target[g].replicas == first[g].replicas for g in hp.freeze_replicas)
+    restrict = {"initial_plan": hp.initial_plan, "freeze_layout": hp.freeze_layout,
+                "freeze_replicas": list(hp.freeze_replicas), "fidelity": hp.fidelity,
+                "rate_mults": list(hp.rate_mults)}
+    ref = training._env_factory(hp.training_world(load_scenario()), hp.train_split, 0, None, restrict)()
+    while not isinstance(ref, PlanRestriction):
+        ref = ref.env
+    assert (env.unwrapped.split, env.fixed_replicas, env.freeze_layout) == \
+        (ref.unwrapped.split, ref.fixed_replicas, ref.freeze_layout)
+    assert env.unwrapped.scenario == ref.unwrapped.scenario
+    assert env.unwrapped.rate_mults == ref.unwrapped.rate_mults
     assert env_speed.env_rate("train", 10, warmup=5) > 0
 
 
