@@ -336,13 +336,21 @@ class FastSimulator(Simulator):
                 B = float(layout.plan["attn"].max_batch)
                 kv_cap = layout.unit_kv_tokens * U
             if kx is not None:
-                # the sub-steps up to the next event (a drain ending, a replica ready), compiled
+                # the sub-steps up to the next replica becoming ready, compiled. A drain ending
+                # before then changes only what is paid (the timeline's draining units), which
+                # the sub-steps do not read, so it does not split the call: it is accounted here,
+                # before the call, at the sub-step boundary and in the order the loop's top would
+                # account it (the accounting reads the timeline and the last interval's busy
+                # shares, never the fluid state; session 29: one compiled call fewer per drain)
                 s_end = s + 1
                 while s_end < S:
                     t_e = t0 + s_end * h
-                    if (self.drain_until and self.drain_until[0][0] <= t_e) or \
-                            (next_ready is not None and next_ready <= t_e + 0.5 * h):
+                    if next_ready is not None and next_ready <= t_e + 0.5 * h:
                         break
+                    if self.drain_until and self.drain_until[0][0] <= t_e:
+                        self.account(t_e)
+                        while self.drain_until and self.drain_until[0][0] <= t_e:
+                            self.timeline.drained(self.drain_until.pop(0)[1])
                     s_end += 1
                 (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output, t_it, d_n, d_kv, d_units,
                  sys_ok) = self._substeps(layout, sm, s, s_end, in_trace, U, B, kv_cap, h, p50, p99, util_acc,
