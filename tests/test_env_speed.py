@@ -265,3 +265,29 @@ def test_instruction_bench_driver_replays_a_recorded_stream_with_the_collector_r
     with pytest.raises(SystemExit):
         env_instructions.main()
     assert "unknown stream(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_trace_index_quantiles_are_numpys_per_interval_whichever_sort_runs():
+    """The per-interval percentiles an episode's index holds are numpy's (linear interpolation)
+    of each interval's requests; token counts take the packed-key sort (session 29), anything
+    else the two-key lexsort, and both give the same ordering."""
+    from envs.base import TraceIndex, _sorted_by_interval
+
+    rng = np.random.default_rng(3)
+    for n, hi in ((1, 5), (7, 2), (500, 4096), (3000, 1 << 20)):
+        idx = np.sort(rng.integers(0, 40, n))
+        vals = rng.integers(0, hi, n)  # ties and zeros included
+        want = vals.astype(np.float64)[np.lexsort((vals, idx))]
+        assert np.array_equal(_sorted_by_interval(vals, idx), want)
+        assert np.array_equal(_sorted_by_interval(vals.astype(np.float64) + 0.5, idx), want + 0.5)  # lexsort path
+    arrival = np.sort(rng.uniform(0.0, 50.0, 400))
+    prompt = rng.integers(1, 4000, 400)
+    output = rng.integers(1, 900, 400)
+    ti = TraceIndex(arrival, prompt, output, 5.0, 10)
+    for k in range(10):
+        sel = (arrival // 5.0).astype(int) == k
+        assert ti.count[k] == sel.sum()
+        if sel.any():
+            assert ti.prompt_p50[k] == np.percentile(prompt[sel], 50)
+            assert ti.prompt_p99[k] == np.percentile(prompt[sel], 99)
+            assert ti.output_p99[k] == np.percentile(output[sel], 99)
