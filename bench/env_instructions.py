@@ -10,7 +10,7 @@ This bench runs the same action stream through ``env.step`` of both trees under 
 the steps are driven through ``map()``, and callgrind collects only inside CPython's
 ``map_next`` (``--toggle-collect``), so imports, set-up and action sampling are left out. The
 streams are bench/env_speed.py's: ``random`` (uniformly random actions), ``train`` (train.py's
-early stream: random replica counts under the frozen layout; its actions are drawn once by a
+early stream: random replica counts under the frozen layout, embed and head frozen too; its actions are drawn once by a
 plain run of this tree, saved, and replayed by both trees) and ``keep`` (the plan kept). With
 ``--warm`` each tree first runs the stream once uncounted and then replays it from the same
 reset (the caches of placements and step models full, as late in a training run).

@@ -2,8 +2,9 @@
 
 Usage: ``python bench/plan_cost.py [--steps 1500] [--rounds 3] [--baseline DIR] [--json]``
 
-Early in training (train.py's stream: random replica counts under the frozen layout) almost every
-env step meets two or three serving plans it has never placed (docs/SIMULATOR.md "Speed"), and
+Early in training (train.py's stream: random replica counts of attention, projections and MLP
+under the frozen layout, embed and head frozen too; bench/env_speed.py's ``train``) almost every
+env step meets plans it has never placed (1.84 new placements a step, session 29) (docs/SIMULATOR.md "Speed"), and
 each costs the same four things before the compiled sub-steps run: placing it on GPUs
 (``Placer.place``), its step model (``StepModel``), the step model's compiled structure
 (``stepkernel.StepKernel``) and the co-residence slowdowns at the current busy shares
