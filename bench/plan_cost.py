@@ -4,8 +4,8 @@ Usage: ``python bench/plan_cost.py [--steps 1500] [--rounds 3] [--baseline DIR] 
 
 Early in training (train.py's stream: random replica counts of attention, projections and MLP
 under the frozen layout, embed and head frozen too; bench/env_speed.py's ``train``) almost every
-env step meets plans it has never placed (1.84 new placements a step, session 29) (docs/SIMULATOR.md "Speed"), and
-each costs the same four things before the compiled sub-steps run: placing it on GPUs
+env step meets plans it has never placed (1.84 new placements a step in session 29;
+docs/SIMULATOR.md "Speed"), and each costs the same four things before the compiled sub-steps run: placing it on GPUs
 (``Placer.place``), its step model (``StepModel``), the step model's compiled structure
 (``stepkernel.StepKernel``) and the co-residence slowdowns at the current busy shares
 (``StepKernel.slow_for``). This bench records the distinct plans the placer sees in ``--steps``
