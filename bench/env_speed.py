@@ -14,9 +14,9 @@ Measures, on the same machine in one run:
   receive early in training: the env under ``agents.wrappers.PlanRestriction`` with the
   initial plan, frozen layout and frozen replica counts of agents/configs/ppo.yaml, on its
   training split, uniformly random actions among the allowed ones: only the replica sub-actions
-  of attention, projections and MLP vary; before session 29 embed's and head's varied too), and ``trained`` (the same env driven by
-  the shipped checkpoints/ppo-default sampling its actions, as PPO's rollouts do once the policy
-  is trained). Only ``env.step`` is timed; ``--warmup N``
+  of attention, projections and MLP vary; before session 29 embed's and head's varied too), and
+  ``trained`` (the same env driven by the shipped checkpoints/ppo-default sampling its actions,
+  as PPO's rollouts do once the policy is trained). Only ``env.step`` is timed; ``--warmup N``
   first runs N untimed steps of the same stream (the profile and placement caches fill in a
   long training run; 0 = the session-1 method). Since session 27 the streams drawn by a policy or
   controller (``ppo``, ``oq``, ``trained``) are recorded first (run live, untimed, in their own
