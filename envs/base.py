@@ -86,11 +86,9 @@ class TraceIndex:
             cnt = self.count.astype(np.int64)
             has = cnt > 0
             starts = self.start
-            done: dict[int, np.ndarray] = {}  # (the prompts are sorted once for both quantiles)
-            for vals, q, out in ((prompt, 50, p50), (prompt, 99, p99), (output, 99, o99)):
-                srt = done.get(id(vals))
-                if srt is None:
-                    srt = done[id(vals)] = _sorted_by_interval(vals, idx)
+            by_prompt = _sorted_by_interval(prompt, idx)  # (sorted once for both quantiles)
+            for srt, q, out in ((by_prompt, 50, p50), (by_prompt, 99, p99),
+                                (_sorted_by_interval(output, idx), 99, o99)):
                 pos = (cnt - 1) * (q / 100.0)
                 lo = np.floor(pos).astype(np.int64)
                 hi = np.minimum(lo + 1, np.maximum(cnt - 1, 0))
