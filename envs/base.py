@@ -22,7 +22,7 @@ from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
 from envs.cluster import ClusterTimeline
-from envs.memo import freeze_gc_once, put
+from envs.memo import PLAN_TABLE_LIMIT, freeze_gc_once, put
 from envs.predictor import ExecutionPredictor
 from envs.scenario import Scenario
 from envs.world import MODEL, Layout, Placer, StepModel, StepShape
@@ -169,7 +169,8 @@ class Simulator(ABC):
         key = tuple((g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in layout.plan.ops.items())
         sm = self._steps.get(key)
         if sm is None:
-            sm = put(self._steps, key, StepModel(layout, self.pred, self.sc, self._shapes), 256)
+            sm = put(self._steps, key, StepModel(layout, self.pred, self.sc, self._shapes),
+                     PLAN_TABLE_LIMIT)
         self._sm_last = (layout, sm)
         return sm
 

@@ -15,7 +15,7 @@ from runtime.codec import CodecConfig, ObservationEncoder
 from runtime.control import PLACEMENTS, ClusterState
 from runtime.models import OPERATOR_GROUPS
 
-from envs.memo import put
+from envs.memo import PLAN_TABLE_LIMIT, put
 from envs.world import shared_plan
 
 _LOG9 = math.log(9.0)
@@ -105,7 +105,7 @@ class FastActionDecoder:
         if hit is not None and hit[0] is prev:
             return hit[1]
         plan = self._decode(a.astype(np.int64).tolist(), prev)
-        put(self._cache, key, (prev, plan), 256)
+        put(self._cache, key, (prev, plan), PLAN_TABLE_LIMIT)
         return plan
 
     def _decode(self, a: list[int], prev):  # noqa: ANN001, ANN202

@@ -23,7 +23,7 @@ from runtime.control import OperatorPlan, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
 from envs import packkernel, stepkernel
-from envs.memo import put
+from envs.memo import PLAN_TABLE_LIMIT, put
 from envs.predictor import ExecutionPredictor, quantise
 from envs.scenario import Scenario
 
@@ -106,11 +106,12 @@ class Layout:
 
 def shared_plan(table: dict, fields: tuple[tuple[int, int, str, int], ...]) -> Plan:
     """``table``'s Plan for ``fields`` ((replicas, max_batch, placement, tp) of each group in
-    OPERATOR_GROUPS order), made and stored on a miss (the 512 most recent kept): one object per
+    OPERATOR_GROUPS order), made and stored on a miss (``PLAN_TABLE_LIMIT`` kept): one object per
     content, so the identity caches of its users hit when an equal plan comes back."""
     hit = table.get(fields)
     if hit is None:
-        hit = put(table, fields, Plan({g: OperatorPlan(*f) for g, f in zip(OPERATOR_GROUPS, fields)}), 512)
+        hit = put(table, fields, Plan({g: OperatorPlan(*f) for g, f in zip(OPERATOR_GROUPS, fields)}),
+                  PLAN_TABLE_LIMIT)
     return hit
 
 
@@ -191,7 +192,7 @@ class Placer:
         """One shared Plan per content: ``fields`` holds (replicas, max_batch, placement, tp) of
         each group in OPERATOR_GROUPS order. Plans are immutable, so callers that rebuild equal
         plans (the timeline's serving plans) get the same object back and the identity caches
-        here and in the simulators hit (the 512 most recent contents are kept)."""
+        here and in the simulators hit (``PLAN_TABLE_LIMIT`` contents are kept)."""
         return shared_plan(self._plans, fields)
 
     def place(self, plan: Plan) -> Layout:
@@ -202,8 +203,8 @@ class Placer:
         key = _plan_key(plan)
         hit = self._cache.get(key)
         if hit is None:
-            hit = put(self._cache, key, self._place(plan), 512)
-        put(self._last, id(plan), (plan, hit), 256)  # holds the plan, so its id stays unique
+            hit = put(self._cache, key, self._place(plan), PLAN_TABLE_LIMIT)
+        put(self._last, id(plan), (plan, hit), PLAN_TABLE_LIMIT)  # holds the plan, so its id stays unique
         return hit
 
     def check(self, plan: Plan) -> list[str]:

@@ -10,6 +10,7 @@ import pytest
 from envs import make_env
 from envs.memo import put
 from envs.obs import FastActionDecoder
+from envs import world as envs_world
 from envs.world import Placer, StepModel
 from runtime.codec import ActionDecoder
 
@@ -69,13 +70,14 @@ def test_warm_caches_give_the_same_trajectory_as_a_fresh_env():
         assert np.array_equal(a[1], b[1])
 
 
-def test_placer_caches_are_bounded_and_keep_answers():
+def test_placer_caches_are_bounded_and_keep_answers(monkeypatch):
     env = make_env(seed=0)
     env.reset(seed=0)
     placer: Placer = env.sim.placer
     rng = np.random.default_rng(2)
     fresh = Placer(placer.sc, placer.pred)
     prev = env.sim.timeline.target_plan
+    placed = []
     for _ in range(700):
         plan = env._fast_decoder.decode(rng.integers(0, env.action_space.nvec), prev)
         try:
@@ -87,8 +89,21 @@ def test_placer_caches_are_bounded_and_keep_answers():
         b = fresh.place(plan)
         assert (a.plan, a.n_gpus, a.units, a.unit_kv_tokens, a.proc_gpus, a.peers, a.memory_bytes) == \
             (b.plan, b.n_gpus, b.units, b.unit_kv_tokens, b.proc_gpus, b.peers, b.memory_bytes)
+        placed.append((plan, a))
         prev = plan
-    assert len(placer._cache) <= 512 and len(placer._last) <= 256
+    # every plan is kept while the table has room (since session 30 more than the 512 the oldest
+    # tables held): a revisit after 700 others is the same layout, not placed again
+    calls = []
+    monkeypatch.setattr(placer, "_place", lambda plan: calls.append(plan))
+    assert len({envs_world._plan_key(p) for p, _ in placed}) > 512
+    assert all(placer.place(p) is a for p, a in placed) and not calls
+    monkeypatch.undo()
+    # and the tables stay bounded at the limit
+    monkeypatch.setattr(envs_world, "PLAN_TABLE_LIMIT", 64)
+    small = Placer(placer.sc, placer.pred)
+    for p, _ in placed:
+        small.place(p)
+    assert 0 < len(small._cache) <= 64 and len(small._last) <= 64
 
 
 def test_step_model_hand_checked_mono_iteration():
