@@ -22,7 +22,7 @@ from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
 from envs.cluster import ClusterTimeline
-from envs.memo import PLAN_TABLE_LIMIT, freeze_gc_once, put
+from envs.memo import RecurringTable, freeze_gc_once
 from envs.predictor import ExecutionPredictor
 from envs.scenario import Scenario
 from envs.world import MODEL, Layout, Placer, StepModel, StepShape
@@ -139,7 +139,7 @@ class Simulator(ABC):
         self.index = TraceIndex(self.arrival, self.prompt, self.output, self.dt, self.n_intervals)
         #: prompt + output tokens arriving per interval (work every group will see)
         self._tok_sum = (self.index.prompt_sum + self.index.output_sum).tolist()
-        self._steps: dict[tuple, StepModel] = self.cache.setdefault("steps", {})
+        self._steps: RecurringTable = self.cache.setdefault("steps", RecurringTable())
         self._sm_last: tuple = (None, None)  # identity cache: (layout, its step model)
         #: step-model structures shared by plans of the same instances and tp (world.StepShape)
         self._shapes: dict[tuple, StepShape] = self.cache.setdefault("step_shapes", {})
@@ -169,8 +169,7 @@ class Simulator(ABC):
         key = tuple((g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in layout.plan.ops.items())
         sm = self._steps.get(key)
         if sm is None:
-            sm = put(self._steps, key, StepModel(layout, self.pred, self.sc, self._shapes),
-                     PLAN_TABLE_LIMIT)
+            sm = self._steps.put(key, StepModel(layout, self.pred, self.sc, self._shapes))
         self._sm_last = (layout, sm)
         return sm
 

@@ -29,7 +29,7 @@ import numpy as np
 from runtime.codec import ActionDecoder, ObservationEncoder, tp_follows_placement
 from runtime.control import ClusterState, Plan
 
-from envs.memo import PLAN_TABLE_LIMIT, put
+from envs.memo import put
 from envs.obs import FastActionDecoder, FastObservationEncoder
 from envs.scenario import Scenario
 
@@ -150,7 +150,7 @@ class OperatorScalingEnv(gym.Env):
             plan = hit[2]
         else:
             plan = self._tp_follows_placement(decoded)
-            put(self._tp_cache, id(decoded), (decoded, prev, plan), PLAN_TABLE_LIMIT)
+            put(self._tp_cache, id(decoded), (decoded, prev, plan), 256)
         self.state = self.sim.step(plan)
         self.t += 1
         reward = self._reward(self.state)

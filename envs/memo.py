@@ -1,13 +1,16 @@
 """Bounded memo tables for the simulator's per-plan caches.
 
-The tables evict their oldest half (insertion order) when full. Uniformly random actions
-meet a new plan almost every step, and there the tables only grow; but the streams training
-sends revisit a bounded set: train.py's early, near-random stream (replica deltas of three
-groups under the frozen layout) met 2,442 distinct serving and target plans in 20,000 steps,
-1,910 of them in the first 2,000 and 8-16 new per 2,000 steps after 8,000 (session 30). The
-plan-keyed tables hold :data:`PLAN_TABLE_LIMIT` entries, enough to keep all of them: with 512
-(before session 30) that stream placed 1.84 plans a step forever, evicting what it would place
-again, and the allocations drove the cyclic collector to about 150 us a step.
+Tables evict their oldest half (insertion order) when full (:func:`put`). The plan-keyed ones
+(placements, step models, shared plans, decoded actions and the identity caches over them) are
+:class:`RecurringTable` since session 30. The streams training sends revisit a bounded set of
+plans: train.py's early, near-random stream (replica deltas of three groups under the frozen
+layout) met 2,442 distinct serving and target plans in 20,000 steps, 1,910 of them in the first
+2,000 and 8-16 new per 2,000 steps after 8,000. With 512 entries (before session 30) that stream
+placed 1.84 plans a step forever, evicting what it would place again. But uniformly random actions
+meet a new plan almost every step, and holding thousands of them (Layouts, StepModels and Plans
+are garbage-collector-tracked objects) made full collections over them cost more than the misses
+saved (session 16 on a stream of that kind; session 30: 757 against 299 us a step of collections
+on random actions with 8,192-entry dicts). So a plan is held long only once it has come back.
 """
 from __future__ import annotations
 
@@ -16,11 +19,10 @@ from itertools import islice
 
 _FROZEN = False
 
-#: entries of each plan-keyed table (placements, step models, shared plans, decoded actions and
-#: the identity caches over them). A table at the limit holds about 17 kB a plan (placement, step
-#: model and its compiled structure together: 20,000 steps of random actions, 8,192 entries,
-#: about 270 MB more resident memory than with 512; session 30), per env.
+#: entries a :class:`RecurringTable` holds of what recurs (and keys it remembers having seen)
 PLAN_TABLE_LIMIT = 8192
+#: entries it holds of what has not recurred yet (the placements' limit before session 30)
+RECENT_LIMIT = 512
 
 
 def freeze_gc_once() -> None:
@@ -48,3 +50,57 @@ def put(table: dict, key, value, limit: int):  # noqa: ANN001, ANN201 - any hash
             del table[k]
     table[key] = value
     return value
+
+
+class RecurringTable:
+    """A memo table that keeps what recurs: new entries in a small table of recent ones, entries
+    that come back after they left it in a large one (the "2Q" rule of buffer caches).
+
+    ``get(key)`` answers from either. ``put(key, value)`` stores a value computed on a miss: in the
+    large table when the key was put before (so it left the recent entries and came back), else
+    among the recent entries, remembering the key. Uses of a recent entry do not move it: a plan
+    is looked up several times within a step or two (as target, serving plan, at each accounting),
+    which says nothing about whether it comes back later. Each part evicts its oldest half when
+    full, as :func:`put` does. A stream that keeps coming back to a bounded set of plans ends up
+    holding all of them (up to ``limit``); one that meets new plans all the time holds about
+    ``recent`` values, plus ``limit`` keys.
+
+    Args:
+        limit: entries of what recurs; also the keys remembered.
+        recent: entries of what has not recurred yet.
+    """
+
+    __slots__ = ("main", "recent", "seen", "limit", "recent_limit")
+
+    def __init__(self, limit: int = PLAN_TABLE_LIMIT, recent: int = RECENT_LIMIT) -> None:
+        self.main: dict = {}
+        self.recent: dict = {}
+        self.seen: dict = {}  # keys put before (values None): insertion-ordered, bounded
+        self.limit = int(limit)
+        self.recent_limit = int(recent)
+
+    def __len__(self) -> int:
+        return len(self.main) + len(self.recent)
+
+    def __contains__(self, key) -> bool:  # noqa: ANN001 - any hashable
+        return key in self.main or key in self.recent
+
+    def get(self, key, default=None):  # noqa: ANN001, ANN201 - any hashable / any value
+        """The value stored for ``key``, or ``default``."""
+        hit = self.main.get(key)
+        if hit is None:
+            hit = self.recent.get(key, default)
+        return hit
+
+    def put(self, key, value):  # noqa: ANN001, ANN201 - any hashable / any value
+        """Store ``value`` for ``key`` (see the class docstring); returns ``value``."""
+        if key in self.main:
+            self.main[key] = value
+        elif key in self.recent:
+            self.recent[key] = value
+        elif key in self.seen:  # it left the recent entries and came back
+            put(self.main, key, value, self.limit)
+        else:
+            put(self.recent, key, value, self.recent_limit)
+            put(self.seen, key, None, self.limit)
+        return value

@@ -15,7 +15,7 @@ from runtime.codec import CodecConfig, ObservationEncoder
 from runtime.control import PLACEMENTS, ClusterState
 from runtime.models import OPERATOR_GROUPS
 
-from envs.memo import PLAN_TABLE_LIMIT, put
+from envs.memo import RecurringTable, put
 from envs.world import shared_plan
 
 _LOG9 = math.log(9.0)
@@ -94,7 +94,7 @@ class FastActionDecoder:
         self._deltas = tuple(int(d) for d in config.replica_deltas)
         self._rlevels = tuple(int(r) for r in config.replica_levels)
         self._levels = tuple(int(b) for b in config.batch_levels)
-        self._plans: dict[tuple, object] = {}  # one Plan per content (see _decode)
+        self._plans = RecurringTable()  # one Plan per content (see _decode)
 
     def decode(self, action, prev):  # noqa: ANN001 - same signature as the codec
         a = np.asarray(action).reshape(-1)
@@ -105,7 +105,7 @@ class FastActionDecoder:
         if hit is not None and hit[0] is prev:
             return hit[1]
         plan = self._decode(a.astype(np.int64).tolist(), prev)
-        put(self._cache, key, (prev, plan), PLAN_TABLE_LIMIT)
+        put(self._cache, key, (prev, plan), 256)
         return plan
 
     def _decode(self, a: list[int], prev):  # noqa: ANN001, ANN202

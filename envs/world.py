@@ -23,7 +23,7 @@ from runtime.control import OperatorPlan, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
 from envs import packkernel, stepkernel
-from envs.memo import PLAN_TABLE_LIMIT, put
+from envs.memo import RecurringTable, put
 from envs.predictor import ExecutionPredictor, quantise
 from envs.scenario import Scenario
 
@@ -104,14 +104,13 @@ class Layout:
         return MODEL if group in self.mono else group
 
 
-def shared_plan(table: dict, fields: tuple[tuple[int, int, str, int], ...]) -> Plan:
+def shared_plan(table: RecurringTable, fields: tuple[tuple[int, int, str, int], ...]) -> Plan:
     """``table``'s Plan for ``fields`` ((replicas, max_batch, placement, tp) of each group in
-    OPERATOR_GROUPS order), made and stored on a miss (``PLAN_TABLE_LIMIT`` kept): one object per
-    content, so the identity caches of its users hit when an equal plan comes back."""
+    OPERATOR_GROUPS order), made and stored on a miss (kept while it recurs: ``RecurringTable``): one
+    object per content, so the identity caches of its users hit when an equal plan comes back."""
     hit = table.get(fields)
     if hit is None:
-        hit = put(table, fields, Plan({g: OperatorPlan(*f) for g, f in zip(OPERATOR_GROUPS, fields)}),
-                  PLAN_TABLE_LIMIT)
+        hit = table.put(fields, Plan({g: OperatorPlan(*f) for g, f in zip(OPERATOR_GROUPS, fields)}))
     return hit
 
 
@@ -126,12 +125,12 @@ class Placer:
         self.sc = scenario
         self.pred = pred
         self.cap = pred.gpu.memory_bytes * scenario.gpu_mem_util
-        self._cache: dict[tuple, Layout] = {}
+        self._cache = RecurringTable()  # Layouts by plan content
         self._last: dict[int, tuple] = {}  # identity cache: plan objects repeat (target, serving)
         self._need: dict[tuple, float] = {}
         self._inst: dict[tuple, float] = {}
         self._per_rep: dict[tuple, tuple[float, float]] = {}
-        self._plans: dict[tuple, Plan] = {}  # plan_for's table
+        self._plans = RecurringTable()  # plan_for's table
         #: whether packing runs compiled (envs/packkernel.py; OPSCALE_KERNEL=0 or no numba: Python)
         self._compiled = stepkernel.ENABLED
         if self._compiled:
@@ -192,7 +191,7 @@ class Placer:
         """One shared Plan per content: ``fields`` holds (replicas, max_batch, placement, tp) of
         each group in OPERATOR_GROUPS order. Plans are immutable, so callers that rebuild equal
         plans (the timeline's serving plans) get the same object back and the identity caches
-        here and in the simulators hit (``PLAN_TABLE_LIMIT`` contents are kept)."""
+        here and in the simulators hit (kept while they recur: ``envs.memo.RecurringTable``)."""
         return shared_plan(self._plans, fields)
 
     def place(self, plan: Plan) -> Layout:
@@ -203,8 +202,8 @@ class Placer:
         key = _plan_key(plan)
         hit = self._cache.get(key)
         if hit is None:
-            hit = put(self._cache, key, self._place(plan), PLAN_TABLE_LIMIT)
-        put(self._last, id(plan), (plan, hit), PLAN_TABLE_LIMIT)  # holds the plan, so its id stays unique
+            hit = self._cache.put(key, self._place(plan))
+        put(self._last, id(plan), (plan, hit), 256)  # holds the plan, so its id stays unique
         return hit
 
     def check(self, plan: Plan) -> list[str]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from envs import make_env
-from envs.memo import put
+from envs.memo import RecurringTable, put
 from envs.obs import FastActionDecoder
 from envs import world as envs_world
 from envs.world import Placer, StepModel
@@ -91,19 +91,55 @@ def test_placer_caches_are_bounded_and_keep_answers(monkeypatch):
             (b.plan, b.n_gpus, b.units, b.unit_kv_tokens, b.proc_gpus, b.peers, b.memory_bytes)
         placed.append((plan, a))
         prev = plan
-    # every plan is kept while the table has room (since session 30 more than the 512 the oldest
-    # tables held): a revisit after 700 others is the same layout, not placed again
+    # a plan that comes back is kept while the table has room (since session 30 more than the 512
+    # the tables held): after a second pass over 700 plans, a third places none of them again
+    assert len({envs_world._plan_key(p) for p, _ in placed}) > 512
+    again = [placer.place(p) for p, _ in placed]
+    assert all(a.plan == b.plan and a.n_gpus == b.n_gpus for a, (_, b) in zip(again, placed))
     calls = []
     monkeypatch.setattr(placer, "_place", lambda plan: calls.append(plan))
-    assert len({envs_world._plan_key(p) for p, _ in placed}) > 512
-    assert all(placer.place(p) is a for p, a in placed) and not calls
+    assert all(placer.place(p) is a for p, a in zip((p for p, _ in placed), again)) and not calls
     monkeypatch.undo()
-    # and the tables stay bounded at the limit
-    monkeypatch.setattr(envs_world, "PLAN_TABLE_LIMIT", 64)
+    # and the tables stay bounded: plans met once stay among the few recent ones; those met again
+    # after they left them (300 placements later, past the identity cache too) are held long
     small = Placer(placer.sc, placer.pred)
-    for p, _ in placed:
+    small._cache = RecurringTable(limit=512, recent=16)
+    for p, _ in placed[:300] + placed[:300]:
         small.place(p)
-    assert 0 < len(small._cache) <= 64 and len(small._last) <= 64
+    n = len({envs_world._plan_key(p) for p, _ in placed[:300]})
+    assert len(small._cache.recent) <= 16 and len(small._cache.main) == n - len(small._cache.recent)
+    assert len(small._last) <= 256
+
+
+def test_recurring_table_holds_long_only_what_comes_back():
+    t = RecurringTable(limit=4, recent=2)
+    assert t.put("a", 1) == 1 and t.get("a") == 1 and t.get("a") == 1  # uses of a recent entry
+    assert t.main == {} and t.recent == {"a": 1}                        # do not move it
+    t.put("b", 2)
+    t.put("c", 3)  # the recent part holds 2: a (the oldest half) goes
+    assert t.recent == {"b": 2, "c": 3} and t.get("a") is None and "a" not in t
+    t.put("a", 11)  # a was put before: it came back, so it is kept long
+    assert t.main == {"a": 11} and t.get("a") == 11 and len(t) == 3
+    t.put("d", 4)
+    t.put("e", 5)  # remembered keys: a, b, c, d, then the oldest half (a, b) forgotten
+    assert list(t.seen) == ["c", "d", "e"] and t.recent == {"d": 4, "e": 5}
+    t.put("b", 22)  # b left the recent part but is forgotten too: recent again
+    assert "b" in t.recent and "b" not in t.main
+    assert t.get("zz", "no") == "no"
+
+
+def test_recurring_table_holds_few_values_of_a_stream_that_never_comes_back():
+    t = RecurringTable(limit=64, recent=8)
+    for i in range(1000):
+        assert t.get(i) is None
+        t.put(i, object())
+    assert t.main == {} and len(t.recent) <= 8 and len(t.seen) <= 64
+    for i in range(10):  # a bounded set revisited ends up held whole
+        for k in range(2000, 2020):
+            if t.get(k) is None:
+                t.put(k, k)
+    assert all(t.get(k) == k for k in range(2000, 2020))
+    assert len(t.main) == 20 - len(t.recent) and len(t.recent) <= 8  # (the last few never left it)
 
 
 def test_step_model_hand_checked_mono_iteration():
