@@ -1,16 +1,17 @@
 """Bounded memo tables for the simulator's per-plan caches.
 
-Tables evict their oldest half (insertion order) when full (:func:`put`). The plan-keyed ones
-(placements, step models, shared plans, decoded actions and the identity caches over them) are
-:class:`RecurringTable` since session 30. The streams training sends revisit a bounded set of
-plans: train.py's early, near-random stream (replica deltas of three groups under the frozen
-layout) met 2,442 distinct serving and target plans in 20,000 steps, 1,910 of them in the first
-2,000 and 8-16 new per 2,000 steps after 8,000. With 512 entries (before session 30) that stream
-placed 1.84 plans a step forever, evicting what it would place again. But uniformly random actions
-meet a new plan almost every step, and holding thousands of them (Layouts, StepModels and Plans
-are garbage-collector-tracked objects) made full collections over them cost more than the misses
-saved (session 16 on a stream of that kind; session 30: 757 against 299 us a step of collections
-on random actions with 8,192-entry dicts). So a plan is held long only once it has come back.
+Tables evict their oldest half (insertion order) when full (:func:`put`). The ones keyed by a
+plan's contents (placements, step models, shared plans) are :class:`RecurringTable` since session
+30; the identity caches over them (keyed by ``id()``) stay plain and small (256 entries). The
+streams training sends revisit a bounded set of plans: train.py's early, near-random stream
+(replica deltas of three groups under the frozen layout) met 2,442 distinct serving and target
+plans in 20,000 steps, 1,910 of them in the first 2,000 and 8-16 new per 2,000 steps after 8,000.
+With 512 entries (before session 30) that stream placed 1.84 plans a step forever, evicting what
+it would place again. But uniformly random actions meet a new plan almost every step, and holding
+thousands of them (Layouts, StepModels and Plans are garbage-collector-tracked objects) made full
+collections over them cost more than the misses saved (session 16 on a stream of that kind;
+session 30: 757 against 299 us a step of collections on random actions with 8,192-entry dicts).
+So a plan is held long only once it has come back.
 """
 from __future__ import annotations
 
