@@ -169,10 +169,8 @@ class OperatorScalingEnv(gym.Env):
 
     # ------------------------------------------------------------------ helpers
     def _obs(self) -> np.ndarray:
-        obs = self._fast_encoder.encode(self.state)  # equal to self.encoder.encode (tested)
-        if not np.isfinite(obs).all():
-            obs = np.nan_to_num(obs, nan=0.0)
-        return np.clip(obs, 0.0, OBS_HIGH)
+        # = np.clip(np.nan_to_num(self.encoder.encode(self.state), nan=0.0), 0.0, OBS_HIGH) (tested)
+        return self._fast_encoder.encode(self.state, OBS_HIGH)
 
     def set_slo_weight(self, weight: float) -> None:
         """Scale the reward's SLO terms (attainment and shortfall) by ``weight`` (>= 0) from now on."""

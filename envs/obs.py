@@ -25,6 +25,23 @@ def _sq(x: float) -> float:
     return math.log1p(x) if x > 0 else 0.0
 
 
+def _in_box(x: float, high: float) -> float:
+    """What ``np.clip(np.nan_to_num(float32 array, nan=0.0), 0.0, high)`` makes of the entry
+    ``np.float32(x)``, for an ``x`` outside (0, ``high``) (inside, it is ``x`` itself, as float32
+    rounding is monotone and 0 and ``high`` are float32 values): ``high`` from ``high`` up (inf
+    included), 0.0 for NaN, a zero as it is (np.clip keeps its sign), 0.0 for a negative unless
+    float32 rounds it to -0.0 (then -0.0, as np.clip keeps it)."""
+    if x >= high:
+        return high
+    if x != x:
+        return 0.0
+    if x == 0.0:
+        return x
+    if x < -1.0:  # (negative in float32 too: 0.0; and no float32 overflow below)
+        return 0.0
+    return -0.0 if float(np.float32(x)) == 0.0 else 0.0
+
+
 def _clip01(x: float) -> float:
     return 0.0 if x < 0.0 else (1.0 if x > 1.0 else x)
 
@@ -46,7 +63,10 @@ class FastObservationEncoder:
             self._level_cache[mb] = hit
         return hit
 
-    def encode(self, state: ClusterState) -> np.ndarray:
+    def encode(self, state: ClusterState, high: float | None = None) -> np.ndarray:
+        """The codec's vector for ``state``; with ``high``, also what the env makes of it
+        (``np.clip(np.nan_to_num(obs, nan=0.0), 0.0, high)``, value for value: see
+        :func:`_in_box`), without the three numpy calls over the array."""
         c = self.config
         vals: list[float] = []
         slo_tbt = max(state.slo.tbt_s, 1e-9)
@@ -67,12 +87,14 @@ class FastObservationEncoder:
                  state.power_w / (c.max_gpus * c.gpu_peak_w), _clip01(state.kv_used_frac),
                  _sq(state.queued_requests) / 5.0, _sq(state.running_requests) / 5.0,
                  _sq(state.prompt_tokens_mean) / 10.0)
-        hist = list(state.request_rate_history)[-c.history_len:]
+        hist = np.asarray(state.request_rate_history).tolist()[-c.history_len:]  # (Python floats: same values)
         pad = self.size - len(vals) - len(hist)
         if pad > 0:
             vals += [0.0] * pad
         rs = c.rate_scale
         vals += [math.log1p((h if h > 0 else 0.0) / rs) for h in hist]
+        if high is not None:
+            vals = [v if 0.0 < v < high else _in_box(v, high) for v in vals]
         return np.asarray(vals, dtype=np.float32)
 
 
@@ -100,11 +122,12 @@ class FastActionDecoder:
         a = np.asarray(action).reshape(-1)
         if a.shape[0] != len(self.nvec):
             return self.slow.decode(action, prev)  # raises the codec's error
-        key = (id(prev), a.astype(np.int64).tobytes())
+        a = a.astype(np.int64)
+        key = (id(prev), a.tobytes())
         hit = self._cache.get(key)
         if hit is not None and hit[0] is prev:
             return hit[1]
-        plan = self._decode(a.astype(np.int64).tolist(), prev)
+        plan = self._decode(a.tolist(), prev)
         put(self._cache, key, (prev, plan), 256)
         return plan
 

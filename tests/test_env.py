@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from envs import ENV_ID, Scenario, ScenarioError, make_env, scenario_trace
+from envs.env import OBS_HIGH
 from runtime.codec import ObservationEncoder
 from runtime.control import Plan
 
@@ -186,12 +187,29 @@ def test_fast_encoder_and_decoder_twins_equal_the_codec():
         obs, *_ = env.step(a)
         np.testing.assert_allclose(env._fast_encoder.encode(env.state), enc.encode(env.state), rtol=1e-6,
                                    atol=1e-7)
+        # what the env returns: the encoder's vector, NaN to 0 and clipped into the box, bit for bit
+        want = np.clip(np.nan_to_num(env._fast_encoder.encode(env.state), nan=0.0), 0.0, OBS_HIGH)
+        assert obs.dtype == np.float32 and obs.view(np.uint32).tolist() == want.view(np.uint32).tolist()
     # equal decoded plans are one object (the env's identity caches hit when a policy revisits one),
     # also when the previous plan is an equal copy rather than the same object
     prev = env.sim.timeline.target_plan
     twin = Plan({g: prev[g] for g in prev.ops})
     a = rng.integers(0, env.action_space.nvec)
     assert env._fast_decoder.decode(a, twin) is env._fast_decoder.decode(a, prev) == dec.decode(a, prev)
+
+
+def test_observation_box_edges_as_numpy_clips_them():
+    """The encoder's clip into [0, high] (per value, in Python) equals the env's former numpy
+    calls, sign of zero included, at every edge: NaN, infinities, float32 overflow, values that
+    float32 rounds to 0 or to ``high``, negatives."""
+    from envs.obs import _in_box
+
+    xs = [-0.0, 0.0, 5.0, -3.0, 150.0, float("nan"), float("inf"), float("-inf"), 3e39, -3e39, -1e-50, 1e-50,
+          OBS_HIGH, 99.999999999, 100.0000001, -1e-45, 1e-45, 2e-45, -2e-45]
+    with np.errstate(over="ignore"):  # (3e39 overflows float32: the env's former path made it inf)
+        want = np.clip(np.nan_to_num(np.asarray(xs, dtype=np.float64).astype(np.float32), nan=0.0), 0.0, OBS_HIGH)
+    got = np.asarray([x if 0.0 < x < OBS_HIGH else _in_box(x, OBS_HIGH) for x in xs], dtype=np.float32)
+    assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
 
 
 def test_reference_fidelity_env_passes_check_env_and_reports_the_same_keys():
