@@ -156,6 +156,7 @@ class Simulator(ABC):
         self._watts: tuple = (None, None, 0.0)
         #: power of one idle GPU (watts)
         self._idle_w = pred.power_w(0.0)
+        self._power_pct = pred.power_by_percent()
         self.util: dict[str, float] = {}
         self.wall_s = 0.0
         self.last_metrics = IntervalMetrics()
@@ -176,7 +177,7 @@ class Simulator(ABC):
     def serving_layout(self, t: float) -> Layout:
         """Layout of the replicas serving at ``t``."""
         assert self.timeline is not None
-        return self.placer.place(self.timeline.serving_plan(t))
+        return self.timeline.serving(t)[1]
 
     def account(self, t: float, util: dict[str, float] | None = None) -> None:
         """Add GPU-seconds and joules from the last accounting time up to ``t``.
@@ -196,9 +197,10 @@ class Simulator(ABC):
             watts = cached[2]
         else:
             watts = 0.0
+            pw = self._power_pct  # (= self.pred.power_w(u), looked up as power_w does)
             for c in layout.gpus:
-                u = gpu_busy(c.procs, util)
-                watts += c.count * self.pred.power_w(min(u, 1.0))
+                u = min(gpu_busy(c.procs, util), 1.0)
+                watts += c.count * pw[int(round(min(max(u, 0.0), 1.0) * 100))]
             self._watts = (layout, util, watts)
         extra = paid - layout.n_gpus  # GPUs paid beyond the serving layout's: loading or draining, idle
         if extra > 0:
@@ -266,8 +268,7 @@ class Simulator(ABC):
     def _state(self, m: IntervalMetrics, energy: float) -> ClusterState:
         assert self.timeline is not None
         tl = self.timeline
-        serving = tl.serving_plan(self.now)
-        layout = self.placer.place(serving)
+        serving, layout = tl.serving(self.now)
         ops = {}
         k = self.k - 1
         rate = (self._tok_sum[k] / self.dt) if 0 <= k < self.n_intervals else 0.0

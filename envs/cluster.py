@@ -50,7 +50,8 @@ class ClusterTimeline:
     target: Layout = field(init=False)
     draining_units: int = 0
     repairs: list[str] = field(default_factory=list)
-    _cache: list | None = field(default=None, repr=False)  # [(from, until, serving plan)], newest last
+    _cache: list | None = field(default=None, repr=False)  # [(from, until, (plan, layout))], newest last
+    _span: tuple | None = field(default=None, repr=False)  # the last _bounds (from, until)
 
     def __post_init__(self) -> None:
         self.target = self.placer.place(self.plan)
@@ -66,7 +67,7 @@ class ClusterTimeline:
     def apply(self, plan: Plan, now: float) -> list[str]:
         """Move towards ``plan`` from time ``now``; returns the repair messages (may raise PlanError)."""
         layout = self.placer.place(plan)
-        self._cache = None
+        self._cache = self._span = None
         placed = layout.plan
         for g in OPERATOR_GROUPS:
             tl = self.groups[g]
@@ -81,7 +82,7 @@ class ClusterTimeline:
                     tl.op, tl.old, tl.switch_at = new, None, None
                     tl.ready = [0.0] * min(new.replicas, old.replicas)
                     tl.ready += [now + load] * (new.replicas - len(tl.ready))
-                    self._cache = None
+                    self._cache = self._span = None
                     continue
                 serving = self.serving_op(g, now)
                 tl.old = serving
@@ -112,7 +113,7 @@ class ClusterTimeline:
         for tl in self.groups.values():
             if tl.switch_at is not None and tl.switch_at <= now:
                 tl.old, tl.switch_at = None, None
-                self._cache = None
+                self._cache = self._span = None
 
     def serving_op(self, g: str, now: float) -> OperatorPlan:
         """The operator plan of ``g`` that serves at ``now`` (at least one replica)."""
@@ -135,22 +136,26 @@ class ClusterTimeline:
         return max(n, 1), op.max_batch, op.placement, op.tp
 
     def serving_plan(self, now: float) -> Plan:
-        """Per group the replicas serving at ``now`` (cached for the span between the loads or
-        switches completed before and after ``now``, within which it cannot change)."""
+        """Per group the replicas serving at ``now`` (see :meth:`serving`)."""
+        return self.serving(now)[0]
+
+    def serving(self, now: float) -> tuple[Plan, Layout]:
+        """(the serving plan at ``now``, its layout), cached for the span between the loads or
+        switches completed before and after ``now``, within which it cannot change."""
         cache = self._cache
         if cache is not None:
-            for lo, hi, plan in cache:
+            for lo, hi, pair in cache:
                 if lo <= now < hi:
-                    return plan
+                    return pair
         else:
             cache = self._cache = []
-        # the placer's shared Plan object for these fields: the serving plans of successive
-        # intervals repeat, and the identity caches downstream (placement, step model) then hit
-        plan = self.placer.plan_for(tuple(self._serving_fields(g, now) for g in OPERATOR_GROUPS))
+        # the placer's shared Plan object for these fields (``Placer.serving``): the serving plans
+        # of successive intervals repeat, and the identity caches downstream (step model) then hit
+        pair = self.placer.serving(tuple(self._serving_fields(g, now) for g in OPERATOR_GROUPS))
         if len(cache) >= 4:
             del cache[0]
-        cache.append((*self._bounds(now), plan))
-        return plan
+        cache.append((*self._bounds(now), pair))
+        return pair
 
     def serving_fraction(self, g: str, t0: float, t1: float) -> float:
         """Mean serving replicas of ``g`` over [t0, t1) (fractional when a load finishes inside)."""
@@ -171,6 +176,9 @@ class ClusterTimeline:
     def _bounds(self, now: float) -> tuple[float, float]:
         """(the last load or switch completed by ``now``, the next one after it), -inf / inf when
         there is none: the serving plan cannot change in between."""
+        span = self._span  # (within it, _bounds is that span: no load or switch completes inside)
+        if span is not None and span[0] <= now < span[1]:
+            return span
         prv, nxt = float("-inf"), float("inf")
         for tl in self.groups.values():
             for r in tl.ready:
@@ -185,7 +193,8 @@ class ClusterTimeline:
                         prv = tl.switch_at
                 elif tl.switch_at < nxt:
                     nxt = tl.switch_at
-        return prv, nxt
+        self._span = (prv, nxt)
+        return self._span
 
     def pending(self, g: str, now: float) -> int:
         """Replicas of ``g`` loading at ``now``."""
@@ -204,7 +213,7 @@ class ClusterTimeline:
         """
         n = self.target.n_gpus
         if any(tl.switch_at is not None and now < tl.switch_at for tl in self.groups.values()):
-            serving = self.placer.place(self.serving_plan(now))
+            serving = self.serving(now)[1]
             tgt = self.target.proc_gpus
             n += sum(max(cnt - tgt.get(proc, 0), 0) for proc, cnt in serving.proc_gpus.items())
         if self.draining_units:

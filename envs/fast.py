@@ -105,6 +105,7 @@ class FastSimulator(Simulator):
         # accumulators, the cached operating point) and the cached busy shares, or None
         self._kx = fluidkernel.new_state() if self._kmemo is not None else None
         self._kbd = self._kbm = np.zeros(0)
+        self._kfail = np.zeros(7)  # a failed lookup's arguments (fluidkernel.substeps's ``fail``)
         if not hasattr(self, "sub_index"):
             h = self.dt / self.sub_steps
             self.sub_index = TraceIndex(self.arrival, self.prompt, self.output, h, self.n_intervals * self.sub_steps,
@@ -229,7 +230,7 @@ class FastSimulator(Simulator):
         cf = np.asarray([U, B, kv_cap, layout.unit_kv_tokens, float(self.sc.prefill_chunk_tokens), h,
                          self.slo.ttft_s, self.sc.max_queue_wait_s, p50, p99, k.serial], dtype=np.float64)
         cnt, psum, osum = self._sub_np
-        fail = np.zeros(7)
+        fail = self._kfail  # (written whole before the kernel asks for Python; read only then)
         while True:
             r = fk.substeps(x, self._kbd, self._kbm, util, kern.memo, k.kt.table, k.S, k.F, slow, ci, cf, cnt, psum,
                             osum, k.out, kern._miss, fail)

@@ -203,6 +203,11 @@ class ExecutionPredictor:
         u = min(max(utilisation, 0.0), 1.0)
         return self._power(int(round(u * 100)))
 
+    def power_by_percent(self) -> tuple[float, ...]:
+        """Power of one allocated GPU at 0, 1, .., 100 % busy (watts): ``power_w(u)`` is entry
+        ``int(round(min(max(u, 0.0), 1.0) * 100))``, for callers that look it up many times."""
+        return tuple(self._power(i) for i in range(101))
+
     def weight_bytes_per_gpu(self, group: str, tp: int) -> float:
         """Weight bytes one GPU of a ``tp`` replica of ``group`` holds (memoised)."""
         key = (group, tp)

@@ -114,8 +114,18 @@ def shared_plan(table: RecurringTable, fields: tuple[tuple[int, int, str, int], 
     return hit
 
 
+_SORTED_GROUPS = tuple(sorted(OPERATOR_GROUPS))
+
+
 def _plan_key(plan: Plan) -> tuple:
-    return tuple((g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in sorted(plan.ops.items()))
+    """(group, replicas, max_batch, placement, tp) per group in name order: the placements' key.
+    (A Plan has every group and no other, so no sorting of its items is needed.)"""
+    ops = plan.ops
+    key = []
+    for g in _SORTED_GROUPS:
+        o = ops[g]
+        key.append((g, o.replicas, o.max_batch, o.placement, o.tp))
+    return tuple(key)
 
 
 class Placer:
@@ -131,6 +141,7 @@ class Placer:
         self._inst: dict[tuple, float] = {}
         self._per_rep: dict[tuple, tuple[float, float]] = {}
         self._plans = RecurringTable()  # plan_for's table
+        self._served = RecurringTable()  # serving()'s table: (plan_for's plan, its layout) by fields
         #: whether packing runs compiled (envs/packkernel.py; OPSCALE_KERNEL=0 or no numba: Python)
         self._compiled = stepkernel.ENABLED
         if self._compiled:
@@ -193,6 +204,16 @@ class Placer:
         plans (the timeline's serving plans) get the same object back and the identity caches
         here and in the simulators hit (kept while they recur: ``envs.memo.RecurringTable``)."""
         return shared_plan(self._plans, fields)
+
+    def serving(self, fields: tuple[tuple[int, int, str, int], ...]) -> tuple[Plan, Layout]:
+        """(``plan_for(fields)``, ``place`` of it), from one lookup by ``fields`` once seen (the
+        timeline's serving plans: a new one at each load completed, recurring on the streams
+        training sends, where the identity cache of :meth:`place` had forgotten them)."""
+        hit = self._served.get(fields)
+        if hit is None:
+            plan = self.plan_for(fields)
+            hit = self._served.put(fields, (plan, self.place(plan)))
+        return hit
 
     def place(self, plan: Plan) -> Layout:
         """Place ``plan``; repairs it to fit memory and ``max_gpus`` or raises PlanError."""
