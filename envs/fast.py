@@ -43,6 +43,8 @@ _Z99 = 2.326
 _G99, _G50 = 0.5, 0.25
 #: rounds of the fixed point between the shared pools' prefill load and the iteration pace
 _ROUNDS = 3
+#: fluidkernel.substeps_io's co-residence arrays for a step model without any (never read)
+_NO_PEERS = (np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
 
 
 def _phi(x: float) -> float:
@@ -106,6 +108,7 @@ class FastSimulator(Simulator):
         self._kx = fluidkernel.new_state() if self._kmemo is not None else None
         self._kbd = self._kbm = np.zeros(0)
         self._kfail = np.zeros(7)  # a failed lookup's arguments (fluidkernel.substeps's ``fail``)
+        self._acc_pad = (0.0,) * fluidkernel.N_ACC  # (the accumulators' slots of a call's vector: outputs)
         if not hasattr(self, "sub_index"):
             h = self.dt / self.sub_steps
             self.sub_index = TraceIndex(self.arrival, self.prompt, self.output, h, self.n_intervals * self.sub_steps,
@@ -164,7 +167,7 @@ class FastSimulator(Simulator):
             if any(layout.peers.values()):
                 r = self._urnd  # (util dict, its rounded shares): one util dict serves many layouts
                 if r[0] is not self.util:
-                    r = self._urnd = (self.util, tuple(round(v, 1) for v in self.util.values()))
+                    r = self._urnd = (self.util, tuple([round(v, 1) for v in self.util.values()]))
                 rnd = r[1]
             uk = self._ukey = (layout, self.util, rnd)
         return uk
@@ -213,37 +216,47 @@ class FastSimulator(Simulator):
                   fluid: tuple) -> list[float]:
         """Sub-steps ``s0`` .. ``s1 - 1`` of the current interval in compiled code (the loop body of
         :meth:`_run`, envs/fluidkernel.py): takes the fluid state (the loop's locals, in the order of
-        ``fluidkernel``'s first slots), returns it advanced; the interval's accumulators stay in
-        ``self._kx``, the busy shares are added to ``util_acc`` as the Python loop adds them."""
+        ``fluidkernel``'s first slots) and returns the call's vector as a list (``fluidkernel.IO_*``
+        slots: the fluid state advanced, then the interval's accumulators so far); the busy shares
+        are added to ``util_acc`` as the Python loop adds them."""
         fk = fluidkernel
         kern = self._kmemo
-        k, sig_id, ukey_id, slow = kern.prepare(self, layout, sm)
-        x = self._kx
-        x[:fk.N_FLUID] = fluid
-        x[fk.LAST_T] = self._last_T
-        n = len(k.procs)
+        k, sig_id, ukey_id, last_util = kern.prepare(self, layout, sm)
+        procs = k.procs
+        n = len(procs)
         if self._kbd.shape[0] != n:  # (the kernel re-times before reading them: another step model)
             self._kbd, self._kbm = np.zeros(n), np.zeros(n)
-        util = np.asarray([util_acc.get(p, 0.0) for p in k.procs], dtype=np.float64)
-        ci = np.asarray([self.k, s0, s1, in_trace, layout.units, sm.remote, sm.fill, kern.limit, sig_id, ukey_id,
-                         self.sub_steps], dtype=np.int64)
-        cf = np.asarray([U, B, kv_cap, layout.unit_kv_tokens, float(self.sc.prefill_chunk_tokens), h,
-                         self.slo.ttft_s, self.sc.max_queue_wait_s, p50, p99, k.serial], dtype=np.float64)
+        # the call's inputs as one vector (fluidkernel's IO_* slots): numpy and numba calls from here
+        # cost microseconds each in situ, so one np.array and one .tolist() instead of nine
+        peers = sm._has_peers
+        io = [*fluid, self._last_T, *self._acc_pad,
+              self.k, s0, s1, in_trace, layout.units, sm.remote, sm.fill, kern.limit, sig_id, ukey_id, self.sub_steps,
+              U, B, kv_cap, layout.unit_kv_tokens, float(self.sc.prefill_chunk_tokens), h, self.slo.ttft_s,
+              self.sc.max_queue_wait_s, p50, p99, k.serial,
+              float(sm.sc.contention), 1.0 if peers else 0.0]
+        io += [util_acc.get(p, 0.0) for p in procs]
+        if peers:
+            io += [last_util.get(p, 0.0) for p in procs]
+            off, idx, share = k._peer_arrays(sm)
+        else:
+            off, idx, share = _NO_PEERS
+        io = np.array(io, dtype=np.float64)
         cnt, psum, osum = self._sub_np
         fail = self._kfail  # (written whole before the kernel asks for Python; read only then)
         while True:
-            r = fk.substeps(x, self._kbd, self._kbm, util, kern.memo, k.kt.table, k.S, k.F, slow, ci, cf, cnt, psum,
-                            osum, k.out, kern._miss, fail)
+            r = fk.substeps_io(io, self._kx, self._kbd, self._kbm, kern.memo, k.kt.table, k.S, k.F, off, idx, share,
+                               cnt, psum, osum, k.out, kern._miss, fail)
             if r == fk.DONE:
                 break
             if r == fk.EMPTY_BUSY:  # cannot happen: every lookup here has decodes or a chunk
                 raise RuntimeError(f"fast simulator: an iteration with no work at {fail.tolist()}")
             kern.resolve(self, layout, sm, k, (sig_id, ukey_id, layout.units, sm.remote, *fail.tolist()), r)
+        out = io.tolist()
         # the busy shares into the interval's dict (new processes in the order the Python loop adds them)
-        for p, v in zip(k.procs, util.tolist()):
+        for p, v in zip(procs, out[fk.IO_UTIL:fk.IO_UTIL + n]):
             util_acc[p] = v
-        self._last_T = float(x[fk.LAST_T])
-        return x[:fk.N_FLUID].tolist()
+        self._last_T = out[fk.IO_LAST_T]
+        return out
 
     # ------------------------------------------------------------------ one interval
     def _run(self, t0: float, t1: float) -> IntervalMetrics:
@@ -286,8 +299,7 @@ class FastSimulator(Simulator):
         sys_ok = self.sys_ok
         fin_ok = 0.0  # finished requests x P(TTFT met)
         kx = self._kx  # the compiled sub-steps' state (envs/fluidkernel.py), or None for the Python path
-        if kx is not None:
-            kx[fluidkernel.FIN_OK:fluidkernel.D_OP_T + 1] = 0.0
+        k_out: list = []  # the last compiled call's vector (its accumulators are the interval's)
         s = 0
         while s < S:
             t = t0 + s * h
@@ -302,7 +314,7 @@ class FastSimulator(Simulator):
                     next_ready = self.timeline.next_ready(t)
                 layout = self.serving_layout(t + 0.5 * h)
                 sm = self.step_model(layout)
-                sig = (layout.plan["attn"].placement, layout.unit_tp)
+                sig = (layout.plan.ops["attn"].placement, layout.unit_tp)
                 if self._unit_sig is not None and sig != self._unit_sig and self._U > 0:
                     # the KV holders were switched (placement / tp): the old units drain with
                     # every sequence they hold, the new ones start empty; with the hand-over the
@@ -334,7 +346,7 @@ class FastSimulator(Simulator):
                 self._unit_sig = sig
                 U = float(max(layout.units, 1))
                 self._U = U
-                B = float(layout.plan["attn"].max_batch)
+                B = float(layout.plan.ops["attn"].max_batch)
                 kv_cap = layout.unit_kv_tokens * U
             if kx is not None:
                 # the sub-steps up to the next replica becoming ready, compiled. A drain ending
@@ -353,10 +365,12 @@ class FastSimulator(Simulator):
                         while self.drain_until and self.drain_until[0][0] <= t_e:
                             self.timeline.drained(self.drain_until.pop(0)[1])
                     s_end += 1
+                # (the first call of the interval, s == 0, zeroes its accumulators in the kernel)
+                k_out = self._substeps(layout, sm, s, s_end, in_trace, U, B, kv_cap, h, p50, p99, util_acc,
+                                       (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output,
+                                        t_it, d_n, d_kv, d_units, sys_ok))
                 (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output, t_it, d_n, d_kv, d_units,
-                 sys_ok) = self._substeps(layout, sm, s, s_end, in_trace, U, B, kv_cap, h, p50, p99, util_acc,
-                                          (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output,
-                                           t_it, d_n, d_kv, d_units, sys_ok))
+                 sys_ok) = k_out[:fluidkernel.N_FLUID]
                 s = s_end
                 continue
             # arrivals of this sub-step join the queue
@@ -557,7 +571,7 @@ class FastSimulator(Simulator):
             s += 1
         if kx is not None:
             (fin_ok, fin, kv_frac, ttft_w, ttft50_acc, ttft99, gaps_mix, gaps_dec, t_dec_acc, t_mix_acc, t_dec_max,
-             t_full_acc, tpot_acc, m.rejected) = kx[fluidkernel.FIN_OK:fluidkernel.REJECTED + 1].tolist()
+             t_full_acc, tpot_acc, m.rejected) = k_out[fluidkernel.IO_ACC:fluidkernel.IO_ACC + fluidkernel.N_ACC]
         self.q, self.q_prompt, self.q_output = q, q_prompt, q_output
         self.n_dec, self.n_pre, self.backlog, self.kv = n_dec, n_pre, backlog, kv
         self.r_prompt, self.r_output = r_prompt, r_output

@@ -48,6 +48,21 @@ N_STATE = 39
 # --- constants: float64 vector ----------------------------------------------------------------
 (CF_U, CF_B, CF_KV_CAP, CF_UNIT_KV, CF_C, CF_H, CF_SLO_TTFT, CF_MAX_WAIT, CF_P50, CF_P99, CF_SM) = range(11)
 
+# --- the per-call inputs of substeps_io: one float64 vector (integers are exact in it) -----------
+# the fluid state (N_FLUID slots), the last decode iteration, the interval's accumulators FIN_OK ..
+# REJECTED (outputs only), the ci and cf vectors, the contention factor, whether processes share
+# GPUs, then n busy shares of the interval so far and n of the last interval (both in the step
+# kernel's process order); the first IO_CI slots and the interval's busy shares are written back
+# when a call is done
+IO_LAST_T = N_FLUID
+IO_ACC = IO_LAST_T + 1
+N_ACC = REJECTED + 1 - FIN_OK
+IO_CI = IO_ACC + N_ACC
+IO_CF = IO_CI + 11
+IO_CONTENTION = IO_CF + 11
+IO_PEERS = IO_CONTENTION + 1
+IO_UTIL = IO_PEERS + 1
+
 #: status of a call: done; an iteration time needs Python; a memo value had no busy shares
 DONE, NEEDS_PYTHON, EMPTY_BUSY = 0, -1, -2
 
@@ -67,6 +82,7 @@ def new_state() -> np.ndarray:
 if stepkernel.njit is not None:
     njit = stepkernel.njit
     _memo_iter = stepkernel._memo_iter
+    _slowdowns = stepkernel._slowdowns
 
     @njit(cache=True)
     def _max(a: float, b: float) -> float:  # Python's max(a, b)
@@ -374,3 +390,38 @@ if stepkernel.njit is not None:
         bm0[:] = bm
         util0[:] = util
         return DONE
+
+    @njit(cache=True)
+    def substeps_io(io, x0, bd0, bm0, memo, table, Sa, Fa, off, idx, share, cnt, psum, osum, out, miss,
+                    fail):  # noqa: ANN001, ANN202
+        """:func:`substeps` with its per-call inputs in ``io`` (IO_* slots), one vector from Python
+        instead of a dozen numpy and numba calls (each costs microseconds in an env step, whose
+        Python leaves the CPU's caches cold): copies the fluid state and the last decode iteration
+        into ``x0``, zeroes the interval's accumulators (and the draining units' operating point)
+        at its first sub-step, computes the slowdowns from the last interval's busy shares (=
+        ``StepKernel.slow_for``: ``_slowdowns`` over ``off`` / ``idx`` / ``share``, ones without
+        co-residence), runs the sub-steps, and when DONE writes the fluid state, the last decode
+        iteration, the accumulators and the interval's busy shares back into ``io``. Otherwise
+        ``io`` is as it was (call again)."""
+        n = bd0.shape[0]
+        for i in range(N_FLUID):
+            x0[i] = io[i]
+        x0[LAST_T] = io[IO_LAST_T]
+        ci = np.empty(11, dtype=np.int64)
+        for i in range(11):
+            ci[i] = int(io[IO_CI + i])
+        if ci[CI_S0] == 0:  # (= FastSimulator._run zeroing them before an interval's first call)
+            x0[FIN_OK:D_OP_T + 1] = 0.0
+        cf = io[IO_CF:IO_CF + 11]
+        util0 = io[IO_UTIL:IO_UTIL + n]  # (a view: substeps writes the busy shares back into io)
+        slow = np.ones(n)
+        if io[IO_PEERS] != 0.0:
+            _slowdowns(io[IO_UTIL + n:IO_UTIL + 2 * n], off, idx, share, io[IO_CONTENTION], slow)
+        r = substeps(x0, bd0, bm0, util0, memo, table, Sa, Fa, slow, ci, cf, cnt, psum, osum, out, miss, fail)
+        if r == DONE:
+            for i in range(N_FLUID):
+                io[i] = x0[i]
+            io[IO_LAST_T] = x0[LAST_T]
+            for i in range(N_ACC):
+                io[IO_ACC + i] = x0[FIN_OK + i]
+        return r

@@ -555,14 +555,16 @@ class KernelMemo:
     def __len__(self) -> int:
         return len(self.memo)
 
-    def prepare(self, sim: Any, layout: Any, sm: Any) -> tuple[StepKernel, int, int, np.ndarray]:
+    def prepare(self, sim: Any, layout: Any, sm: Any) -> tuple[StepKernel, int, int, dict[str, float]]:
         """(the step model's StepKernel, its signature id, the id of the simulator's rounded busy
-        shares, the slowdowns in the kernel's process order) for lookups under ``layout`` / ``sm`` at
-        the simulator's current busy shares (``FastSimulator._ukey``, updated here as ``_iter``
-        updates it)."""
-        return self._prepare(sm, sim._ukey_for(layout))
+        shares, the busy shares the slowdowns are computed from) for lookups under ``layout`` /
+        ``sm`` at the simulator's current busy shares (``FastSimulator._ukey``, updated here as
+        ``_iter`` updates it). The compiled sub-steps compute the slowdowns themselves
+        (``fluidkernel.substeps_io``)."""
+        uk = sim._ukey_for(layout)
+        return (*self._ids(sm, uk), uk[1])
 
-    def _prepare(self, sm: Any, uk: tuple) -> tuple[StepKernel, int, int, np.ndarray]:
+    def _ids(self, sm: Any, uk: tuple) -> tuple[StepKernel, int, int]:
         k = sm._kernel
         if k is None:
             k = sm._kernel = StepKernel(sm)
@@ -570,7 +572,12 @@ class KernelMemo:
             k.memo_ids = (self, self.sig_ids.setdefault(sm.signature, len(self.sig_ids)))
         if self._uk[0] is not uk:
             self._uk = (uk, self.ukey_ids.setdefault(uk[2], len(self.ukey_ids)))
-        return k, k.memo_ids[1], self._uk[1], k.slow_for(sm, uk[1])
+        return k, k.memo_ids[1], self._uk[1]
+
+    def _prepare(self, sm: Any, uk: tuple) -> tuple[StepKernel, int, int, np.ndarray]:
+        """``_ids`` and the slowdowns in the kernel's process order."""
+        k, sig_id, ukey_id = self._ids(sm, uk)
+        return k, sig_id, ukey_id, k.slow_for(sm, uk[1])
 
     def resolve(self, sim: Any, layout: Any, sm: Any, k: StepKernel, args: tuple, r: int) -> None:
         """What a compiled lookup with ``args`` (``_memo_key``'s) could not do, done in Python: ``r``
