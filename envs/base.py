@@ -167,7 +167,7 @@ class Simulator(ABC):
         last = self._sm_last
         if last[0] is layout:
             return last[1]
-        key = tuple((g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in layout.plan.ops.items())
+        key = tuple([(g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in layout.plan.ops.items()])
         sm = self._steps.get(key)
         if sm is None:
             sm = self._steps.put(key, StepModel(layout, self.pred, self.sc, self._shapes))
@@ -272,9 +272,10 @@ class Simulator(ABC):
         ops = {}
         k = self.k - 1
         rate = (self._tok_sum[k] / self.dt) if 0 <= k < self.n_intervals else 0.0
+        target_ops = tl.target_plan.ops
         for g in OPERATOR_GROUPS:
-            op = serving[g]
-            target = tl.target_plan[g]
+            op = serving.ops[g]
+            target = target_ops[g]
             proc = layout.proc_of(g)
             ops[g] = OperatorState(
                 replicas=op.replicas, max_batch=target.max_batch, placement=target.placement, tp=target.tp,

@@ -71,7 +71,7 @@ class ClusterTimeline:
         placed = layout.plan
         for g in OPERATOR_GROUPS:
             tl = self.groups[g]
-            new = placed[g]
+            new = placed.ops[g]
             load = layout.load_s[g]
             if new.placement != tl.op.placement or new.tp != tl.op.tp:
                 if tl.switch_at is not None and tl.old is not None and \
@@ -151,7 +151,7 @@ class ClusterTimeline:
             cache = self._cache = []
         # the placer's shared Plan object for these fields (``Placer.serving``): the serving plans
         # of successive intervals repeat, and the identity caches downstream (step model) then hit
-        pair = self.placer.serving(tuple(self._serving_fields(g, now) for g in OPERATOR_GROUPS))
+        pair = self.placer.serving(tuple([self._serving_fields(g, now) for g in OPERATOR_GROUPS]))
         if len(cache) >= 4:
             del cache[0]
         cache.append((*self._bounds(now), pair))
@@ -212,7 +212,12 @@ class ClusterTimeline:
         GPUs of draining attention units. Capped at the GPUs the cluster owns.
         """
         n = self.target.n_gpus
-        if any(tl.switch_at is not None and now < tl.switch_at for tl in self.groups.values()):
+        switching = False
+        for tl in self.groups.values():  # (a loop: any() over a generator cost more, called at each accounting)
+            if tl.switch_at is not None and now < tl.switch_at:
+                switching = True
+                break
+        if switching:
             serving = self.serving(now)[1]
             tgt = self.target.proc_gpus
             n += sum(max(cnt - tgt.get(proc, 0), 0) for proc, cnt in serving.proc_gpus.items())

@@ -19,6 +19,7 @@ from envs.memo import RecurringTable, put
 from envs.world import shared_plan
 
 _LOG9 = math.log(9.0)
+_INT64 = np.dtype(np.int64)
 
 
 def _sq(x: float) -> float:
@@ -27,10 +28,10 @@ def _sq(x: float) -> float:
 
 def _in_box(x: float, high: float) -> float:
     """What ``np.clip(np.nan_to_num(float32 array, nan=0.0), 0.0, high)`` makes of the entry
-    ``np.float32(x)``, for an ``x`` outside (0, ``high``) (inside, it is ``x`` itself, as float32
-    rounding is monotone and 0 and ``high`` are float32 values): ``high`` from ``high`` up (inf
-    included), 0.0 for NaN, a zero as it is (np.clip keeps its sign), 0.0 for a negative unless
-    float32 rounds it to -0.0 (then -0.0, as np.clip keeps it)."""
+    ``np.float32(x)``, for an ``x`` outside [0, ``high``) (inside, it is ``x`` itself, as float32
+    rounding is monotone, 0 and ``high`` are float32 values and np.clip keeps a zero's sign):
+    ``high`` from ``high`` up (inf included), 0.0 for NaN, 0.0 for a negative unless float32
+    rounds it to -0.0 (then -0.0, as np.clip keeps it)."""
     if x >= high:
         return high
     if x != x:
@@ -66,7 +67,8 @@ class FastObservationEncoder:
     def encode(self, state: ClusterState, high: float | None = None) -> np.ndarray:
         """The codec's vector for ``state``; with ``high``, also what the env makes of it
         (``np.clip(np.nan_to_num(obs, nan=0.0), 0.0, high)``, value for value: see
-        :func:`_in_box`), without the three numpy calls over the array."""
+        :func:`_in_box`), without the three numpy calls over the array. A zero of either sign
+        is kept as it is, as np.clip keeps it."""
         c = self.config
         vals: list[float] = []
         slo_tbt = max(state.slo.tbt_s, 1e-9)
@@ -87,14 +89,15 @@ class FastObservationEncoder:
                  state.power_w / (c.max_gpus * c.gpu_peak_w), _clip01(state.kv_used_frac),
                  _sq(state.queued_requests) / 5.0, _sq(state.running_requests) / 5.0,
                  _sq(state.prompt_tokens_mean) / 10.0)
-        hist = np.asarray(state.request_rate_history).tolist()[-c.history_len:]  # (Python floats: same values)
+        hist = state.request_rate_history  # (an array in the simulators: read as Python floats, same values)
+        hist = (hist.tolist() if isinstance(hist, np.ndarray) else list(hist))[-c.history_len:]
         pad = self.size - len(vals) - len(hist)
         if pad > 0:
             vals += [0.0] * pad
         rs = c.rate_scale
         vals += [math.log1p((h if h > 0 else 0.0) / rs) for h in hist]
         if high is not None:
-            vals = [v if 0.0 < v < high else _in_box(v, high) for v in vals]
+            vals = [v if 0.0 <= v < high else _in_box(v, high) for v in vals]
         return np.asarray(vals, dtype=np.float32)
 
 
@@ -119,15 +122,17 @@ class FastActionDecoder:
         self._plans = RecurringTable()  # one Plan per content (see _decode)
 
     def decode(self, action, prev):  # noqa: ANN001 - same signature as the codec
-        a = np.asarray(action).reshape(-1)
-        if a.shape[0] != len(self.nvec):
+        if type(action) is np.ndarray and action.dtype is _INT64 and action.ndim == 1:
+            a = action.tolist()  # (what a VecEnv passes: one numpy call, not five)
+        else:
+            a = np.asarray(action).reshape(-1).astype(np.int64).tolist()
+        if len(a) != len(self.nvec):
             return self.slow.decode(action, prev)  # raises the codec's error
-        a = a.astype(np.int64)
-        key = (id(prev), a.tobytes())
+        key = (id(prev), *a)
         hit = self._cache.get(key)
         if hit is not None and hit[0] is prev:
             return hit[1]
-        plan = self._decode(a.tolist(), prev)
+        plan = self._decode(a, prev)
         put(self._cache, key, (prev, plan), 256)
         return plan
 
@@ -142,7 +147,7 @@ class FastActionDecoder:
             d_idx = min(max(a[i], 0), hi[i])
             b_idx = min(max(a[i + 1], 0), hi[i + 1])
             p_idx = min(max(a[i + 2], 0), hi[i + 2])
-            old = prev[g]
+            old = prev.ops[g]
             r = self._rlevels[d_idx] if self._rlevels else old.replicas + self._deltas[d_idx]
             replicas = min(max(r, lo), hi_r)
             fields.append((replicas, self._levels[b_idx], PLACEMENTS[p_idx], old.tp))

@@ -280,8 +280,9 @@ def tp_follows_placement(plan: Plan, prev: Plan, model_tp: int, group_tp: Mappin
     """
     ops = dict(plan.ops)
     changed = False
+    before = prev.ops
     for g, op in plan.ops.items():
-        if op.placement != prev[g].placement:
+        if op.placement != before[g].placement:
             tp = int(model_tp) if op.placement == "model" else int(group_tp.get(g, op.tp))
             if tp != op.tp:
                 ops[g] = replace(op, tp=tp)

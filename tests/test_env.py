@@ -208,7 +208,7 @@ def test_observation_box_edges_as_numpy_clips_them():
           OBS_HIGH, 99.999999999, 100.0000001, -1e-45, 1e-45, 2e-45, -2e-45]
     with np.errstate(over="ignore"):  # (3e39 overflows float32: the env's former path made it inf)
         want = np.clip(np.nan_to_num(np.asarray(xs, dtype=np.float64).astype(np.float32), nan=0.0), 0.0, OBS_HIGH)
-    got = np.asarray([x if 0.0 < x < OBS_HIGH else _in_box(x, OBS_HIGH) for x in xs], dtype=np.float32)
+    got = np.asarray([x if 0.0 <= x < OBS_HIGH else _in_box(x, OBS_HIGH) for x in xs], dtype=np.float32)
     assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
 
 
