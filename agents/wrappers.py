@@ -62,6 +62,9 @@ class PlanRestriction(gym.Wrapper):
         super().__init__(env)
         self.initial_plan = plan
         self.freeze_layout = freeze_layout
+        #: frozen masks by what they depend on (each group's replicas, batch limit and placement):
+        #: MaskablePPO asks at every step, and a mask took several numpy calls to build
+        self._masks: dict[tuple, np.ndarray] = {}
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         options = dict(options or {})
@@ -73,4 +76,13 @@ class PlanRestriction(gym.Wrapper):
         base = self.env.unwrapped
         if not self.freeze_layout:
             return base.action_masks()
-        return frozen_mask(base.decoder, base.sim.timeline.target_plan, self.fixed_replicas)
+        prev = base.sim.timeline.target_plan
+        ops = prev.ops
+        key = tuple([(ops[g].replicas, ops[g].max_batch, ops[g].placement) for g in OPERATOR_GROUPS])
+        hit = self._masks.get(key)
+        if hit is None:
+            if len(self._masks) >= 4096:
+                self._masks.clear()
+            hit = self._masks[key] = frozen_mask(base.decoder, prev, self.fixed_replicas)
+            hit.flags.writeable = False
+        return hit.copy()  # (a fresh array each call, as frozen_mask returns)

@@ -193,6 +193,34 @@ def test_frozen_replicas_return_to_the_fixed_count_and_touch_nothing_else():
         PlanRestriction(None, None, True, ("embed",))
 
 
+def test_plan_restriction_masks_equal_frozen_mask_at_every_step_and_are_fresh_copies():
+    """The wrapper keeps its masks by each group's (replicas, batch, placement); what it returns
+    must be frozen_mask's answer for the current target plan, step after step, and a caller
+    changing a returned mask must not change the next one."""
+    from agents.wrappers import PlanRestriction, frozen_mask
+    from envs import make_env
+
+    env = make_env(seed=3, episode_intervals=30)
+    start = env.scenario.initial_plan()
+    wrapped = PlanRestriction(env, start, True, ("embed", "head"))
+    wrapped.reset(seed=3)
+    rng = np.random.default_rng(3)
+    for _ in range(25):
+        got = wrapped.action_masks()
+        want = frozen_mask(env.decoder, env.sim.timeline.target_plan, wrapped.fixed_replicas)
+        np.testing.assert_array_equal(got, want)
+        got[:] = False  # the caller's copy
+        np.testing.assert_array_equal(wrapped.action_masks(), want)
+        a, o = [], 0
+        for n in env.action_space.nvec:  # a random allowed action
+            a.append(int(rng.choice(np.flatnonzero(want[o:o + n]))))
+            o += n
+        wrapped.step(np.asarray(a))
+    # two plans equal in content but with their groups in another order get the same mask
+    twin = Plan({g: env.sim.timeline.target_plan[g] for g in reversed(OPERATOR_GROUPS)})
+    np.testing.assert_array_equal(frozen_mask(env.decoder, twin, wrapped.fixed_replicas), wrapped.action_masks())
+
+
 def test_level_mode_picks_absolute_replica_counts():
     dec = ActionDecoder(CodecConfig(replica_levels=(1, 2, 4, 8, 16), max_replicas=10))
     assert list(dec.nvec[:3]) == [5, 6, 3]
