@@ -178,11 +178,17 @@ def test_equal_serving_plans_are_one_object_shared_through_the_placer():
     tl = ClusterTimeline(placer, start)
     served = tl.serving_plan(0.0)
     assert served == start and served is placer.plan_for(fields)
+    # the layout comes with it (Placer.serving): the placement of that very plan
+    assert tl.serving(0.0) == (served, placer.place(served)) and placer.serving(fields)[0] is served
+    assert tl.next_ready(0.0) is None  # nothing loads (a span the timeline keeps until it changes)
     tl.apply(Plan.model_level(3, 64, 4), 10.0)
+    load = placer.place(Plan.model_level(3, 64, 4)).load_s["attn"]
+    assert tl.next_ready(10.0) == 10.0 + load  # the kept span was dropped with the change
     loading = tl.serving_plan(10.0)  # the third instance still loads: two serve
     assert loading is served
     done = tl.serving_plan(1e6)
     assert done == Plan.model_level(3, 64, 4) and done is placer.plan_for(((3, 64, "model", 4),) * 5)
+    assert tl.next_ready(1e6) is None and tl.serving(1e6)[1] is placer.serving(((3, 64, "model", 4),) * 5)[1]
     # a second timeline on the same placer gets the same objects
     assert ClusterTimeline(placer, Plan.model_level(2, 64, 4)).serving_plan(5.0) is served
 
