@@ -23,7 +23,7 @@ from runtime.models import OPERATOR_GROUPS
 
 from envs.cluster import ClusterTimeline
 from envs.memo import RecurringTable, freeze_gc_once
-from envs.predictor import ExecutionPredictor
+from envs.predictor import ExecutionPredictor, power_percent
 from envs.scenario import Scenario
 from envs.world import MODEL, Layout, Placer, StepModel, StepShape
 
@@ -197,10 +197,9 @@ class Simulator(ABC):
             watts = cached[2]
         else:
             watts = 0.0
-            pw = self._power_pct  # (= self.pred.power_w(u), looked up as power_w does)
+            pw = self._power_pct  # (pw[power_percent(u)] = self.pred.power_w(u))
             for c in layout.gpus:
-                u = min(gpu_busy(c.procs, util), 1.0)
-                watts += c.count * pw[int(round(min(max(u, 0.0), 1.0) * 100))]
+                watts += c.count * pw[power_percent(min(gpu_busy(c.procs, util), 1.0))]
             self._watts = (layout, util, watts)
         extra = paid - layout.n_gpus  # GPUs paid beyond the serving layout's: loading or draining, idle
         if extra > 0:

@@ -43,6 +43,8 @@ _Z99 = 2.326
 _G99, _G50 = 0.5, 0.25
 #: rounds of the fixed point between the shared pools' prefill load and the iteration pace
 _ROUNDS = 3
+#: the accumulators' slots of fluidkernel.substeps_io's vector (outputs: written by the kernel)
+_ACC_PAD = (0.0,) * fluidkernel.N_ACC
 #: fluidkernel.substeps_io's co-residence arrays for a step model without any (never read)
 _NO_PEERS = (np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
 
@@ -108,7 +110,6 @@ class FastSimulator(Simulator):
         self._kx = fluidkernel.new_state() if self._kmemo is not None else None
         self._kbd = self._kbm = np.zeros(0)
         self._kfail = np.zeros(7)  # a failed lookup's arguments (fluidkernel.substeps's ``fail``)
-        self._acc_pad = (0.0,) * fluidkernel.N_ACC  # (the accumulators' slots of a call's vector: outputs)
         if not hasattr(self, "sub_index"):
             h = self.dt / self.sub_steps
             self.sub_index = TraceIndex(self.arrival, self.prompt, self.output, h, self.n_intervals * self.sub_steps,
@@ -229,7 +230,7 @@ class FastSimulator(Simulator):
         # the call's inputs as one vector (fluidkernel's IO_* slots): numpy and numba calls from here
         # cost microseconds each in situ, so one np.array and one .tolist() instead of nine
         peers = sm._has_peers
-        io = [*fluid, self._last_T, *self._acc_pad,
+        io = [*fluid, self._last_T, *_ACC_PAD,
               self.k, s0, s1, in_trace, layout.units, sm.remote, sm.fill, kern.limit, sig_id, ukey_id, self.sub_steps,
               U, B, kv_cap, layout.unit_kv_tokens, float(self.sc.prefill_chunk_tokens), h, self.slo.ttft_s,
               self.sc.max_queue_wait_s, p50, p99, k.serial,

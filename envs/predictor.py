@@ -42,6 +42,11 @@ def _quantise(x: float) -> int:
 _Q: dict[int, int] = {}
 
 
+def power_percent(utilisation: float) -> int:
+    """The whole percent (0..100) the power model reads a busy share at, clipped to [0, 1]."""
+    return int(round(min(max(utilisation, 0.0), 1.0) * 100))
+
+
 def quantise(x: float) -> int:
     """Round a token count to a grid: exact up to 64, then 16 steps per power of two."""
     if x <= 64:
@@ -200,12 +205,11 @@ class ExecutionPredictor:
 
     def power_w(self, utilisation: float) -> float:
         """Power of one allocated GPU at busy share ``utilisation`` (watts)."""
-        u = min(max(utilisation, 0.0), 1.0)
-        return self._power(int(round(u * 100)))
+        return self._power(power_percent(utilisation))
 
     def power_by_percent(self) -> tuple[float, ...]:
         """Power of one allocated GPU at 0, 1, .., 100 % busy (watts): ``power_w(u)`` is entry
-        ``int(round(min(max(u, 0.0), 1.0) * 100))``, for callers that look it up many times."""
+        ``power_percent(u)``, for callers that look it up many times."""
         return tuple(self._power(i) for i in range(101))
 
     def weight_bytes_per_gpu(self, group: str, tp: int) -> float:
