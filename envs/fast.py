@@ -43,10 +43,8 @@ _Z99 = 2.326
 _G99, _G50 = 0.5, 0.25
 #: rounds of the fixed point between the shared pools' prefill load and the iteration pace
 _ROUNDS = 3
-#: the accumulators' slots of fluidkernel.substeps_io's vector (outputs: written by the kernel)
+#: the accumulators' slots of fluidkernel.segments_io's vector (outputs: written by the kernel)
 _ACC_PAD = (0.0,) * fluidkernel.N_ACC
-#: fluidkernel.substeps_io's co-residence arrays for a step model without any (never read)
-_NO_PEERS = (np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
 
 
 def _phi(x: float) -> float:
@@ -212,43 +210,59 @@ class FastSimulator(Simulator):
         busy = {k: p0 * b_dec.get(k, 0.0) + (1.0 - p0) * b_mix.get(k, 0.0) for k in {**b_dec, **b_mix}}
         return p0 * t_dec + (1.0 - p0) * t_mix, busy
 
-    def _substeps(self, layout: Layout, sm: StepModel, s0: int, s1: int, in_trace: bool, U: float, B: float,
-                  kv_cap: float, h: float, p50: float, p99: float, util_acc: dict[str, float],
-                  fluid: tuple) -> list[float]:
-        """Sub-steps ``s0`` .. ``s1 - 1`` of the current interval in compiled code (the loop body of
-        :meth:`_run`, envs/fluidkernel.py): takes the fluid state (the loop's locals, in the order of
-        ``fluidkernel``'s first slots) and returns the call's vector as a list (``fluidkernel.IO_*``
-        slots: the fluid state advanced, then the interval's accumulators so far); the busy shares
-        are added to ``util_acc`` as the Python loop adds them."""
+    def _segments(self, segs: list[tuple], in_trace: bool, h: float, p50: float, p99: float,
+                  util_acc: dict[str, float], fluid: tuple) -> list[float]:
+        """Runs of sub-steps of the current interval in compiled code (the loop body of
+        :meth:`_run`, envs/fluidkernel.py), one call for them all: ``segs`` holds (layout, step
+        model, first sub-step, end, units, batch limit, KV capacity) per run, in order, each run
+        up to the next replica becoming ready, their step models of one shape. Takes the fluid
+        state (the loop's locals, in the order of ``fluidkernel``'s first slots) and returns the
+        call's vector as a list (``fluidkernel.IO_*`` slots: the fluid state advanced, then the
+        interval's accumulators so far); the busy shares are added to ``util_acc`` as the Python
+        loop adds them."""
         fk = fluidkernel
         kern = self._kmemo
-        k, sig_id, ukey_id, last_util = kern.prepare(self, layout, sm)
-        procs = k.procs
+        sc = self.sc
+        ks = []
+        for layout, sm, *_ in segs:
+            ks.append(kern.prepare(self, layout, sm))
+        k0, _, _, last_util = ks[0]
+        procs = k0.procs
         n = len(procs)
         if self._kbd.shape[0] != n:  # (the kernel re-times before reading them: another step model)
             self._kbd, self._kbm = np.zeros(n), np.zeros(n)
         # the call's inputs as one vector (fluidkernel's IO_* slots): numpy and numba calls from here
-        # cost microseconds each in situ, so one np.array and one .tolist() instead of nine
-        peers = sm._has_peers
-        io = [*fluid, self._last_T, *_ACC_PAD,
-              self.k, s0, s1, in_trace, layout.units, sm.remote, sm.fill, kern.limit, sig_id, ukey_id, self.sub_steps,
-              U, B, kv_cap, layout.unit_kv_tokens, float(self.sc.prefill_chunk_tokens), h, self.slo.ttft_s,
-              self.sc.max_queue_wait_s, p50, p99, k.serial,
-              float(sm.sc.contention), 1.0 if peers else 0.0]
+        # cost microseconds each in situ, so one np.array and one .tolist() for the whole interval
+        io = [*fluid, self._last_T, *_ACC_PAD, self.k, in_trace, kern.limit, self.sub_steps,
+              float(sc.prefill_chunk_tokens), h, self.slo.ttft_s, sc.max_queue_wait_s, p50, p99,
+              float(sc.contention), len(segs), 0]
         io += [util_acc.get(p, 0.0) for p in procs]
-        if peers:
-            io += [last_util.get(p, 0.0) for p in procs]
-            off, idx, share = k._peer_arrays(sm)
+        io += [last_util.get(p, 0.0) for p in procs]
+        if len(segs) == 1:
+            iblob, fblob = k0.blobs(segs[0][1])
+            io += self._segment_block(segs[0], ks[0], 0, 0, n)
         else:
-            off, idx, share = _NO_PEERS
+            iblobs, fblobs = [], []
+            i_at = f_at = 0
+            for seg, kk in zip(segs, ks):
+                ib, fb = kk[0].blobs(seg[1])
+                io += self._segment_block(seg, kk, i_at, f_at, n)
+                iblobs.append(ib)
+                fblobs.append(fb)
+                i_at += len(ib)
+                f_at += len(fb)
+            iblob, fblob = np.concatenate(iblobs), np.concatenate(fblobs)
         io = np.array(io, dtype=np.float64)
         cnt, psum, osum = self._sub_np
         fail = self._kfail  # (written whole before the kernel asks for Python; read only then)
         while True:
-            r = fk.substeps_io(io, self._kx, self._kbd, self._kbm, kern.memo, k.kt.table, k.S, k.F, off, idx, share,
-                               cnt, psum, osum, k.out, kern._miss, fail)
+            r = fk.segments_io(io, self._kx, self._kbd, self._kbm, kern.memo, k0.kt.table, k0.F, iblob, fblob,
+                               cnt, psum, osum, k0.out, kern._miss, fail)
             if r == fk.DONE:
                 break
+            j = int(io[fk.IO_FIRST])
+            layout, sm = segs[j][0], segs[j][1]
+            k, sig_id, ukey_id, _ = ks[j]
             if r == fk.EMPTY_BUSY:  # cannot happen: every lookup here has decodes or a chunk
                 raise RuntimeError(f"fast simulator: an iteration with no work at {fail.tolist()}")
             kern.resolve(self, layout, sm, k, (sig_id, ukey_id, layout.units, sm.remote, *fail.tolist()), r)
@@ -258,6 +272,16 @@ class FastSimulator(Simulator):
             util_acc[p] = v
         self._last_T = out[fk.IO_LAST_T]
         return out
+
+    @staticmethod
+    def _segment_block(seg: tuple, kk: tuple, i_at: int, f_at: int, n: int) -> list:
+        """A segment's SEG_W slots of ``fluidkernel.segments_io``'s vector (SG_* order); its blobs
+        start at ``i_at`` / ``f_at`` in the call's."""
+        layout, sm, s0, s1, U, B, kv_cap = seg
+        k, sig_id, ukey_id, _ = kk
+        s_len = len(k.S)
+        return [s0, s1, layout.units, sm.remote, sm.fill, sig_id, ukey_id, U, B, kv_cap, layout.unit_kv_tokens,
+                k.serial, sm._has_peers, i_at, s_len, i_at + s_len, i_at + s_len + n + 1, f_at]
 
     # ------------------------------------------------------------------ one interval
     def _run(self, t0: float, t1: float) -> IntervalMetrics:
@@ -301,6 +325,7 @@ class FastSimulator(Simulator):
         fin_ok = 0.0  # finished requests x P(TTFT met)
         kx = self._kx  # the compiled sub-steps' state (envs/fluidkernel.py), or None for the Python path
         k_out: list = []  # the last compiled call's vector (its accumulators are the interval's)
+        segs: list = []   # runs of sub-steps planned for the next compiled call (see below)
         s = 0
         while s < S:
             t = t0 + s * h
@@ -316,7 +341,17 @@ class FastSimulator(Simulator):
                 layout = self.serving_layout(t + 0.5 * h)
                 sm = self.step_model(layout)
                 sig = (layout.plan.ops["attn"].placement, layout.unit_tp)
-                if self._unit_sig is not None and sig != self._unit_sig and self._U > 0:
+                switch = self._unit_sig is not None and sig != self._unit_sig and self._U > 0
+                if segs and (switch or sm.shape is not segs[0][1].shape):
+                    # the runs planned so far, first: the switch below reads the fluid state, and
+                    # one compiled call takes step models of one shape
+                    k_out = self._segments(segs, in_trace, h, p50, p99, util_acc,
+                                           (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output,
+                                            t_it, d_n, d_kv, d_units, sys_ok))
+                    (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output, t_it, d_n, d_kv, d_units,
+                     sys_ok) = k_out[:fluidkernel.N_FLUID]
+                    segs = []
+                if switch:
                     # the KV holders were switched (placement / tp): the old units drain with
                     # every sequence they hold, the new ones start empty; with the hand-over the
                     # new units first take what fits (the prefilling ones are theirs already)
@@ -350,12 +385,17 @@ class FastSimulator(Simulator):
                 B = float(layout.plan.ops["attn"].max_batch)
                 kv_cap = layout.unit_kv_tokens * U
             if kx is not None:
-                # the sub-steps up to the next replica becoming ready, compiled. A drain ending
-                # before then changes only what is paid (the timeline's draining units), which
-                # the sub-steps do not read, so it does not split the call: it is accounted here,
-                # before the call, at the sub-step boundary and in the order the loop's top would
-                # account it (the accounting reads the timeline and the last interval's busy
-                # shares, never the fluid state; session 29: one compiled call fewer per drain)
+                # the sub-steps up to the next replica becoming ready, compiled: planned here as a
+                # run of the interval's one compiled call (``segs``, made after the loop). The
+                # events between runs (a replica becoming ready: accounting, the timeline, the
+                # next layout) read the timeline and the last interval's busy shares, never the
+                # fluid state, so they are handled here, before the call, in the order the
+                # Python loop handles them; only a switch of the KV holders (above) needs the
+                # fluid state, and runs the call for the runs before it first (session 32: one
+                # call an interval instead of one a run). Likewise a drain ending changes only
+                # what is paid (the timeline's draining units), which the sub-steps do not read,
+                # so it does not end a run: it is accounted here, at the sub-step boundary and in
+                # the order the loop's top would account it (session 29)
                 s_end = s + 1
                 while s_end < S:
                     t_e = t0 + s_end * h
@@ -366,12 +406,8 @@ class FastSimulator(Simulator):
                         while self.drain_until and self.drain_until[0][0] <= t_e:
                             self.timeline.drained(self.drain_until.pop(0)[1])
                     s_end += 1
-                # (the first call of the interval, s == 0, zeroes its accumulators in the kernel)
-                k_out = self._substeps(layout, sm, s, s_end, in_trace, U, B, kv_cap, h, p50, p99, util_acc,
-                                       (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output,
-                                        t_it, d_n, d_kv, d_units, sys_ok))
-                (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output, t_it, d_n, d_kv, d_units,
-                 sys_ok) = k_out[:fluidkernel.N_FLUID]
+                # (the run from s == 0 zeroes the interval's accumulators in the kernel)
+                segs.append((layout, sm, s, s_end, U, B, kv_cap))
                 s = s_end
                 continue
             # arrivals of this sub-step join the queue
@@ -571,6 +607,12 @@ class FastSimulator(Simulator):
             self._last_T = T_dec
             s += 1
         if kx is not None:
+            if segs:
+                k_out = self._segments(segs, in_trace, h, p50, p99, util_acc,
+                                       (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output,
+                                        t_it, d_n, d_kv, d_units, sys_ok))
+                (q, q_prompt, q_output, n_dec, n_pre, backlog, kv, r_prompt, r_output, t_it, d_n, d_kv, d_units,
+                 sys_ok) = k_out[:fluidkernel.N_FLUID]
             (fin_ok, fin, kv_frac, ttft_w, ttft50_acc, ttft99, gaps_mix, gaps_dec, t_dec_acc, t_mix_acc, t_dec_max,
              t_full_acc, tpot_acc, m.rejected) = k_out[fluidkernel.IO_ACC:fluidkernel.IO_ACC + fluidkernel.N_ACC]
         self.q, self.q_prompt, self.q_output = q, q_prompt, q_output

@@ -48,20 +48,26 @@ N_STATE = 39
 # --- constants: float64 vector ----------------------------------------------------------------
 (CF_U, CF_B, CF_KV_CAP, CF_UNIT_KV, CF_C, CF_H, CF_SLO_TTFT, CF_MAX_WAIT, CF_P50, CF_P99, CF_SM) = range(11)
 
-# --- the per-call inputs of substeps_io: one float64 vector (integers are exact in it) -----------
+# --- the per-call inputs of segments_io: one float64 vector (integers are exact in it) ----------
 # the fluid state (N_FLUID slots), the last decode iteration, the interval's accumulators FIN_OK ..
-# REJECTED (outputs only), the ci and cf vectors, the contention factor, whether processes share
-# GPUs, then n busy shares of the interval so far and n of the last interval (both in the step
-# kernel's process order); the first IO_CI slots and the interval's busy shares are written back
-# when a call is done
+# REJECTED (outputs only), the interval's constants (IO_K ..), the number of segments and the
+# first one still to run, then n busy shares of the interval so far and n of the last interval
+# (both in the step kernel's process order), then one block of SEG_W slots per segment (SG_*:
+# its sub-steps, its step model's constants, where its arrays lie in the blobs); the first
+# IO_K slots and the interval's busy shares are written back when a call is done
 IO_LAST_T = N_FLUID
 IO_ACC = IO_LAST_T + 1
 N_ACC = REJECTED + 1 - FIN_OK
-IO_CI = IO_ACC + N_ACC
-IO_CF = IO_CI + 11
-IO_CONTENTION = IO_CF + 11
-IO_PEERS = IO_CONTENTION + 1
-IO_UTIL = IO_PEERS + 1
+(IO_K, IO_IN_TRACE, IO_LIMIT, IO_SUB, IO_C, IO_H, IO_SLO_TTFT, IO_MAX_WAIT, IO_P50, IO_P99, IO_CONTENTION,
+ IO_NSEG, IO_FIRST) = range(IO_ACC + N_ACC, IO_ACC + N_ACC + 13)
+IO_UTIL = IO_FIRST + 1
+# a segment's block: sub-steps s0 .. s1 - 1, units, remote, fill, signature id, busy-shares id,
+# units (float), batch limit, KV capacity, KV tokens per unit, step-model serial, whether
+# processes share GPUs, and the offsets in the blobs of its S array (and its length), of its
+# co-residence offsets (n + 1 of them) and indices, and of its shares
+(SG_S0, SG_S1, SG_UNITS, SG_REMOTE, SG_FILL, SG_SIG, SG_UKEY, SG_U, SG_B, SG_KV_CAP, SG_UNIT_KV, SG_SM,
+ SG_PEERS, SG_S_OFF, SG_S_LEN, SG_OFF_OFF, SG_IDX_OFF, SG_SHARE_OFF) = range(18)
+SEG_W = 18
 
 #: status of a call: done; an iteration time needs Python; a memo value had no busy shares
 DONE, NEEDS_PYTHON, EMPTY_BUSY = 0, -1, -2
@@ -392,36 +398,71 @@ if stepkernel.njit is not None:
         return DONE
 
     @njit(cache=True)
-    def substeps_io(io, x0, bd0, bm0, memo, table, Sa, Fa, off, idx, share, cnt, psum, osum, out, miss,
+    def segments_io(io, x0, bd0, bm0, memo, table, Fa, iblob, fblob, cnt, psum, osum, out, miss,
                     fail):  # noqa: ANN001, ANN202
-        """:func:`substeps` with its per-call inputs in ``io`` (IO_* slots), one vector from Python
-        instead of a dozen numpy and numba calls (each costs microseconds in an env step, whose
-        Python leaves the CPU's caches cold): copies the fluid state and the last decode iteration
-        into ``x0``, zeroes the interval's accumulators (and the draining units' operating point)
-        at its first sub-step, computes the slowdowns from the last interval's busy shares (=
-        ``StepKernel.slow_for``: ``_slowdowns`` over ``off`` / ``idx`` / ``share``, ones without
-        co-residence), runs the sub-steps, and when DONE writes the fluid state, the last decode
-        iteration, the accumulators and the interval's busy shares back into ``io``. Otherwise
-        ``io`` is as it was (call again)."""
+        """:func:`substeps` for each segment of an interval in turn (a segment: the sub-steps up to
+        the next replica becoming ready, under one serving layout), its inputs in ``io`` (IO_*
+        slots), one vector from Python instead of a dozen numpy and numba calls (each costs
+        microseconds in an env step, whose Python leaves the CPU's caches cold), and one call for
+        the segments of an interval instead of one each. The segments' step models share a shape
+        (processes, n, and the float table ``Fa``); each has its S array, co-residence offsets
+        and indices in ``iblob`` and its co-residence shares in ``fblob`` (StepKernel.blobs).
+
+        A call from the first segment (``io[IO_FIRST]`` 0) copies the fluid state and the last
+        decode iteration into ``x0``; a segment starting at sub-step 0 zeroes the interval's
+        accumulators (and the draining units' operating point); each segment computes its
+        slowdowns from the last interval's busy shares (= ``StepKernel.slow_for``: ``_slowdowns``,
+        ones without co-residence) and runs its sub-steps, which update ``x0``, ``bd0`` / ``bm0``
+        and the interval's busy shares (in ``io``) when done. A segment whose lookup needs Python
+        returns its status with its index in ``io[IO_FIRST]`` and ``fail`` holding the lookup's
+        arguments, the segments before it done: fill in what was missing, call again. When all
+        are DONE, the fluid state, the last decode iteration and the accumulators go back into
+        ``io``."""
         n = bd0.shape[0]
-        for i in range(N_FLUID):
-            x0[i] = io[i]
-        x0[LAST_T] = io[IO_LAST_T]
-        ci = np.empty(11, dtype=np.int64)
-        for i in range(11):
-            ci[i] = int(io[IO_CI + i])
-        if ci[CI_S0] == 0:  # (= FastSimulator._run zeroing them before an interval's first call)
-            x0[FIN_OK:D_OP_T + 1] = 0.0
-        cf = io[IO_CF:IO_CF + 11]
-        util0 = io[IO_UTIL:IO_UTIL + n]  # (a view: substeps writes the busy shares back into io)
-        slow = np.ones(n)
-        if io[IO_PEERS] != 0.0:
-            _slowdowns(io[IO_UTIL + n:IO_UTIL + 2 * n], off, idx, share, io[IO_CONTENTION], slow)
-        r = substeps(x0, bd0, bm0, util0, memo, table, Sa, Fa, slow, ci, cf, cnt, psum, osum, out, miss, fail)
-        if r == DONE:
+        nseg = int(io[IO_NSEG])
+        first = int(io[IO_FIRST])
+        if first == 0:
             for i in range(N_FLUID):
-                io[i] = x0[i]
-            io[IO_LAST_T] = x0[LAST_T]
-            for i in range(N_ACC):
-                io[IO_ACC + i] = x0[FIN_OK + i]
-        return r
+                x0[i] = io[i]
+            x0[LAST_T] = io[IO_LAST_T]
+        util0 = io[IO_UTIL:IO_UTIL + n]  # (a view: substeps writes the busy shares back into io)
+        last = io[IO_UTIL + n:IO_UTIL + 2 * n]
+        ci = np.empty(11, dtype=np.int64)
+        cf = np.empty(11, dtype=np.float64)
+        ci[CI_K], ci[CI_IN_TRACE], ci[CI_LIMIT], ci[CI_SUB] = (int(io[IO_K]), int(io[IO_IN_TRACE]),
+                                                               int(io[IO_LIMIT]), int(io[IO_SUB]))
+        cf[CF_C], cf[CF_H], cf[CF_SLO_TTFT], cf[CF_MAX_WAIT] = io[IO_C], io[IO_H], io[IO_SLO_TTFT], io[IO_MAX_WAIT]
+        cf[CF_P50], cf[CF_P99] = io[IO_P50], io[IO_P99]
+        contention = io[IO_CONTENTION]
+        slow = np.empty(n)
+        for j in range(first, nseg):
+            b = IO_UTIL + 2 * n + j * SEG_W
+            ci[CI_S0], ci[CI_S1], ci[CI_UNITS] = int(io[b + SG_S0]), int(io[b + SG_S1]), int(io[b + SG_UNITS])
+            ci[CI_REMOTE], ci[CI_FILL] = int(io[b + SG_REMOTE]), int(io[b + SG_FILL])
+            ci[CI_SIG], ci[CI_UKEY] = int(io[b + SG_SIG]), int(io[b + SG_UKEY])
+            cf[CF_U], cf[CF_B], cf[CF_KV_CAP], cf[CF_UNIT_KV] = io[b + SG_U], io[b + SG_B], io[b + SG_KV_CAP], \
+                io[b + SG_UNIT_KV]
+            cf[CF_SM] = io[b + SG_SM]
+            if ci[CI_S0] == 0:  # (= FastSimulator._run zeroing them before an interval's first sub-step)
+                x0[FIN_OK:D_OP_T + 1] = 0.0
+            s_off = int(io[b + SG_S_OFF])
+            Sa = iblob[s_off:s_off + int(io[b + SG_S_LEN])]
+            if io[b + SG_PEERS] != 0.0:
+                o_off = int(io[b + SG_OFF_OFF])
+                off = iblob[o_off:o_off + n + 1]
+                i_off = int(io[b + SG_IDX_OFF])
+                idx = iblob[i_off:i_off + off[n]]
+                sh_off = int(io[b + SG_SHARE_OFF])
+                _slowdowns(last, off, idx, fblob[sh_off:sh_off + off[n]], contention, slow)
+            else:
+                slow[:] = 1.0
+            r = substeps(x0, bd0, bm0, util0, memo, table, Sa, Fa, slow, ci, cf, cnt, psum, osum, out, miss, fail)
+            if r != DONE:
+                io[IO_FIRST] = j
+                return r
+        for i in range(N_FLUID):
+            io[i] = x0[i]
+        io[IO_LAST_T] = x0[LAST_T]
+        for i in range(N_ACC):
+            io[IO_ACC + i] = x0[FIN_OK + i]
+        return DONE

@@ -499,6 +499,7 @@ class StepKernel:
         self.out = np.zeros(2 + n, dtype=np.float64)
         self._slow: tuple = (None, self._ones)  # (util dict, slowdowns in procs order)
         self._peers: tuple | None = None         # the co-residence table as arrays (_peer_arrays)
+        self._blobs: tuple | None = None         # (S, offsets and indices; shares) for segments_io (blobs)
         self.memo_ids: tuple = (None, 0)         # (KernelMemo, this step model's signature id there)
 
     def slow_for(self, sm: Any, util: dict[str, float]) -> np.ndarray:
@@ -514,6 +515,19 @@ class StepKernel:
                 arr = self._ones
             self._slow = (util, arr)
         return self._slow[1]
+
+    def blobs(self, sm: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(:attr:`S`, then the co-residence offsets (n + 1) and indices of :meth:`_peer_arrays`, as
+        one int64 array; the co-residence shares), as ``fluidkernel.segments_io`` reads a segment
+        (made on first use; offsets all 0 and no indices without co-residence)."""
+        if self._blobs is None:
+            if sm._has_peers:
+                off, idx, share = self._peer_arrays(sm)
+            else:
+                off = np.zeros(len(self.procs) + 1, dtype=np.int64)
+                idx, share = off[:0], np.zeros(0, dtype=np.float64)
+            self._blobs = (np.concatenate((self.S, off, idx)), share)
+        return self._blobs
 
     def _peer_arrays(self, sm: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(offsets, indices into :attr:`procs`, shares): each process's co-resident shards as
@@ -560,7 +574,7 @@ class KernelMemo:
         shares, the busy shares the slowdowns are computed from) for lookups under ``layout`` /
         ``sm`` at the simulator's current busy shares (``FastSimulator._ukey``, updated here as
         ``_iter`` updates it). The compiled sub-steps compute the slowdowns themselves
-        (``fluidkernel.substeps_io``)."""
+        (``fluidkernel.segments_io``)."""
         uk = sim._ukey_for(layout)
         return (*self._ids(sm, uk), uk[1])
 

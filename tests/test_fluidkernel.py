@@ -94,3 +94,22 @@ def test_values_beyond_the_tables_are_timed_in_python_and_match(monkeypatch):
 def test_new_state_has_no_cached_operating_point():
     x = fluidkernel.new_state()
     assert x.shape == (fluidkernel.N_STATE,) and x[fluidkernel.REF_SM] == -1.0 and x[fluidkernel.LAST_T] == 0.05
+
+
+def test_runs_of_an_interval_share_one_call_and_resume_where_python_was_needed(monkeypatch):
+    """Replicas becoming ready inside an interval split it into runs of sub-steps, which go to the
+    compiled code in one call (session 32); a lookup that needs Python in a later run resumes the
+    call at that run, the runs before it done once. Cold tables make such returns frequent."""
+    seen = []
+    orig = fluidkernel.segments_io
+
+    def spy(io, *a):  # noqa: ANN001, ANN002, ANN202
+        r = orig(io, *a)
+        seen.append((int(io[fluidkernel.IO_NSEG]), int(io[fluidkernel.IO_FIRST]), r))
+        return r
+
+    monkeypatch.setattr(fluidkernel, "segments_io", spy)
+    a, b = _both(monkeypatch, 60, 1, 1, cold=True)
+    assert a == b
+    assert any(n > 1 and r == fluidkernel.DONE for n, _, r in seen)        # several runs in one call
+    assert any(first > 0 and r != fluidkernel.DONE for _, first, r in seen)  # a return in a later run
