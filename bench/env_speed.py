@@ -1,7 +1,7 @@
 """Fast-model env steps per second against a PPO MlpPolicy's action-prediction rate.
 
 Usage: ``python bench/env_speed.py [--steps 3000] [--rounds 3] [--warmup 0] [--baseline DIR] [--learner]
-[--train-share STEPS] [--gc-share] [--live] [--interleaved] [--json]``
+[--train-share STEPS] [--gc-share] [--live] [--replay STREAMS] [--interleaved] [--json]``
 
 Measures, on the same machine in one run:
 * env steps/s of ``opscale/OperatorScaling-v0`` (fast fidelity) under these action streams:
@@ -25,6 +25,8 @@ Measures, on the same machine in one run:
   caches and branch predictors to the policy, and the next step of the shipped policy's stream
   took some 3x longer here (about 1.6 ms against 0.5 ms; docs/SIMULATOR.md "Speed", session 27).
   ``--live`` times them live as before; ``--interleaved`` measures that case on purpose (below).
+  ``--replay train`` (any stream) records and replays others too: ``train``'s masked random draws
+  are numpy calls between two timed steps, and session 32's A/Bs of that stream were replays.
   A replay that does not end on the recording's last observation is reported (a tree that
   computes something else walks another trajectory with the same actions);
 * ``PPO("MlpPolicy").predict`` calls/s on one observation (torch with one thread), with SB3's
@@ -461,6 +463,8 @@ def main() -> int:
     p.add_argument("--live", action="store_true",
                    help=f"time the streams {RECORDED} live, their policy or controller between the timed steps "
                         "(before session 27: slower steps, see the module doc), not replayed")
+    p.add_argument("--replay", default="", metavar="STREAMS",
+                   help=f"comma-separated streams to record and replay besides {RECORDED} (e.g. train)")
     p.add_argument("--interleaved", action="store_true",
                    help="also alternate PPO predict and env.step in one loop per stream, as a rollout runs them "
                         "(current tree)")
@@ -468,9 +472,11 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     streams = [s for s in a.streams.split(",") if s]
-    bad = [s for s in streams if s not in STREAMS]
+    replayed = [s for s in a.replay.split(",") if s]
+    bad = [s for s in streams + replayed if s not in STREAMS]
     if bad:
         p.error(f"unknown stream(s) {bad}; choose from {STREAMS}")
+    replayed = set() if a.live else set(RECORDED) | set(replayed)
     trees = {"current": ROOT}
     if a.baseline is not None:
         if not (a.baseline / "envs" / "fast.py").is_file():
@@ -496,7 +502,7 @@ def main() -> int:
         for s in streams:
             n = _steps_for(s, a.steps)
             acts = None
-            if s in RECORDED and not a.live:  # drawn once per round by this tree, replayed by each
+            if s in replayed:  # drawn once per round by this tree, replayed by each
                 acts = str(Path(tmp.name) / f"{s}-{r}.npz")
                 _run(ROOT, f"record:{s}:{acts}", n + a.warmup)
             for t, root in trees.items():
@@ -518,7 +524,7 @@ def main() -> int:
                       "ratio_to_predict_nochecks": float(np.median(v)) / pred_nc,
                       "ratio_to_learner": float(np.median(v)) / learn if learn else None,
                       "rounds": [round(x, 1) for x in v],
-                      "replayed": s in RECORDED and not a.live,
+                      "replayed": s in replayed,
                       "same_trajectory": same[t][s]} for s, v in rates[t].items()}
     if a.baseline is not None:
         out["speedup"] = {s: out["current"][s]["steps_per_s"] / out["baseline"][s]["steps_per_s"] for s in streams}

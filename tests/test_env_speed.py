@@ -212,6 +212,31 @@ def test_bench_replays_a_recorded_stream_onto_the_same_trajectory(monkeypatch, t
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_bench_replay_option_records_and_replays_another_stream(monkeypatch, capsys):
+    """``--replay train`` records train.py's stream once per round and replays it (session 32's
+    A/Bs), the result marked replayed and on the recording's trajectory; an unknown name is refused."""
+    import json
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import env_speed
+
+    def in_process(root, what, steps, warmup=0, gc_off=False, actions=None):  # noqa: ANN001, ANN202
+        out = env_speed._measure(what, steps, warmup, gc_off, actions)[what]
+        return out if isinstance(out, dict) else float(out)
+
+    monkeypatch.setattr(env_speed, "_run", in_process)
+    monkeypatch.setattr(sys, "argv", ["env_speed.py", "--streams", "train", "--replay", "train", "--rounds", "1",
+                                      "--steps", "200", "--no-reference", "--json"])
+    assert env_speed.main() == 0
+    got = json.loads(capsys.readouterr().out)["current"]["train"]
+    assert got["replayed"] is True and got["same_trajectory"] == [True] and got["steps_per_s"] > 0
+    monkeypatch.setattr(sys, "argv", ["env_speed.py", "--streams", "train", "--replay", "bogus"])
+    with pytest.raises(SystemExit):
+        env_speed.main()
+    assert "unknown stream(s) ['bogus']" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_bench_interleaved_times_predict_and_step_in_one_loop(monkeypatch, tmp_path):
     import torch
 
