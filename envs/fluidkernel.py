@@ -3,9 +3,9 @@ numba, bit for bit.
 
 Session 20 compiled the iteration-time memo (envs/stepkernel.py), but each of the 10-15 lookups
 of an env step still crossed into compiled code from Python (about 3 us a call) and the fluid
-arithmetic around them stayed in Python (docs/SIMULATOR.md "Speed"). Here a whole run of
-sub-steps without an event (no replica becoming ready, no drain ending: the usual case is the
-whole interval) is one compiled call, which makes its lookups through
+arithmetic around them stayed in Python (docs/SIMULATOR.md "Speed"). Here the sub-steps of an
+interval are one compiled call (:func:`segments_io`; one call per run of sub-steps between
+replicas becoming ready until session 32), which makes its lookups through
 :func:`envs.stepkernel._memo_iter` directly.
 
 Exactness: every operation is the IEEE double operation the Python loop makes, in the same order;
