@@ -240,13 +240,13 @@ class FastSimulator(Simulator):
         io += [last_util.get(p, 0.0) for p in procs]
         if len(segs) == 1:
             iblob, fblob = k0.blobs(segs[0][1])
-            io += self._segment_block(segs[0], ks[0], 0, 0, n)
+            io += self._segment_block(segs[0], ks[0], 0, 0)
         else:
             iblobs, fblobs = [], []
             i_at = f_at = 0
             for seg, kk in zip(segs, ks):
                 ib, fb = kk[0].blobs(seg[1])
-                io += self._segment_block(seg, kk, i_at, f_at, n)
+                io += self._segment_block(seg, kk, i_at, f_at)
                 iblobs.append(ib)
                 fblobs.append(fb)
                 i_at += len(ib)
@@ -274,14 +274,13 @@ class FastSimulator(Simulator):
         return out
 
     @staticmethod
-    def _segment_block(seg: tuple, kk: tuple, i_at: int, f_at: int, n: int) -> list:
+    def _segment_block(seg: tuple, kk: tuple, i_at: int, f_at: int) -> list:
         """A segment's SEG_W slots of ``fluidkernel.segments_io``'s vector (SG_* order); its blobs
         start at ``i_at`` / ``f_at`` in the call's."""
         layout, sm, s0, s1, U, B, kv_cap = seg
         k, sig_id, ukey_id, _ = kk
-        s_len = len(k.S)
         return [s0, s1, layout.units, sm.remote, sm.fill, sig_id, ukey_id, U, B, kv_cap, layout.unit_kv_tokens,
-                k.serial, sm._has_peers, i_at, s_len, i_at + s_len, i_at + s_len + n + 1, f_at]
+                k.serial, sm._has_peers, i_at, len(k.S), f_at]
 
     # ------------------------------------------------------------------ one interval
     def _run(self, t0: float, t1: float) -> IntervalMetrics:

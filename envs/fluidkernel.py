@@ -63,11 +63,11 @@ N_ACC = REJECTED + 1 - FIN_OK
 IO_UTIL = IO_FIRST + 1
 # a segment's block: sub-steps s0 .. s1 - 1, units, remote, fill, signature id, busy-shares id,
 # units (float), batch limit, KV capacity, KV tokens per unit, step-model serial, whether
-# processes share GPUs, and the offsets in the blobs of its S array (and its length), of its
-# co-residence offsets (n + 1 of them) and indices, and of its shares
+# processes share GPUs, where its int blob starts in ``iblob`` and its S array's length (the blob
+# is StepKernel.blobs' [S, n + 1 co-residence offsets, indices]), where its shares start in ``fblob``
 (SG_S0, SG_S1, SG_UNITS, SG_REMOTE, SG_FILL, SG_SIG, SG_UKEY, SG_U, SG_B, SG_KV_CAP, SG_UNIT_KV, SG_SM,
- SG_PEERS, SG_S_OFF, SG_S_LEN, SG_OFF_OFF, SG_IDX_OFF, SG_SHARE_OFF) = range(18)
-SEG_W = 18
+ SG_PEERS, SG_S_OFF, SG_S_LEN, SG_SHARE_OFF) = range(16)
+SEG_W = SG_SHARE_OFF + 1
 
 #: status of a call: done; an iteration time needs Python; a memo value had no busy shares
 DONE, NEEDS_PYTHON, EMPTY_BUSY = 0, -1, -2
@@ -446,12 +446,11 @@ if stepkernel.njit is not None:
             if ci[CI_S0] == 0:  # (= FastSimulator._run zeroing them before an interval's first sub-step)
                 x0[FIN_OK:D_OP_T + 1] = 0.0
             s_off = int(io[b + SG_S_OFF])
-            Sa = iblob[s_off:s_off + int(io[b + SG_S_LEN])]
+            o_off = s_off + int(io[b + SG_S_LEN])  # (the blob: S, offsets, indices)
+            Sa = iblob[s_off:o_off]
             if io[b + SG_PEERS] != 0.0:
-                o_off = int(io[b + SG_OFF_OFF])
                 off = iblob[o_off:o_off + n + 1]
-                i_off = int(io[b + SG_IDX_OFF])
-                idx = iblob[i_off:i_off + off[n]]
+                idx = iblob[o_off + n + 1:o_off + n + 1 + off[n]]
                 sh_off = int(io[b + SG_SHARE_OFF])
                 _slowdowns(last, off, idx, fblob[sh_off:sh_off + off[n]], contention, slow)
             else:
