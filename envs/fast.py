@@ -256,8 +256,8 @@ class FastSimulator(Simulator):
         cnt, psum, osum = self._sub_np
         fail = self._kfail  # (written whole before the kernel asks for Python; read only then)
         while True:
-            r = fk.segments_io(io, self._kx, self._kbd, self._kbm, kern.memo, k0.kt.table, k0.F, iblob, fblob,
-                               cnt, psum, osum, k0.out, kern._miss, fail)
+            r = fk.segments_io(io, self._kx, self._kbd, self._kbm, kern.memo.arrays, k0.kt.table.arrays, k0.F,
+                               iblob, fblob, cnt, psum, osum, k0.out, kern._miss, fail)
             if r == fk.DONE:
                 break
             j = int(io[fk.IO_FIRST])

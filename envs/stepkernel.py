@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from envs.kernelhash import LatencyTable, MemoTable, memo_find, memo_put, table_get
+
 try:  # numba is a dependency; without it (or with OPSCALE_KERNEL=0) the Python path runs
-    from numba import njit, types
-    from numba.typed import Dict
+    from numba import njit
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     njit = None
 
@@ -50,7 +51,7 @@ _HEADER = 9
 class KernelTables:
     """The predictor's latencies as the compiled code reads them (one per ExecutionPredictor).
 
-    ``table`` maps a packed key to ms; ``tids`` numbers the (group, tp, phase) curves and the
+    ``table`` maps a packed key to ms (an :class:`envs.kernelhash.LatencyTable`); ``tids`` numbers the (group, tp, phase) curves and the
     send/recv curve (``"send"``).
 
     Filling is the cold cost of the compiled path: each missing key costs a call back into Python
@@ -72,7 +73,7 @@ class KernelTables:
 
     def __init__(self, pred: Any) -> None:
         self.pred = pred
-        self.table = Dict.empty(key_type=types.int64, value_type=types.float64)
+        self.table = LatencyTable()
         self.tids: dict[Any, int] = {}
         self.curves: list[Any] = []
         #: whether fills prefetch (see the class docstring); off for good after a mismatch or
@@ -106,8 +107,7 @@ class KernelTables:
             else:
                 g, tp, phase = curve
                 values.append(p._group(g, tok, ctx, batch, tp, phase))
-        _table_put(self.table, keys, np.asarray(values, dtype=np.float64))  # (a typed dict's own
-        # setitem from Python is dispatched and compiled per process: slower by far)
+        self.table.put(keys, np.asarray(values, dtype=np.float64))
         if self.prefetch:
             self._prefetch(keys.tolist(), values)
 
@@ -149,7 +149,7 @@ class KernelTables:
             if any(x in at and at[x] != v for x, v in asked):  # (compared bit for bit; never NaN)
                 self.prefetch = False
                 return
-            _table_put_new(self.table, (tid << 56) | (batches << 40) | (ctxs << 20) | toks, got)
+            self.table.put((tid << 56) | (batches << 40) | (ctxs << 20) | toks, got, overwrite=False)
 
     def _vector(self, curve: Any, toks: np.ndarray, ctxs: np.ndarray, batches: np.ndarray) -> np.ndarray:
         """ms of ``curve`` at each (token count, context, batch) of ``toks`` / ``ctxs`` / ``batches``
@@ -205,26 +205,14 @@ if njit is not None:
         return int(round(n / step)) * step
 
     @njit(cache=True)
-    def _table_put(table, keys, values):  # noqa: ANN001, ANN202
-        for i in range(keys.shape[0]):
-            table[keys[i]] = values[i]
-
-    @njit(cache=True)
-    def _table_put_new(table, keys, values):  # noqa: ANN001, ANN202
-        """Add the ``keys`` the table lacks (a prefetch never overwrites a value)."""
-        for i in range(keys.shape[0]):
-            if keys[i] not in table:
-                table[keys[i]] = values[i]
-
-    @njit(cache=True)
     def _get(table, miss, state, tid, tok, ctx, batch):  # noqa: ANN001, ANN202
-        """Latency of a table key; a missing key is recorded in ``miss`` (state[0] counts them)
+        """Latency of a table key (``table``: a LatencyTable's arrays); a missing key is recorded in ``miss`` (state[0] counts them)
         and an out-of-range one sets state[1]; both return 0.0 (the call is then redone)."""
         if tok >= _TOK_LIMIT or ctx >= _CTX_LIMIT or batch >= _BATCH_LIMIT:
             state[1] = 1
             return 0.0
         key = (tid << 56) | (batch << 40) | (ctx << 20) | tok
-        v = table.get(key, np.nan)
+        v = table_get(table, key)
         if v != v:
             if state[0] < miss.shape[0]:
                 miss[state[0]] = key
@@ -357,20 +345,6 @@ if njit is not None:
         return ms, busy
 
     @njit(cache=True)
-    def _memo_put(memo, key, value, limit):  # noqa: ANN001, ANN202
-        """= envs.memo.put: drop the oldest half (insertion order) when full, then insert."""
-        if len(memo) >= limit:
-            n = max(limit // 2, 1)
-            old = []
-            for k in memo.keys():
-                if len(old) >= n:
-                    break
-                old.append(k)
-            for k in old:
-                del memo[k]
-        memo[key] = value
-
-    @njit(cache=True)
     def _memo_key(sig_id, ukey_id, units, remote, n_dec, ctx, chunk, n_pre, bg_chunk, prompt, extra):  # noqa: ANN001, ANN202
         """= FastSimulator._iter's memo key, with ids for the signature and the rounded busy shares."""
         return (sig_id, int(round(n_dec)), _quantise(ctx), _quantise(chunk), int(math.ceil(n_pre)), _quantise(prompt),
@@ -381,14 +355,15 @@ if njit is not None:
     def _memo_iter(memo, table, S, F, slow, limit, sig_id, ukey_id, units, remote, n_dec, ctx, chunk, n_pre,
                    bg_chunk, prompt, extra, out, miss):  # noqa: ANN001, ANN202
         """= FastSimulator._iter: the memo's value for these inputs into ``out`` ([seconds, 1.0 if
-        the busy dict is empty else 0.0, busy share per process...]). Returns 0 when done, n > 0
+        the busy dict is empty else 0.0, busy share per process...]; ``memo``: a MemoTable's
+        arrays, ``table``: a LatencyTable's). Returns 0 when done, n > 0
         when n table keys are missing (the first ones in ``miss``: fill them, call again), -1 for a
         value beyond the tables or an iteration of 0 ms (Python computes it and stores it with
-        ``_memo_put``)."""
+        ``MemoTable.put``)."""
         key = _memo_key(sig_id, ukey_id, units, remote, n_dec, ctx, chunk, n_pre, bg_chunk, prompt, extra)
-        hit = memo.get(key)
-        if hit is not None:
-            out[:] = hit
+        e = memo_find(memo, key)
+        if e >= 0:
+            out[:] = memo[1][e, :out.shape[0]]
             return 0
         nd, cp, npre = float(key[1]), float(key[3]), float(key[4])
         bg = float(key[6]) if remote else cp
@@ -399,7 +374,7 @@ if njit is not None:
         value = np.zeros(2 + n_procs)
         if nd + cp <= 0:  # StepResult(0.0, {})
             value[1] = 1.0
-            _memo_put(memo, key, value, limit)
+            memo_put(memo, key, value, limit)
             out[:] = value
             return 0
         state = np.zeros(2, dtype=np.int64)
@@ -412,7 +387,7 @@ if njit is not None:
         value[0] = ms / 1000.0
         for i in range(n_procs):
             value[2 + i] = min(busy[i] / ms, 1.0)
-        _memo_put(memo, key, value, limit)
+        memo_put(memo, key, value, limit)
         out[:] = value
         return 0
 
@@ -559,7 +534,7 @@ class KernelMemo:
 
     def __init__(self, limit: int = 32_768) -> None:
         self.limit = int(limit)
-        self.memo = Dict.empty(key_type=types.UniTuple(types.int64, 10), value_type=types.float64[:])
+        self.memo = MemoTable(self.limit)
         self.sig_ids: dict[tuple, int] = {}
         self.ukey_ids: dict[tuple, int] = {}
         self._uk: tuple = (None, 0)  # (the simulator's last ukey tuple, its id)
@@ -583,6 +558,7 @@ class KernelMemo:
         if k is None:
             k = sm._kernel = StepKernel(sm)
         if k.memo_ids[0] is not self:
+            self.memo.ensure_width(2 + len(k.procs))
             k.memo_ids = (self, self.sig_ids.setdefault(sm.signature, len(self.sig_ids)))
         if self._uk[0] is not uk:
             self._uk = (uk, self.ukey_ids.setdefault(uk[2], len(self.ukey_ids)))
@@ -607,7 +583,7 @@ class KernelMemo:
         value[1] = 0.0 if busy else 1.0
         for i, p in enumerate(k.procs):
             value[2 + i] = busy.get(p, 0.0)
-        _memo_put(self.memo, key, value, self.limit)
+        self.memo.put(key, value)
         k.out[:] = value
 
     def lookup(self, sim: Any, layout: Any, sm: Any, uk: tuple, n_dec: float, ctx: float, chunk: float, n_pre: float,
@@ -617,7 +593,7 @@ class KernelMemo:
         args = (sig_id, ukey_id, layout.units, sm.remote, float(n_dec), float(ctx), float(chunk),
                 float(n_pre), float(bg_chunk), float(prompt), float(extra))
         while True:
-            r = _memo_iter(self.memo, k.kt.table, k.S, k.F, slow, self.limit, *args, k.out, self._miss)
+            r = _memo_iter(self.memo.arrays, k.kt.table.arrays, k.S, k.F, slow, self.limit, *args, k.out, self._miss)
             if r == 0:
                 break
             self.resolve(sim, layout, sm, k, args, r)
@@ -633,17 +609,16 @@ def _warm() -> None:
     if _WARM:
         return
     _WARM = True
-    memo = Dict.empty(key_type=types.UniTuple(types.int64, 10), value_type=types.float64[:])
-    table = Dict.empty(key_type=types.int64, value_type=types.float64)
+    memo, table = MemoTable(4), LatencyTable()
     # one local group in one stage, no hops, embed and head local, one micro-batch count
     S = np.asarray([1, 1, 1, 0, 0, 1, 0, 1, 1] + [1, 0, 0, 1, 1] + [0, 0, 1] + [0] + [0, 1, 0, 1] * 2 + [1],
                    dtype=np.int64)
     F = np.asarray([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     out, miss = np.zeros(3), np.empty(_MISS_MAX, dtype=np.int64)
     args = (0, 0, 1, False, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    n = _memo_iter(memo, table, S, F, np.ones(1), 4, *args, out, miss)
-    _table_put(table, miss[:n], np.ones(n))
-    _table_put_new(table, miss[:n], np.ones(n))
-    _memo_put(memo, _memo_key(*args), out, 4)
+    n = _memo_iter(memo.arrays, table.arrays, S, F, np.ones(1), 4, *args, out, miss)
+    table.put(miss[:n], np.ones(n))
+    table.put(miss[:n], np.ones(n), overwrite=False)
+    memo.put(_memo_key(*args), out)
     _slowdowns(np.ones(1), np.asarray([0, 1, 1], dtype=np.int64), np.zeros(1, dtype=np.int64), np.ones(1), 0.1,
                np.zeros(2))
