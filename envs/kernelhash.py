@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from envs.kernelcache import drop_stale_caches
+
+drop_stale_caches()  # (before any kernel loads its cached code: see envs/kernelcache.py)
+
 try:  # numba is a dependency; without it the kernels (and these tables) are not used
     from numba import njit
 except ImportError:  # pragma: no cover - exercised only where numba is missing
@@ -28,6 +32,8 @@ EMPTY = -1
 #: key width of the memo (``stepkernel._memo_key``'s tuple)
 MEMO_KEY = 10
 _MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 (2**64 / golden ratio) as an int64
+_M1 = -4658895280553007687    # 0xBF58476D1CE4E5B9 as an int64
+_M2 = -7723592293110705685    # 0x94D049BB133111EB as an int64
 _SEED = 0x27D4EB2F165667C5
 
 
@@ -40,9 +46,16 @@ def _pow2_at_least(n: int) -> int:
 
 if njit is not None:
     @njit(cache=True)
-    def _slot(h, mask):  # noqa: ANN001, ANN202
-        h *= _MIX  # (int64 products wrap in compiled code)
-        return (h ^ (h >> 29)) & mask
+    def _mix(z):  # noqa: ANN001, ANN202
+        """splitmix64's finaliser (int64 products wrap in compiled code): every bit of ``z``
+        reaches the low bits the slot is taken from (the packed keys differ in their top bits)."""
+        z = (z ^ (z >> 30)) * _M1
+        z = (z ^ (z >> 27)) * _M2
+        return z ^ (z >> 31)
+
+    @njit(cache=True)
+    def _slot(key, mask):  # noqa: ANN001, ANN202
+        return _mix(key) & mask
 
     @njit(cache=True)
     def table_get(table, key):  # noqa: ANN001, ANN202
@@ -87,7 +100,7 @@ if njit is not None:
         h = _SEED
         for j in range(MEMO_KEY):
             h = (h ^ key[j]) * _MIX
-        return h ^ (h >> 32)
+        return _mix(h)
 
     @njit(cache=True)
     def _memo_index(mk, ix, e):  # noqa: ANN001, ANN202
@@ -96,7 +109,7 @@ if njit is not None:
         h = _SEED
         for j in range(MEMO_KEY):
             h = (h ^ mk[e, j]) * _MIX
-        i = (h ^ (h >> 32)) & mask
+        i = _mix(h) & mask
         while ix[i] != EMPTY:
             i = (i + 1) & mask
         ix[i] = e
