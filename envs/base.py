@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.colocation import gpu_busy
 from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
 from envs.cluster import ClusterTimeline
 from envs.memo import RecurringTable, freeze_gc_once
-from envs.predictor import ExecutionPredictor, power_percent
+from envs.predictor import ExecutionPredictor
 from envs.scenario import Scenario
 from envs.world import MODEL, Layout, Placer, StepModel, StepShape
 
@@ -190,22 +189,29 @@ class Simulator(ABC):
         if span <= 0:
             return
         util = self.util if util is None else util
-        paid = self.timeline.gpus(self._acc_t)
-        layout = self.serving_layout(self._acc_t)
+        tl = self.timeline
+        paid = tl.gpus(self._acc_t)
+        layout = tl.serving(self._acc_t)[1]
         cached = self._watts  # (layout, busy shares, watts of its GPUs): util dicts are replaced, never mutated
         if cached[0] is layout and cached[1] is util:
             watts = cached[2]
         else:
             watts = 0.0
             pw = self._power_pct  # (pw[power_percent(u)] = self.pred.power_w(u))
+            get = util.get
             for c in layout.gpus:
-                watts += c.count * pw[power_percent(min(gpu_busy(c.procs, util), 1.0))]
+                # = envs.predictor.power_percent(min(runtime.colocation.gpu_busy(c.procs, util), 1.0)),
+                # written out (an accounting runs at each replica becoming ready: 4.8 a step of
+                # train.py's stream; tests/test_colocation.py checks the energy by hand)
+                u = 0.0
+                for proc, k in c.procs.items():
+                    u += k * get(proc, 0.0)
+                watts += c.count * pw[int(round((0.0 if u < 0.0 else (1.0 if u > 1.0 else u)) * 100))]
             self._watts = (layout, util, watts)
         extra = paid - layout.n_gpus  # GPUs paid beyond the serving layout's: loading or draining, idle
         if extra > 0:
             watts += extra * self._idle_w
         self.gpu_seconds += paid * span
-        tl = self.timeline
         if tl.draining_units:  # as ClusterTimeline.gpus charges them, within what is paid beyond the target
             self.drain_gpu_seconds += min(tl.draining_units * max(tl.target.unit_tp, 1),
                                           max(paid - tl.target.n_gpus, 0)) * span

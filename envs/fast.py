@@ -337,7 +337,7 @@ class FastSimulator(Simulator):
                     self.account(t)
                     self.timeline.advance(t)
                     next_ready = self.timeline.next_ready(t)
-                layout = self.serving_layout(t + 0.5 * h)
+                layout = self.timeline.serving(t + 0.5 * h)[1]  # (= self.serving_layout)
                 sm = self.step_model(layout)
                 sig = (layout.plan.ops["attn"].placement, layout.unit_tp)
                 switch = self._unit_sig is not None and sig != self._unit_sig and self._U > 0

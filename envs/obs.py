@@ -74,15 +74,22 @@ class FastObservationEncoder:
         slo_tbt = max(state.slo.tbt_s, 1e-9)
         slo_ttft = max(state.slo.ttft_s, 1e-9)
         mr = c.max_replicas
+        levels = self._level_cache
+        log1p = math.log1p
         for g in OPERATOR_GROUPS:
             op = state.operators[g]
             pl = op.placement
-            vals += (op.replicas / mr, op.pending_replicas / mr, self._level(op.max_batch),
+            level = levels.get(op.max_batch)
+            rate, queue, util, tp = op.arrival_rate / 1000.0, op.queue_len / 100.0, op.utilisation, op.tp
+            # (_sq and _clip01 written out: this loop runs once an env step for each group)
+            vals += (op.replicas / mr, op.pending_replicas / mr,
+                     self._level(op.max_batch) if level is None else level,
                      1.0 if pl == PLACEMENTS[0] else 0.0, 1.0 if pl == PLACEMENTS[1] else 0.0,
                      1.0 if pl == PLACEMENTS[2] else 0.0,
-                     _sq(op.arrival_rate / 1000.0), _sq(op.queue_len / 100.0), _clip01(op.utilisation),
+                     log1p(rate) if rate > 0 else 0.0, log1p(queue) if queue > 0 else 0.0,
+                     0.0 if util < 0.0 else (1.0 if util > 1.0 else util),
                      min(op.latency_p50_s / slo_tbt, 10.0), min(op.latency_p99_s / slo_tbt, 10.0),
-                     _sq(op.tp) / _LOG9)
+                     (log1p(tp) if tp > 0 else 0.0) / _LOG9)
         vals += (min(state.ttft_p50_s / slo_ttft, 10.0), min(state.ttft_p99_s / slo_ttft, 10.0),
                  min(state.tbt_p50_s / slo_tbt, 10.0), min(state.tbt_p99_s / slo_tbt, 10.0),
                  _clip01(state.slo_attainment), state.gpus_in_use / c.max_gpus,

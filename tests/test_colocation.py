@@ -67,3 +67,6 @@ def test_power_charges_every_packed_replica():
     sim.account(10.0, {"attn": 0.2})
     # FakeDB power: 100 + 300 u per GPU; the shared GPU carries 3 x 0.2, the others idle
     assert sim.energy_j == pytest.approx(10.0 * (n * 100.0 + 300.0 * 3 * 0.2))
+    # three shards busy 0.5 each: the GPU's load caps at 1 (full power), the others stay idle
+    sim.account(15.0, {"attn": 0.5})
+    assert sim.energy_j - 10.0 * (n * 100.0 + 300.0 * 3 * 0.2) == pytest.approx(5.0 * (n * 100.0 + 300.0))
