@@ -277,11 +277,12 @@ class Simulator(ABC):
         ops = {}
         k = self.k - 1
         rate = (self._tok_sum[k] / self.dt) if 0 <= k < self.n_intervals else 0.0
-        target_ops = tl.target_plan.ops
+        target_ops = tl.target.plan.ops  # (= tl.target_plan)
+        mono = layout.mono
         for g in OPERATOR_GROUPS:
             op = serving.ops[g]
             target = target_ops[g]
-            proc = layout.proc_of(g)
+            proc = MODEL if g in mono else g  # (= layout.proc_of(g))
             ops[g] = OperatorState(
                 replicas=op.replicas, max_batch=target.max_batch, placement=target.placement, tp=target.tp,
                 pending_replicas=tl.pending(g, self.now),

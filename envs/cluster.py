@@ -120,20 +120,26 @@ class ClusterTimeline:
         tl = self.groups[g]
         if tl.switch_at is not None and now < tl.switch_at and tl.old is not None:
             return tl.old
-        return OperatorPlan(*self._serving_fields(g, now))
+        return OperatorPlan(*self._serving_fields(now)[OPERATOR_GROUPS.index(g)])
 
-    def _serving_fields(self, g: str, now: float) -> tuple[int, int, str, int]:
-        """``serving_op(g, now)``'s (replicas, max_batch, placement, tp), without building it."""
-        tl = self.groups[g]
-        if tl.switch_at is not None and now < tl.switch_at and tl.old is not None:
-            op = tl.old
-            return op.replicas, op.max_batch, op.placement, op.tp
-        n = 0
-        for r in tl.ready:
-            if r <= now:
-                n += 1
-        op = tl.op
-        return max(n, 1), op.max_batch, op.placement, op.tp
+    def _serving_fields(self, now: float) -> tuple[tuple[int, int, str, int], ...]:
+        """Each group's (replicas, max_batch, placement, tp) of ``serving_op(g, now)``, in
+        OPERATOR_GROUPS order, without building them (one call for all groups: a serving state
+        is looked up at each replica becoming ready)."""
+        fields = []
+        for g in OPERATOR_GROUPS:
+            tl = self.groups[g]
+            if tl.switch_at is not None and now < tl.switch_at and tl.old is not None:
+                op = tl.old
+                fields.append((op.replicas, op.max_batch, op.placement, op.tp))
+                continue
+            n = 0
+            for r in tl.ready:
+                if r <= now:
+                    n += 1
+            op = tl.op
+            fields.append((max(n, 1), op.max_batch, op.placement, op.tp))
+        return tuple(fields)
 
     def serving_plan(self, now: float) -> Plan:
         """Per group the replicas serving at ``now`` (see :meth:`serving`)."""
@@ -151,7 +157,7 @@ class ClusterTimeline:
             cache = self._cache = []
         # the placer's shared Plan object for these fields (``Placer.serving``): the serving plans
         # of successive intervals repeat, and the identity caches downstream (step model) then hit
-        pair = self.placer.serving(tuple([self._serving_fields(g, now) for g in OPERATOR_GROUPS]))
+        pair = self.placer.serving(self._serving_fields(now))
         if len(cache) >= 4:
             del cache[0]
         cache.append((*self._bounds(now), pair))
@@ -198,10 +204,11 @@ class ClusterTimeline:
 
     def pending(self, g: str, now: float) -> int:
         """Replicas of ``g`` loading at ``now``."""
-        tl = self.groups[g]
-        if not tl.ready or tl.ready[-1] <= now and max(tl.ready) <= now:
-            return 0
-        return sum(1 for r in tl.ready if r > now)
+        n = 0
+        for r in self.groups[g].ready:  # (a loop: a generator cost more, called for each group each step)
+            if r > now:
+                n += 1
+        return n
 
     def gpus(self, now: float) -> int:
         """GPUs paid for at ``now``.
