@@ -139,8 +139,10 @@ if njit is not None:
         """Insert a new ``key`` with ``row`` (its first ``len(row)`` values; the row width is
         the caller's) = ``envs.memo.put``: at ``limit`` entries, first drop the oldest half."""
         mk, mv, ix, count = memo
+        if row.shape[0] > mv.shape[1]:  # (numba does not check bounds: refuse rather than write past)
+            raise ValueError("memo row wider than the table's rows: MemoTable.ensure_width first")
         n = count[0]
-        if n >= limit:
+        if n >= limit or n >= mk.shape[0]:  # (the rows are ``limit`` long; the second is a guard)
             drop = max(limit // 2, 1)
             n -= drop
             for e in range(n):  # (forward, element by element: the ranges overlap)

@@ -51,8 +51,8 @@ _HEADER = 9
 class KernelTables:
     """The predictor's latencies as the compiled code reads them (one per ExecutionPredictor).
 
-    ``table`` maps a packed key to ms (an :class:`envs.kernelhash.LatencyTable`); ``tids`` numbers the (group, tp, phase) curves and the
-    send/recv curve (``"send"``).
+    ``table`` maps a packed key to ms (an :class:`envs.kernelhash.LatencyTable`); ``tids``
+    numbers the (group, tp, phase) curves and the send/recv curve (``"send"``).
 
     Filling is the cold cost of the compiled path: each missing key costs a call back into Python
     and a restart of the compiled sub-steps, and one profile query (some 200 us) per key. So a
@@ -206,8 +206,9 @@ if njit is not None:
 
     @njit(cache=True)
     def _get(table, miss, state, tid, tok, ctx, batch):  # noqa: ANN001, ANN202
-        """Latency of a table key (``table``: a LatencyTable's arrays); a missing key is recorded in ``miss`` (state[0] counts them)
-        and an out-of-range one sets state[1]; both return 0.0 (the call is then redone)."""
+        """Latency of a table key (``table``: a LatencyTable's arrays); a missing key is recorded
+        in ``miss`` (state[0] counts them) and an out-of-range one sets state[1]; both return 0.0
+        (the call is then redone)."""
         if tok >= _TOK_LIMIT or ctx >= _CTX_LIMIT or batch >= _BATCH_LIMIT:
             state[1] = 1
             return 0.0
@@ -356,10 +357,9 @@ if njit is not None:
                    bg_chunk, prompt, extra, out, miss):  # noqa: ANN001, ANN202
         """= FastSimulator._iter: the memo's value for these inputs into ``out`` ([seconds, 1.0 if
         the busy dict is empty else 0.0, busy share per process...]; ``memo``: a MemoTable's
-        arrays, ``table``: a LatencyTable's). Returns 0 when done, n > 0
-        when n table keys are missing (the first ones in ``miss``: fill them, call again), -1 for a
-        value beyond the tables or an iteration of 0 ms (Python computes it and stores it with
-        ``MemoTable.put``)."""
+        arrays, ``table``: a LatencyTable's). Returns 0 when done, n > 0 when n table keys are
+        missing (the first ones in ``miss``: fill them, call again), -1 for a value beyond the
+        tables or an iteration of 0 ms (Python computes it and stores it with ``MemoTable.put``)."""
         key = _memo_key(sig_id, ukey_id, units, remote, n_dec, ctx, chunk, n_pre, bg_chunk, prompt, extra)
         e = memo_find(memo, key)
         if e >= 0:

@@ -68,3 +68,12 @@ def test_memo_keeps_envs_memo_puts_entries_in_order(limit, ops, width):
     assert memo.keys() == list(ref)
     assert [memo.get(k)[:width].tolist() for k in memo.keys()] == list(ref.values())
     assert len(memo) == len(ref) <= limit
+
+
+def test_a_memo_row_wider_than_the_table_is_refused():
+    from envs.kernelhash import memo_put
+
+    memo = MemoTable(4, width=3)
+    with pytest.raises(ValueError, match="memo row wider than the table's rows"):
+        memo_put(memo.arrays, tuple(range(10)), np.zeros(4), 4)
+    assert len(memo) == 0
