@@ -204,8 +204,11 @@ class ClusterTimeline:
 
     def pending(self, g: str, now: float) -> int:
         """Replicas of ``g`` loading at ``now``."""
+        ready = self.groups[g].ready
+        if not ready or ready[-1] <= now and max(ready) <= now:
+            return 0
         n = 0
-        for r in self.groups[g].ready:  # (a loop: a generator cost more, called for each group each step)
+        for r in ready:  # (a loop: a generator cost more, called for each group each step)
             if r > now:
                 n += 1
         return n
