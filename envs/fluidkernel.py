@@ -89,6 +89,7 @@ if stepkernel.njit is not None:
     njit = stepkernel.njit
     _memo_iter = stepkernel._memo_iter
     _slowdowns = stepkernel._slowdowns
+    _work_size = stepkernel._work_size
 
     @njit(cache=True)
     def _max(a: float, b: float) -> float:  # Python's max(a, b)
@@ -108,10 +109,10 @@ if stepkernel.njit is not None:
 
     @njit(cache=True)
     def _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, chunk, n_pre, bg, prompt, extra, out, miss,
-              fail):  # noqa: ANN001, ANN202
+              fail, work):  # noqa: ANN001, ANN202
         """= FastSimulator._iter into ``out``; a non-zero status leaves the arguments in ``fail``."""
         r = _memo_iter(memo, table, Sa, Fa, slow, ci[CI_LIMIT], ci[CI_SIG], ci[CI_UKEY], ci[CI_UNITS],
-                       ci[CI_REMOTE] != 0, n_dec, ctx, chunk, n_pre, bg, prompt, extra, out, miss)
+                       ci[CI_REMOTE] != 0, n_dec, ctx, chunk, n_pre, bg, prompt, extra, out, miss, work)
         if r == 0 and out[1] != 0.0:
             r = EMPTY_BUSY
         if r != 0:
@@ -126,22 +127,22 @@ if stepkernel.njit is not None:
 
     @njit(cache=True)
     def _dec_iter(memo, table, Sa, Fa, slow, ci, C, n_dec, ctx, bg, prompt, extra, out, miss, fail,
-                  busy):  # noqa: ANN001, ANN202
+                  busy, work):  # noqa: ANN001, ANN202
         """= FastSimulator._dec_iter: (status, seconds); the busy shares into ``busy``."""
         U = ci[CI_UNITS]
         n = busy.shape[0]
         if not (ci[CI_FILL] != 0 and ci[CI_REMOTE] != 0) or bg <= 0 or U <= 1:
-            r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, bg, prompt, extra, out, miss, fail)
+            r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, bg, prompt, extra, out, miss, fail, work)
             busy[:] = out[2:2 + n]
             return r, out[0]
         fb = _min(bg / C, 1.0)
         p0 = (1.0 - fb) ** float(U - 1)
         if p0 >= 1.0:
-            r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra, out, miss, fail)
+            r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra, out, miss, fail, work)
             busy[:] = out[2:2 + n]
             return r, out[0]
         r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, bg / (1.0 - p0), prompt, extra, out, miss,
-                  fail)
+                  fail, work)
         if r != 0:
             return r, 0.0
         t_mix = out[0]
@@ -149,7 +150,7 @@ if stepkernel.njit is not None:
         if p0 <= 0.0:
             busy[:] = b_mix
             return 0, t_mix
-        r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra, out, miss, fail)
+        r = _look(memo, table, Sa, Fa, slow, ci, n_dec, ctx, 0.0, 0.0, 0.0, prompt, extra, out, miss, fail, work)
         if r != 0:
             return r, 0.0
         t_dec = out[0]
@@ -159,17 +160,18 @@ if stepkernel.njit is not None:
 
     @njit(cache=True)
     def substeps(x0, bd0, bm0, util0, memo, table, Sa, Fa, slow, ci, cf, cnt, psum, osum, out, miss,
-                 fail):  # noqa: ANN001, ANN202, C901
+                 fail, work, x, bd, bm, util):  # noqa: ANN001, ANN202, C901
         """Sub-steps ``ci[CI_S0]`` .. ``ci[CI_S1] - 1`` of interval ``ci[CI_K]`` (= the body of
         FastSimulator._run's loop). State ``x0``, the cached busy shares ``bd0`` / ``bm0`` and the
         interval's accumulated busy shares ``util0`` (all in the step kernel's process order) are
         updated in place when the call returns DONE, left as they were otherwise (then ``fail``
         holds the lookup's arguments: fill the tables (status > 0) or time it in Python
-        (NEEDS_PYTHON) and call again)."""
-        x = x0.copy()
-        bd = bd0.copy()
-        bm = bm0.copy()
-        util = util0.copy()
+        (NEEDS_PYTHON) and call again). ``x``, ``bd``, ``bm``, ``util``: the caller's scratch of
+        their shapes, the working copies; ``work``: :func:`envs.stepkernel._memo_iter`'s."""
+        x[:] = x0
+        bd[:] = bd0
+        bm[:] = bm0
+        util[:] = util0
         n = bd.shape[0]
         k, s0, s1, in_trace, n_sub = ci[CI_K], ci[CI_S0], ci[CI_S1], ci[CI_IN_TRACE] != 0, ci[CI_SUB]
         remote = ci[CI_REMOTE] != 0
@@ -240,11 +242,11 @@ if stepkernel.njit is not None:
                         or abs(bg - ref_bg) > (0.1 * ref_bg if ref_bg > 320.0 else 32.0) \
                         or abs(d_n - ref_dn) > (0.1 * ref_dn if ref_dn > 20.0 else 2.0):
                     r, T_dec = _dec_iter(memo, table, Sa, Fa, slow, ci, C, _max(nd_u, 1.0), ctx, bg,
-                                                   r_prompt, d_n, out, miss, fail, bd)
+                                                   r_prompt, d_n, out, miss, fail, bd, work)
                     if r != 0:
                         return r
                     r = _look(memo, table, Sa, Fa, slow, ci, nd_u, ctx, C, _max(npre_u, 1.0), bg, r_prompt, d_n,
-                              out, miss, fail)
+                              out, miss, fail, work)
                     if r != 0:
                         return r
                     T_full = out[0]
@@ -274,7 +276,7 @@ if stepkernel.njit is not None:
                 fb = _min(bg / C, 1.0)
                 bg99 = C * _min(1.0, fb + _Z99 * math.sqrt(_max(fb * (1 - fb), 0.0) / U))
                 r = _look(memo, table, Sa, Fa, slow, ci, nd_u, ctx, C, _max(npre_u, 1.0), bg99, r_prompt, d_n,
-                          out, miss, fail)
+                          out, miss, fail, work)
                 if r != 0:
                     return r
                 T_full99 = out[0]
@@ -351,7 +353,7 @@ if stepkernel.njit is not None:
                 d_nd = x[D_OP_ND]
                 if x[D_OP] == 0.0 or abs(nd_d - d_nd) > (0.1 * d_nd if d_nd > 20.0 else 2.0):
                     r = _look(memo, table, Sa, Fa, slow, ci, _max(nd_d, 1.0), ctx, 0.0, 0.0, bg, r_prompt,
-                              _max(d_n - nd_d, 0.0), out, miss, fail)
+                              _max(d_n - nd_d, 0.0), out, miss, fail, work)
                     if r != 0:
                         return r
                     x[D_OP], x[D_OP_ND], x[D_OP_T] = 1.0, nd_d, out[0]
@@ -428,13 +430,19 @@ if stepkernel.njit is not None:
         util0 = io[IO_UTIL:IO_UTIL + n]  # (a view: substeps writes the busy shares back into io)
         last = io[IO_UTIL + n:IO_UTIL + 2 * n]
         ci = np.empty(11, dtype=np.int64)
-        cf = np.empty(11, dtype=np.float64)
+        # the floats as one scratch (each array allocated in an env step costs: session 34):
+        # substeps' working copies of x0, bd0, bm0, util0, then the slowdowns and cf
+        m = x0.shape[0]
+        buf = np.empty(m + 4 * n + 11)
+        xs, bds, bms, utils = buf[:m], buf[m:m + n], buf[m + n:m + 2 * n], buf[m + 2 * n:m + 3 * n]
+        slow = buf[m + 3 * n:m + 4 * n]
+        cf = buf[m + 4 * n:]
         ci[CI_K], ci[CI_IN_TRACE], ci[CI_LIMIT], ci[CI_SUB] = (int(io[IO_K]), int(io[IO_IN_TRACE]),
                                                                int(io[IO_LIMIT]), int(io[IO_SUB]))
         cf[CF_C], cf[CF_H], cf[CF_SLO_TTFT], cf[CF_MAX_WAIT] = io[IO_C], io[IO_H], io[IO_SLO_TTFT], io[IO_MAX_WAIT]
         cf[CF_P50], cf[CF_P99] = io[IO_P50], io[IO_P99]
         contention = io[IO_CONTENTION]
-        slow = np.empty(n)
+        work = np.empty(0)  # (_memo_iter's scratch, sized at the first segment: one shape for all)
         for j in range(first, nseg):
             b = IO_UTIL + 2 * n + j * SEG_W
             ci[CI_S0], ci[CI_S1], ci[CI_UNITS] = int(io[b + SG_S0]), int(io[b + SG_S1]), int(io[b + SG_UNITS])
@@ -448,6 +456,8 @@ if stepkernel.njit is not None:
             s_off = int(io[b + SG_S_OFF])
             o_off = s_off + int(io[b + SG_S_LEN])  # (the blob: S, offsets, indices)
             Sa = iblob[s_off:o_off]
+            if work.shape[0] < _work_size(Sa):
+                work = np.empty(_work_size(Sa))
             if io[b + SG_PEERS] != 0.0:
                 off = iblob[o_off:o_off + n + 1]
                 idx = iblob[o_off + n + 1:o_off + n + 1 + off[n]]
@@ -455,7 +465,8 @@ if stepkernel.njit is not None:
                 _slowdowns(last, off, idx, fblob[sh_off:sh_off + off[n]], contention, slow)
             else:
                 slow[:] = 1.0
-            r = substeps(x0, bd0, bm0, util0, memo, table, Sa, Fa, slow, ci, cf, cnt, psum, osum, out, miss, fail)
+            r = substeps(x0, bd0, bm0, util0, memo, table, Sa, Fa, slow, ci, cf, cnt, psum, osum, out, miss, fail,
+                         work, xs, bds, bms, utils)
             if r != DONE:
                 io[IO_FIRST] = j
                 return r

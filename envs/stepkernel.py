@@ -207,26 +207,29 @@ if njit is not None:
     @njit(cache=True)
     def _get(table, miss, state, tid, tok, ctx, batch):  # noqa: ANN001, ANN202
         """Latency of a table key (``table``: a LatencyTable's arrays); a missing key is recorded
-        in ``miss`` (state[0] counts them) and an out-of-range one sets state[1]; both return 0.0
-        (the call is then redone)."""
+        in ``miss`` (``state[0]`` counts them, a float) and an out-of-range one sets ``state[1]``;
+        both return 0.0 (the call is then redone)."""
         if tok >= _TOK_LIMIT or ctx >= _CTX_LIMIT or batch >= _BATCH_LIMIT:
-            state[1] = 1
+            state[1] = 1.0
             return 0.0
         key = (tid << 56) | (batch << 40) | (ctx << 20) | tok
         v = table_get(table, key)
         if v != v:
-            if state[0] < miss.shape[0]:
-                miss[state[0]] = key
-            state[0] += 1
+            c = int(state[0])
+            if c < miss.shape[0]:
+                miss[c] = key
+            state[0] = c + 1.0
             return 0.0
         return v
 
     @njit(cache=True)
     def _iteration(table, miss, state, S, F, slow, n_dec, ctx_dec, p_tok, ctx_pre, n_pre, tot_tokens,
-                   tot_seqs):  # noqa: ANN001, ANN202, C901
+                   tot_seqs, work):  # noqa: ANN001, ANN202, C901
         """= StepModel.iteration for ``n_dec + p_tok > 0``: (iteration ms, busy ms per process in
-        StepKernel.procs order). A missing table key is recorded in ``miss`` / ``state[0]``, one
-        beyond the table in ``state[1]``; the result is then meaningless (the caller redoes it)."""
+        StepKernel.procs order, a view into ``work``). A missing table key is recorded in ``miss`` /
+        ``state[0]``, one beyond the table in ``state[1]``; the result is then meaningless (the
+        caller redoes it). ``work``: scratch of at least :func:`_work_size` floats (its arrays are
+        carved from it: the compiled code allocates nothing per iteration timed)."""
         tokens = n_dec + p_tok
         if tot_tokens < tokens:
             tot_tokens = tokens
@@ -240,11 +243,13 @@ if njit is not None:
         o_ends = o_ops + n_ops
         o_m = o_ends + 8
         slack = F[n_ops]
-        ms_m = np.empty(n_m)
-        busy_m = np.zeros((n_m, n_procs))
-        gts = np.empty(n_g)
-        share = np.empty(n_g)
-        stage_ms = np.empty(n_st)
+        ms_m = work[:n_m]
+        busy_m = work[n_m:n_m + n_m * n_procs].reshape((n_m, n_procs))
+        busy_m[:] = 0.0
+        w = n_m + n_m * n_procs
+        gts = work[w:w + n_g]
+        share = work[w + n_g:w + 2 * n_g]
+        stage_ms = work[w + 2 * n_g:w + 2 * n_g + n_st]
         for mi in range(n_m):
             m = S[o_m + mi]
             tok_m = tokens / m
@@ -318,7 +323,7 @@ if njit is not None:
                     best = mi
                     break
         total = ms_m[best]
-        busy = busy_m[best].copy()
+        busy = busy_m[best]  # (a view: only this row is read from here on)
         for e in range(2):  # embed, then head: once per step, local or one hop away
             tid, local, proc, r = S[o_ends + 4 * e], S[o_ends + 4 * e + 1], S[o_ends + 4 * e + 2], S[o_ends + 4 * e + 3]
             tok = tokens if e == 0 else n_dec + n_pre
@@ -353,13 +358,22 @@ if njit is not None:
                 _quantise(extra) if remote else 0)
 
     @njit(cache=True)
+    def _work_size(S):  # noqa: ANN001, ANN202
+        """Floats of scratch :func:`_memo_iter` needs for a step kernel's ``S`` (state, the memo
+        value, then :func:`_iteration`'s arrays)."""
+        n_g, n_st, n_m, n_procs = S[_H_GROUPS], S[_H_STAGES], S[_H_M], S[_H_PROCS]
+        return 2 + (2 + n_procs) + n_m + n_m * n_procs + 2 * n_g + n_st
+
+    @njit(cache=True)
     def _memo_iter(memo, table, S, F, slow, limit, sig_id, ukey_id, units, remote, n_dec, ctx, chunk, n_pre,
-                   bg_chunk, prompt, extra, out, miss):  # noqa: ANN001, ANN202
+                   bg_chunk, prompt, extra, out, miss, work):  # noqa: ANN001, ANN202
         """= FastSimulator._iter: the memo's value for these inputs into ``out`` ([seconds, 1.0 if
         the busy dict is empty else 0.0, busy share per process...]; ``memo``: a MemoTable's
         arrays, ``table``: a LatencyTable's). Returns 0 when done, n > 0 when n table keys are
         missing (the first ones in ``miss``: fill them, call again), -1 for a value beyond the
-        tables or an iteration of 0 ms (Python computes it and stores it with ``MemoTable.put``)."""
+        tables or an iteration of 0 ms (Python computes it and stores it with ``MemoTable.put``).
+        ``work``: scratch of at least :func:`_work_size` floats (reused from call to call: an
+        array allocated here per iteration timed cost some 0.3 us in all, session 34)."""
         key = _memo_key(sig_id, ukey_id, units, remote, n_dec, ctx, chunk, n_pre, bg_chunk, prompt, extra)
         e = memo_find(memo, key)
         if e >= 0:
@@ -371,19 +385,23 @@ if njit is not None:
         tot_tokens = cp + nd + (units - 1) * (nd + bg) + ex
         tot_seqs = units * nd + npre + (units - 1) * (npre if bg > 0 else 0.0) + ex
         n_procs = S[_H_PROCS]
-        value = np.zeros(2 + n_procs)
+        if work.shape[0] < _work_size(S):  # (numba does not check bounds: refuse rather than write past)
+            raise ValueError("memo scratch smaller than _work_size(S)")
+        state = work[:2]
+        value = work[2:4 + n_procs]
+        value[:] = 0.0
         if nd + cp <= 0:  # StepResult(0.0, {})
             value[1] = 1.0
             memo_put(memo, key, value, limit)
             out[:] = value
             return 0
-        state = np.zeros(2, dtype=np.int64)
+        state[:] = 0.0
         ms, busy = _iteration(table, miss, state, S, F, slow, nd, float(key[2]), cp, float(key[5]), npre, tot_tokens,
-                              tot_seqs)
-        if state[1] != 0 or (state[0] == 0 and ms == 0.0):
+                              tot_seqs, work[4 + n_procs:])
+        if state[1] != 0.0 or (state[0] == 0.0 and ms == 0.0):
             return -1
-        if state[0] > 0:
-            return state[0]
+        if state[0] > 0.0:
+            return int(state[0])
         value[0] = ms / 1000.0
         for i in range(n_procs):
             value[2 + i] = min(busy[i] / ms, 1.0)
@@ -472,6 +490,8 @@ class StepKernel:
         self._ones = np.ones(n, dtype=np.float64)
         #: the last memo value (see _memo_iter)
         self.out = np.zeros(2 + n, dtype=np.float64)
+        #: scratch of the compiled lookups (_memo_iter's ``work``)
+        self.work = np.zeros(_work_size(self.S))
         self._slow: tuple = (None, self._ones)  # (util dict, slowdowns in procs order)
         self._peers: tuple | None = None         # the co-residence table as arrays (_peer_arrays)
         self._blobs: tuple | None = None         # (S, offsets and indices; shares) for segments_io (blobs)
@@ -593,7 +613,8 @@ class KernelMemo:
         args = (sig_id, ukey_id, layout.units, sm.remote, float(n_dec), float(ctx), float(chunk),
                 float(n_pre), float(bg_chunk), float(prompt), float(extra))
         while True:
-            r = _memo_iter(self.memo.arrays, k.kt.table.arrays, k.S, k.F, slow, self.limit, *args, k.out, self._miss)
+            r = _memo_iter(self.memo.arrays, k.kt.table.arrays, k.S, k.F, slow, self.limit, *args, k.out, self._miss,
+                           k.work)
             if r == 0:
                 break
             self.resolve(sim, layout, sm, k, args, r)
@@ -616,7 +637,7 @@ def _warm() -> None:
     F = np.asarray([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     out, miss = np.zeros(3), np.empty(_MISS_MAX, dtype=np.int64)
     args = (0, 0, 1, False, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    n = _memo_iter(memo.arrays, table.arrays, S, F, np.ones(1), 4, *args, out, miss)
+    n = _memo_iter(memo.arrays, table.arrays, S, F, np.ones(1), 4, *args, out, miss, np.zeros(_work_size(S)))
     table.put(miss[:n], np.ones(n))
     table.put(miss[:n], np.ones(n), overwrite=False)
     memo.put(_memo_key(*args), out)
