@@ -59,14 +59,14 @@ if njit is not None:
 
     @njit(cache=True)
     def table_get(table, key):  # noqa: ANN001, ANN202
-        """The value of ``key`` in a latency table ``(keys, values)``, NaN when it is missing."""
-        tk, tv = table
-        mask = tk.shape[0] - 1
+        """The value of ``key`` in a latency table (its ``arrays``), NaN when it is missing."""
+        ks, fs = table
+        mask = ks.shape[0] - 1
         i = _slot(key, mask)
         while True:
-            k = tk[i]
+            k = ks[i, 0]
             if k == key:
-                return tv[i]
+                return fs[i, 1]
             if k == EMPTY:
                 return np.nan
             i = (i + 1) & mask
@@ -75,25 +75,44 @@ if njit is not None:
     def table_put(table, keys, values, overwrite):  # noqa: ANN001, ANN202
         """Store ``values`` under ``keys`` (a key present keeps its value unless ``overwrite``);
         returns how many keys were new. The caller leaves room (:meth:`LatencyTable.put`)."""
-        tk, tv = table
-        mask = tk.shape[0] - 1
+        ks, fs = table
+        mask = ks.shape[0] - 1
         new = 0
         for j in range(keys.shape[0]):
             key = keys[j]
             i = _slot(key, mask)
             while True:
-                k = tk[i]
+                k = ks[i, 0]
                 if k == key:
                     if overwrite:
-                        tv[i] = values[j]
+                        fs[i, 1] = values[j]
                     break
                 if k == EMPTY:
-                    tk[i] = key
-                    tv[i] = values[j]
+                    ks[i, 0] = key
+                    fs[i, 1] = values[j]
                     new += 1
                     break
                 i = (i + 1) & mask
         return new
+
+    @njit(cache=True)
+    def table_missing(table, keys):  # noqa: ANN001, ANN202
+        """How many of ``keys`` are not in the table (a key repeated in ``keys`` counts each time)."""
+        ks = table[0]
+        mask = ks.shape[0] - 1
+        n = 0
+        for j in range(keys.shape[0]):
+            key = keys[j]
+            i = _slot(key, mask)
+            while True:
+                k = ks[i, 0]
+                if k == key:
+                    break
+                if k == EMPTY:
+                    n += 1
+                    break
+                i = (i + 1) & mask
+        return n
 
     @njit(cache=True)
     def _memo_hash(key):  # noqa: ANN001, ANN202
@@ -103,13 +122,10 @@ if njit is not None:
         return _mix(h)
 
     @njit(cache=True)
-    def _memo_index(mk, ix, e):  # noqa: ANN001, ANN202
-        """Enter entry ``e`` (its key in ``mk[e]``) into the index ``ix``."""
+    def _memo_index(mh, ix, e):  # noqa: ANN001, ANN202
+        """Enter entry ``e`` (its key's hash in ``mh[e]``) into the index ``ix``."""
         mask = ix.shape[0] - 1
-        h = _SEED
-        for j in range(MEMO_KEY):
-            h = (h ^ mk[e, j]) * _MIX
-        i = _mix(h) & mask
+        i = mh[e] & mask
         while ix[i] != EMPTY:
             i = (i + 1) & mask
         ix[i] = e
@@ -118,7 +134,7 @@ if njit is not None:
     def memo_find(memo, key):  # noqa: ANN001, ANN202
         """The entry index of ``key`` (a tuple of MEMO_KEY int64) in ``memo``, -1 when missing;
         its row is ``memo[1][index]``."""
-        mk, _, ix, _ = memo
+        mk, _, ix, _, _ = memo
         mask = ix.shape[0] - 1
         i = _memo_hash(key) & mask
         while True:
@@ -138,7 +154,7 @@ if njit is not None:
     def memo_put(memo, key, row, limit):  # noqa: ANN001, ANN202
         """Insert a new ``key`` with ``row`` (its first ``len(row)`` values; the row width is
         the caller's) = ``envs.memo.put``: at ``limit`` entries, first drop the oldest half."""
-        mk, mv, ix, count = memo
+        mk, mv, ix, count, mh = memo
         if row.shape[0] > mv.shape[1]:  # (numba does not check bounds: refuse rather than write past)
             raise ValueError("memo row wider than the table's rows: MemoTable.ensure_width first")
         n = count[0]
@@ -150,28 +166,40 @@ if njit is not None:
                     mk[e, j] = mk[e + drop, j]
                 for j in range(mv.shape[1]):
                     mv[e, j] = mv[e + drop, j]
+                mh[e] = mh[e + drop]
             ix[:] = EMPTY
             for e in range(n):
-                _memo_index(mk, ix, e)
+                _memo_index(mh, ix, e)
         for j in range(MEMO_KEY):
             mk[n, j] = key[j]
         for j in range(row.shape[0]):
             mv[n, j] = row[j]
-        _memo_index(mk, ix, n)
+        mh[n] = _memo_hash(key)
+        _memo_index(mh, ix, n)
         count[0] = n + 1
 
 
 class LatencyTable:
     """Packed int64 key (>= 0) -> float64, grown by doubling before it is half full.
 
-    ``arrays`` is what the compiled code takes (re-read it after a :meth:`put`: growing replaces
-    it).
+    ``arrays`` is what the compiled code takes: the slots as int64 ``[capacity, 2]`` (key, then
+    the value's bits) and the same memory as float64 (the value at ``[i, 1]``), so that a probe
+    reads one cache line (re-read ``arrays`` after a :meth:`put`: growing replaces it).
     """
 
     def __init__(self, capacity: int = 1 << 12) -> None:
-        cap = _pow2_at_least(capacity)
-        self.arrays = (np.full(cap, EMPTY, dtype=np.int64), np.zeros(cap, dtype=np.float64))
+        self.arrays = self._empty(_pow2_at_least(capacity))
         self.n = 0
+
+    @staticmethod
+    def _empty(cap: int) -> tuple[np.ndarray, np.ndarray]:
+        ks = np.full((cap, 2), EMPTY, dtype=np.int64)
+        return ks, ks.view(np.float64)
+
+    @property
+    def capacity(self) -> int:
+        """Slots (a power of two, at least twice the entries)."""
+        return self.arrays[0].shape[0]
 
     def __len__(self) -> int:
         return self.n
@@ -182,21 +210,22 @@ class LatencyTable:
         keys = np.ascontiguousarray(keys, dtype=np.int64)
         if keys.size and int(keys.min()) < 0:
             raise ValueError(f"latency table keys must be >= 0, got {int(keys.min())}")
-        need = self.n + len(keys)
-        if 2 * need > len(self.arrays[0]):
-            self._grow(_pow2_at_least(4 * need))
+        if 2 * (self.n + len(keys)) > self.capacity:  # (room is sized on the keys new: a
+            need = self.n + table_missing(self.arrays, keys)  # prefetch repeats many present)
+            if 2 * need > self.capacity:
+                self._grow(_pow2_at_least(3 * need))
         self.n += table_put(self.arrays, keys, np.ascontiguousarray(values, dtype=np.float64), overwrite)
 
     def _grow(self, cap: int) -> None:
-        tk, tv = self.arrays
-        live = tk != EMPTY
-        self.arrays = (np.full(cap, EMPTY, dtype=np.int64), np.zeros(cap, dtype=np.float64))
-        table_put(self.arrays, tk[live], tv[live], True)
+        ks, fs = self.arrays
+        live = ks[:, 0] != EMPTY
+        self.arrays = self._empty(cap)
+        table_put(self.arrays, ks[live, 0], fs[live, 1], True)
 
     def keys(self) -> list[int]:
         """The keys (in slot order)."""
-        tk = self.arrays[0]
-        return tk[tk != EMPTY].tolist()
+        k = self.arrays[0][:, 0]
+        return k[k != EMPTY].tolist()
 
     def __contains__(self, key: int) -> bool:
         v = table_get(self.arrays, int(key))
@@ -213,8 +242,8 @@ class MemoTable:
     """Key of :data:`MEMO_KEY` int64 -> a row of float64, in insertion order, at most ``limit``
     entries (the oldest half dropped when full, as :func:`envs.memo.put`).
 
-    ``arrays`` = (keys [limit, MEMO_KEY], rows [limit, width], index, count [1]) is what the
-    compiled code takes; rows are ``width`` wide (:meth:`ensure_width` widens them, replacing
+    ``arrays`` = (keys [limit, MEMO_KEY], rows [limit, width], index, count [1], each key's hash
+    [limit]) is what the compiled code takes; rows are ``width`` wide (:meth:`ensure_width` widens them, replacing
     ``arrays``), and an entry uses as many as its writer gave.
     """
 
@@ -224,7 +253,7 @@ class MemoTable:
         self.limit = int(limit)
         self.arrays = (np.zeros((self.limit, MEMO_KEY), dtype=np.int64), np.zeros((self.limit, width)),
                        np.full(_pow2_at_least(2 * self.limit), EMPTY, dtype=np.int64),
-                       np.zeros(1, dtype=np.int64))
+                       np.zeros(1, dtype=np.int64), np.zeros(self.limit, dtype=np.int64))
 
     def __len__(self) -> int:
         return int(self.arrays[3][0])
@@ -235,11 +264,11 @@ class MemoTable:
 
     def ensure_width(self, width: int) -> None:
         """Rows at least ``width`` wide (the entries kept)."""
-        mk, mv, ix, count = self.arrays
+        mk, mv, ix, count, mh = self.arrays
         if mv.shape[1] < width:
             wide = np.zeros((self.limit, width))
             wide[:, :mv.shape[1]] = mv
-            self.arrays = (mk, wide, ix, count)
+            self.arrays = (mk, wide, ix, count, mh)
 
     def put(self, key: tuple, row: np.ndarray) -> None:
         """Insert a new ``key`` (see :func:`memo_put`)."""

@@ -37,6 +37,19 @@ def test_latency_table_answers_as_a_dict_while_it_grows():
         table[missing[0]]
 
 
+def test_latency_table_grows_on_the_keys_that_are_new():
+    """A prefetch asks for a grid of keys most of which are present: the table grows for the new
+    ones only (session 33's table grew on all keys asked: 131,072 slots for 18,900 entries)."""
+    table = LatencyTable(capacity=8)
+    table.put(np.arange(2000), np.ones(2000))
+    assert table.capacity == 8192  # (the power of two >= 3 x 2000)
+    table.put(np.arange(1000, 4000), np.full(3000, 2.0), overwrite=False)  # 2,000 present, 1,000 new
+    assert len(table) == 4000 and table.capacity == 8192  # 2 x 4000 <= 8192: no growth
+    assert table[1500] == 1.0 and table[3999] == 2.0
+    table.put(np.arange(4000, 4100), np.zeros(100))  # past half full: grows
+    assert len(table) == 4100 and table.capacity == 16384 and table[0] == 1.0 and table[4050] == 0.0
+
+
 def test_latency_table_refuses_a_negative_key():
     with pytest.raises(ValueError, match="latency table keys must be >= 0, got -3"):
         LatencyTable().put(np.asarray([5, -3]), np.asarray([1.0, 2.0]))
