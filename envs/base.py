@@ -122,7 +122,8 @@ class Simulator(ABC):
         # placements and step models are pure functions of the plan: share them across
         # simulators of one scenario (the env builds one simulator per episode)
         self.cache = cache if cache is not None else {}
-        self.placer = self.cache.setdefault("placer", Placer(scenario, pred))
+        placer = self.cache.get("placer")  # (not setdefault: its argument, a Placer, would be built each time)
+        self.placer = placer if placer is not None else self.cache.setdefault("placer", Placer(scenario, pred))
         self.dt = float(scenario.interval_s)
         self.arrival = np.asarray(trace.arrival_s, dtype=np.float64)
         prompt = np.maximum(np.asarray(trace.prompt_tokens, dtype=np.int64), 1)
