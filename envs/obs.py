@@ -22,10 +22,6 @@ _LOG9 = math.log(9.0)
 _INT64 = np.dtype(np.int64)
 
 
-def _sq(x: float) -> float:
-    return math.log1p(x) if x > 0 else 0.0
-
-
 def _in_box(x: float, high: float) -> float:
     """What ``np.clip(np.nan_to_num(float32 array, nan=0.0), 0.0, high)`` makes of the entry
     ``np.float32(x)``, for an ``x`` outside [0, ``high``) (inside, it is ``x`` itself, as float32
@@ -41,10 +37,6 @@ def _in_box(x: float, high: float) -> float:
     if x < -1.0:  # (negative in float32 too: 0.0; and no float32 overflow below)
         return 0.0
     return -0.0 if float(np.float32(x)) == 0.0 else 0.0
-
-
-def _clip01(x: float) -> float:
-    return 0.0 if x < 0.0 else (1.0 if x > 1.0 else x)
 
 
 class FastObservationEncoder:
@@ -81,7 +73,7 @@ class FastObservationEncoder:
             pl = op.placement
             level = levels.get(op.max_batch)
             rate, queue, util, tp = op.arrival_rate / 1000.0, op.queue_len / 100.0, op.utilisation, op.tp
-            # (_sq and _clip01 written out: this loop runs once an env step for each group)
+            # (the codec's squash log1p(max(x, 0)) and clip to [0, 1] written out: this runs each env step)
             vals += (op.replicas / mr, op.pending_replicas / mr,
                      self._level(op.max_batch) if level is None else level,
                      1.0 if pl == PLACEMENTS[0] else 0.0, 1.0 if pl == PLACEMENTS[1] else 0.0,
@@ -90,12 +82,15 @@ class FastObservationEncoder:
                      0.0 if util < 0.0 else (1.0 if util > 1.0 else util),
                      min(op.latency_p50_s / slo_tbt, 10.0), min(op.latency_p99_s / slo_tbt, 10.0),
                      (log1p(tp) if tp > 0 else 0.0) / _LOG9)
+        # (squash and clip written out, as above)
+        att, kvf = state.slo_attainment, state.kv_used_frac
+        nq, nr, pm = state.queued_requests, state.running_requests, state.prompt_tokens_mean
         vals += (min(state.ttft_p50_s / slo_ttft, 10.0), min(state.ttft_p99_s / slo_ttft, 10.0),
                  min(state.tbt_p50_s / slo_tbt, 10.0), min(state.tbt_p99_s / slo_tbt, 10.0),
-                 _clip01(state.slo_attainment), state.gpus_in_use / c.max_gpus,
-                 state.power_w / (c.max_gpus * c.gpu_peak_w), _clip01(state.kv_used_frac),
-                 _sq(state.queued_requests) / 5.0, _sq(state.running_requests) / 5.0,
-                 _sq(state.prompt_tokens_mean) / 10.0)
+                 0.0 if att < 0.0 else (1.0 if att > 1.0 else att), state.gpus_in_use / c.max_gpus,
+                 state.power_w / (c.max_gpus * c.gpu_peak_w), 0.0 if kvf < 0.0 else (1.0 if kvf > 1.0 else kvf),
+                 (log1p(nq) if nq > 0 else 0.0) / 5.0, (log1p(nr) if nr > 0 else 0.0) / 5.0,
+                 (log1p(pm) if pm > 0 else 0.0) / 10.0)
         hist = state.request_rate_history  # (an array in the simulators: read as Python floats, same values)
         hist = (hist.tolist() if isinstance(hist, np.ndarray) else list(hist))[-c.history_len:]
         pad = self.size - len(vals) - len(hist)
