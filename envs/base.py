@@ -244,7 +244,7 @@ class Simulator(ABC):
             raise RuntimeError("call reset(plan) before step()")
         w0 = time.perf_counter()
         self.last_repairs = []
-        target = self.timeline.target_plan
+        target = self.timeline.target.plan  # (= target_plan)
         if plan is not None and plan is not target and plan != target:
             try:
                 self.account(self.now)
@@ -280,13 +280,14 @@ class Simulator(ABC):
         rate = (self._tok_sum[k] / self.dt) if 0 <= k < self.n_intervals else 0.0
         target_ops = tl.target.plan.ops  # (= tl.target_plan)
         mono = layout.mono
-        for g in OPERATOR_GROUPS:
+        pending = tl.pending_all(self.now)
+        for i, g in enumerate(OPERATOR_GROUPS):
             op = serving.ops[g]
             target = target_ops[g]
             proc = MODEL if g in mono else g  # (= layout.proc_of(g))
             ops[g] = OperatorState(
                 replicas=op.replicas, max_batch=target.max_batch, placement=target.placement, tp=target.tp,
-                pending_replicas=tl.pending(g, self.now),
+                pending_replicas=pending[i],
                 arrival_rate=rate,
                 queue_len=m.queue_tokens if g == "attn" else 0.0,
                 utilisation=m.util.get(proc, 0.0),
@@ -296,7 +297,7 @@ class Simulator(ABC):
             )
         att = m.met / (m.finished + m.rejected) if (m.finished + m.rejected) > 0 else 1.0
         return ClusterState(
-            time_s=self.now, interval_s=self.dt, operators=ops, slo=self.slo, plan=tl.target_plan,
+            time_s=self.now, interval_s=self.dt, operators=ops, slo=self.slo, plan=tl.target.plan,
             ttft_p50_s=m.ttft_p50_s, ttft_p99_s=m.ttft_p99_s, tbt_p50_s=m.tbt_p50_s, tbt_p99_s=m.tbt_p99_s,
             slo_attainment=float(att), gpus_in_use=float(tl.gpus(self.now)),
             power_w=energy / self.dt if self.k else 0.0, energy_j=energy,

@@ -204,14 +204,21 @@ class ClusterTimeline:
 
     def pending(self, g: str, now: float) -> int:
         """Replicas of ``g`` loading at ``now``."""
-        ready = self.groups[g].ready
-        if not ready or ready[-1] <= now and max(ready) <= now:
-            return 0
-        n = 0
-        for r in ready:  # (a loop: a generator cost more, called for each group each step)
-            if r > now:
-                n += 1
-        return n
+        return self.pending_all(now)[OPERATOR_GROUPS.index(g)]
+
+    def pending_all(self, now: float) -> list[int]:
+        """Replicas loading at ``now`` of every group, in OPERATOR_GROUPS order (one call: the
+        simulator's state reads them all each step)."""
+        out = []
+        for g in OPERATOR_GROUPS:
+            ready = self.groups[g].ready
+            n = 0
+            if ready and not (ready[-1] <= now and max(ready) <= now):
+                for r in ready:  # (a loop: a generator cost more)
+                    if r > now:
+                        n += 1
+            out.append(n)
+        return out
 
     def gpus(self, now: float) -> int:
         """GPUs paid for at ``now``.

@@ -143,7 +143,7 @@ class OperatorScalingEnv(gym.Env):
 
     def step(self, action):
         assert self.sim is not None and self.state is not None, "call reset() first"
-        prev = self.sim.timeline.target_plan
+        prev = self.sim.timeline.target.plan  # (= target_plan)
         decoded = self._fast_decoder.decode(action, prev)  # = self.decoder.decode (memoised)
         hit = self._tp_cache.get(id(decoded))
         if hit is not None and hit[0] is decoded and hit[1] is prev:
