@@ -223,10 +223,7 @@ class FastSimulator(Simulator):
         fk = fluidkernel
         kern = self._kmemo
         sc = self.sc
-        ks = []
-        for layout, sm, *_ in segs:
-            ks.append(kern.prepare(self, layout, sm))
-        k0, _, _, last_util = ks[0]
+        k0, last_util, seg_slots, iblob, fblob = kern.segments(self, segs)
         procs = k0.procs
         n = len(procs)
         if self._kbd.shape[0] != n:  # (the kernel re-times before reading them: another step model)
@@ -238,20 +235,7 @@ class FastSimulator(Simulator):
               float(sc.contention), len(segs), 0]
         io += [util_acc.get(p, 0.0) for p in procs]
         io += [last_util.get(p, 0.0) for p in procs]
-        if len(segs) == 1:
-            iblob, fblob = k0.blobs(segs[0][1])
-            io += self._segment_block(segs[0], ks[0], 0, 0)
-        else:
-            iblobs, fblobs = [], []
-            i_at = f_at = 0
-            for seg, kk in zip(segs, ks):
-                ib, fb = kk[0].blobs(seg[1])
-                io += self._segment_block(seg, kk, i_at, f_at)
-                iblobs.append(ib)
-                fblobs.append(fb)
-                i_at += len(ib)
-                f_at += len(fb)
-            iblob, fblob = np.concatenate(iblobs), np.concatenate(fblobs)
+        io += seg_slots
         io = np.array(io, dtype=np.float64)
         cnt, psum, osum = self._sub_np
         fail = self._kfail  # (written whole before the kernel asks for Python; read only then)
@@ -262,25 +246,16 @@ class FastSimulator(Simulator):
                 break
             j = int(io[fk.IO_FIRST])
             layout, sm = segs[j][0], segs[j][1]
-            k, sig_id, ukey_id, _ = ks[j]
+            sig_id, ukey_id = seg_slots[j * fk.SEG_W + fk.SG_SIG], seg_slots[j * fk.SEG_W + fk.SG_UKEY]
             if r == fk.EMPTY_BUSY:  # cannot happen: every lookup here has decodes or a chunk
                 raise RuntimeError(f"fast simulator: an iteration with no work at {fail.tolist()}")
-            kern.resolve(self, layout, sm, k, (sig_id, ukey_id, layout.units, sm.remote, *fail.tolist()), r)
+            kern.resolve(self, layout, sm, sm._kernel, (sig_id, ukey_id, layout.units, sm.remote, *fail.tolist()), r)
         out = io.tolist()
         # the busy shares into the interval's dict (new processes in the order the Python loop adds them)
         for p, v in zip(procs, out[fk.IO_UTIL:fk.IO_UTIL + n]):
             util_acc[p] = v
         self._last_T = out[fk.IO_LAST_T]
         return out
-
-    @staticmethod
-    def _segment_block(seg: tuple, kk: tuple, i_at: int, f_at: int) -> list:
-        """A segment's SEG_W slots of ``fluidkernel.segments_io``'s vector (SG_* order); its blobs
-        start at ``i_at`` / ``f_at`` in the call's."""
-        layout, sm, s0, s1, U, B, kv_cap = seg
-        k, sig_id, ukey_id, _ = kk
-        return [s0, s1, layout.units, sm.remote, sm.fill, sig_id, ukey_id, U, B, kv_cap, layout.unit_kv_tokens,
-                k.serial, sm._has_peers, i_at, len(k.S), f_at]
 
     # ------------------------------------------------------------------ one interval
     def _run(self, t0: float, t1: float) -> IntervalMetrics:

@@ -564,14 +564,34 @@ class KernelMemo:
     def __len__(self) -> int:
         return len(self.memo)
 
-    def prepare(self, sim: Any, layout: Any, sm: Any) -> tuple[StepKernel, int, int, dict[str, float]]:
-        """(the step model's StepKernel, its signature id, the id of the simulator's rounded busy
-        shares, the busy shares the slowdowns are computed from) for lookups under ``layout`` /
-        ``sm`` at the simulator's current busy shares (``FastSimulator._ukey``, updated here as
-        ``_iter`` updates it). The compiled sub-steps compute the slowdowns themselves
-        (``fluidkernel.segments_io``)."""
-        uk = sim._ukey_for(layout)
-        return (*self._ids(sm, uk), uk[1])
+    def segments(self, sim: Any, segs: list[tuple]) -> tuple[StepKernel, dict[str, float], list, np.ndarray,
+                                                           np.ndarray]:
+        """What ``fluidkernel.segments_io`` takes of the runs of sub-steps ``segs`` (the fast
+        simulator's: (layout, step model, first sub-step, end, units, batch limit, KV capacity)
+        each, their step models of one shape): (the first one's StepKernel, the busy shares the
+        slowdowns are computed from, the runs' SEG_W slots each in SG_* order, the int blob, the
+        float blob). Lookups are made at the simulator's current busy shares
+        (``FastSimulator._ukey_for``); the compiled sub-steps compute the slowdowns themselves.
+        One call an interval (a call per run and per part cost microseconds each in situ)."""
+        slots: list = []
+        iblobs, fblobs = [], []
+        i_at = f_at = 0
+        k0 = util = None
+        for layout, sm, s0, s1, U, B, kv_cap in segs:
+            uk = sim._ukey_for(layout)
+            k, sig_id, ukey_id = self._ids(sm, uk)
+            if k0 is None:
+                k0, util = k, uk[1]
+            ib, fb = k._blobs if k._blobs is not None else k.blobs(sm)
+            slots += (s0, s1, layout.units, sm.remote, sm.fill, sig_id, ukey_id, U, B, kv_cap, layout.unit_kv_tokens,
+                      k.serial, sm._has_peers, i_at, len(k.S), f_at)
+            iblobs.append(ib)
+            fblobs.append(fb)
+            i_at += len(ib)
+            f_at += len(fb)
+        if len(iblobs) == 1:
+            return k0, util, slots, iblobs[0], fblobs[0]
+        return k0, util, slots, np.concatenate(iblobs), np.concatenate(fblobs)
 
     def _ids(self, sm: Any, uk: tuple) -> tuple[StepKernel, int, int]:
         k = sm._kernel
