@@ -496,6 +496,7 @@ class StepKernel:
         self._peers: tuple | None = None         # the co-residence table as arrays (_peer_arrays)
         self._blobs: tuple | None = None         # (S, offsets and indices; shares) for segments_io (blobs)
         self.memo_ids: tuple = (None, 0)         # (KernelMemo, this step model's signature id there)
+        self.arena: tuple = (None, -1, 0, 0)     # (BlobArena, its generation, int offset, float offset)
 
     def slow_for(self, sm: Any, util: dict[str, float]) -> np.ndarray:
         """``sm.slowdowns(util)`` in :attr:`procs` order (ones without co-residence); cached while
@@ -544,6 +545,56 @@ class StepKernel:
 _WARM = False
 
 
+def _fit(a: np.ndarray, used: int, need: int) -> np.ndarray:
+    """``a`` if it holds ``need`` values, else a copy of its first ``used`` in one twice as long
+    as needed."""
+    if need <= a.shape[0]:
+        return a
+    b = np.zeros(2 * need, dtype=a.dtype)
+    b[:used] = a[:used]
+    return b
+
+
+class BlobArena:
+    """The step kernels' blobs (:meth:`StepKernel.blobs`) side by side in one int64 and one
+    float64 array, which ``fluidkernel.segments_io`` takes whole, with each run's offsets in its
+    slots: an interval's call then joins no arrays (two ``np.concatenate`` of the runs' blobs cost
+    some 15 us a step in situ, session 34).
+
+    A kernel's blobs are appended on its first use and stay. Once more than ``limit`` values are
+    used, the next :meth:`start` empties the arena (a new generation: kernels placed before are
+    appended again when next used), which bounds it while step models come and go.
+    """
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self.ints = np.zeros(1 << 12, dtype=np.int64)
+        self.floats = np.zeros(1 << 10, dtype=np.float64)
+        self.n_int = self.n_float = 0
+        self.gen = 0
+        self.limit = int(limit)
+
+    def start(self) -> None:
+        """Called before the placements of one call (never empties the arena inside one)."""
+        if self.n_int > self.limit or self.n_float > self.limit:
+            self.n_int = self.n_float = 0
+            self.gen += 1
+
+    def place(self, k: StepKernel, sm: Any) -> tuple:
+        """``k``'s (arena, generation, int offset, float offset), its blobs appended if needed."""
+        a = k.arena
+        if a[0] is self and a[1] == self.gen:
+            return a
+        ib, fb = k.blobs(sm)
+        i0, f0 = self.n_int, self.n_float
+        self.ints = _fit(self.ints, i0, i0 + len(ib))
+        self.ints[i0:i0 + len(ib)] = ib
+        self.floats = _fit(self.floats, f0, f0 + len(fb))
+        self.floats[f0:f0 + len(fb)] = fb
+        self.n_int, self.n_float = i0 + len(ib), f0 + len(fb)
+        a = k.arena = (self, self.gen, i0, f0)
+        return a
+
+
 class KernelMemo:
     """The fast simulator's iteration-time memo, held and filled by the compiled code.
 
@@ -559,6 +610,8 @@ class KernelMemo:
         self.ukey_ids: dict[tuple, int] = {}
         self._uk: tuple = (None, 0)  # (the simulator's last ukey tuple, its id)
         self._miss = np.empty(_MISS_MAX, dtype=np.int64)  # missing table keys of the last call
+        #: the step kernels' blobs as ``fluidkernel.segments_io`` reads them
+        self.arena = BlobArena()
         _warm()
 
     def __len__(self) -> int:
@@ -569,29 +622,26 @@ class KernelMemo:
         """What ``fluidkernel.segments_io`` takes of the runs of sub-steps ``segs`` (the fast
         simulator's: (layout, step model, first sub-step, end, units, batch limit, KV capacity)
         each, their step models of one shape): (the first one's StepKernel, the busy shares the
-        slowdowns are computed from, the runs' SEG_W slots each in SG_* order, the int blob, the
-        float blob). Lookups are made at the simulator's current busy shares
-        (``FastSimulator._ukey_for``); the compiled sub-steps compute the slowdowns themselves.
-        One call an interval (a call per run and per part cost microseconds each in situ)."""
+        slowdowns are computed from, the runs' SEG_W slots each in SG_* order, the int blob and
+        the float blob: the :class:`BlobArena`'s arrays, which hold every run's). Lookups are made
+        at the simulator's current busy shares (``FastSimulator._ukey_for``); the compiled
+        sub-steps compute the slowdowns themselves. One call an interval (a call per run and per
+        part cost microseconds each in situ)."""
         slots: list = []
-        iblobs, fblobs = [], []
-        i_at = f_at = 0
+        arena = self.arena
+        arena.start()
         k0 = util = None
         for layout, sm, s0, s1, U, B, kv_cap in segs:
             uk = sim._ukey_for(layout)
             k, sig_id, ukey_id = self._ids(sm, uk)
             if k0 is None:
                 k0, util = k, uk[1]
-            ib, fb = k._blobs if k._blobs is not None else k.blobs(sm)
+            at = k.arena
+            if at[0] is not arena or at[1] != arena.gen:
+                at = arena.place(k, sm)
             slots += (s0, s1, layout.units, sm.remote, sm.fill, sig_id, ukey_id, U, B, kv_cap, layout.unit_kv_tokens,
-                      k.serial, sm._has_peers, i_at, len(k.S), f_at)
-            iblobs.append(ib)
-            fblobs.append(fb)
-            i_at += len(ib)
-            f_at += len(fb)
-        if len(iblobs) == 1:
-            return k0, util, slots, iblobs[0], fblobs[0]
-        return k0, util, slots, np.concatenate(iblobs), np.concatenate(fblobs)
+                      k.serial, sm._has_peers, at[2], len(k.S), at[3])
+        return k0, util, slots, arena.ints, arena.floats
 
     def _ids(self, sm: Any, uk: tuple) -> tuple[StepKernel, int, int]:
         k = sm._kernel

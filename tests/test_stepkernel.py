@@ -239,3 +239,33 @@ def test_prefetching_stops_when_a_vectorised_value_differs(monkeypatch):
     assert not kt.prefetch and list(kt.table.keys()) == [key] and kt.table[key] == _scalar(kt, key)
     kt.fill(np.asarray([_key(kt, ("proj", 1, "decode"), 300, 0, 1)], dtype=np.int64))
     assert len(kt.table) == 2  # the per-key path from then on
+
+
+class _Blobs:
+    """A stand-in for a StepKernel as BlobArena uses it (``arena`` and ``blobs``)."""
+
+    def __init__(self, ints, floats) -> None:  # noqa: ANN001
+        self.arena = (None, -1, 0, 0)
+        self._b = (np.asarray(ints, dtype=np.int64), np.asarray(floats, dtype=np.float64))
+
+    def blobs(self, sm):  # noqa: ANN001, ANN201
+        return self._b
+
+
+def test_blob_arena_places_each_kernel_once_and_empties_past_its_limit():
+    arena = stepkernel.BlobArena(limit=10)
+    big, small = _Blobs(range(5000), [0.5]), _Blobs([7, 8], [])
+    assert arena.place(big, None)[2:] == (0, 0)  # (past the first 4,096 ints: grown, kept)
+    assert arena.place(small, None)[2:] == (5000, 1)
+    assert arena.place(big, None)[2:] == (0, 0) and arena.n_int == 5002  # placed once
+    assert arena.ints[:5000].tolist() == list(range(5000)) and arena.ints[5000:5002].tolist() == [7, 8]
+    assert arena.floats[:1].tolist() == [0.5]
+    arena.start()  # 5,002 ints used > limit 10: a new generation, empty
+    assert arena.gen == 1 and arena.n_int == 0
+    assert arena.place(small, None)[2:] == (0, 0) and arena.place(big, None)[2:] == (2, 0)
+    assert arena.ints[:2].tolist() == [7, 8] and arena.ints[2:5002].tolist() == list(range(5000))
+    arena.start()  # (5,002 > 10 again; within limit it keeps what it holds)
+    small2 = _Blobs([1], [2.0])
+    arena.place(small2, None)
+    arena.start()
+    assert arena.gen == 2 and arena.n_int == 1
