@@ -167,7 +167,7 @@ class Simulator(ABC):
         last = self._sm_last
         if last[0] is layout:
             return last[1]
-        key = tuple([(g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in layout.plan.ops.items()])
+        key = layout.ops_key
         sm = self._steps.get(key)
         if sm is None:
             sm = self._steps.put(key, StepModel(layout, self.pred, self.sc, self._shapes))
@@ -200,14 +200,14 @@ class Simulator(ABC):
             watts = 0.0
             pw = self._power_pct  # (pw[power_percent(u)] = self.pred.power_w(u))
             get = util.get
-            for c in layout.gpus:
+            for count, procs in layout.power_terms:  # (= (c.count, c.procs.items()) of layout.gpus)
                 # = envs.predictor.power_percent(min(runtime.colocation.gpu_busy(c.procs, util), 1.0)),
                 # written out (an accounting runs at each replica becoming ready: 4.8 a step of
                 # train.py's stream; tests/test_colocation.py checks the energy by hand)
                 u = 0.0
-                for proc, k in c.procs.items():
+                for proc, k in procs:
                     u += k * get(proc, 0.0)
-                watts += c.count * pw[int(round((0.0 if u < 0.0 else (1.0 if u > 1.0 else u)) * 100))]
+                watts += count * pw[int(round((0.0 if u < 0.0 else (1.0 if u > 1.0 else u)) * 100))]
             self._watts = (layout, util, watts)
         extra = paid - layout.n_gpus  # GPUs paid beyond the serving layout's: loading or draining, idle
         if extra > 0:

@@ -162,14 +162,15 @@ class FastSimulator(Simulator):
         once per interval). The rounded shares matter only where processes share GPUs."""
         uk = self._ukey
         if uk[0] is not layout or uk[1] is not self.util:
-            rnd: tuple = ()
-            if any(layout.peers.values()):
-                r = self._urnd  # (util dict, its rounded shares): one util dict serves many layouts
-                if r[0] is not self.util:
-                    r = self._urnd = (self.util, tuple([round(v, 1) for v in self.util.values()]))
-                rnd = r[1]
-            uk = self._ukey = (layout, self.util, rnd)
+            uk = self._ukey = (layout, self.util, self._rounded_util() if layout.shared else ())
         return uk
+
+    def _rounded_util(self) -> tuple:
+        """The busy shares rounded for memo keys (one tuple per util dict: it serves many layouts)."""
+        r = self._urnd
+        if r[0] is not self.util:
+            r = self._urnd = (self.util, tuple([round(v, 1) for v in self.util.values()]))
+        return r[1]
 
     def _timed(self, layout: Layout, sm: StepModel, key: tuple) -> tuple[float, dict]:
         """The memo's value for ``key`` (see :meth:`_iter`): (seconds, busy shares) of the iteration

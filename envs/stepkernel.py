@@ -608,7 +608,7 @@ class KernelMemo:
         self.memo = MemoTable(self.limit)
         self.sig_ids: dict[tuple, int] = {}
         self.ukey_ids: dict[tuple, int] = {}
-        self._uk: tuple = (None, 0)  # (the simulator's last ukey tuple, its id)
+        self._uk: tuple = (None, 0)  # (the last rounded busy shares looked up, their id)
         self._miss = np.empty(_MISS_MAX, dtype=np.int64)  # missing table keys of the last call
         #: the step kernels' blobs as ``fluidkernel.segments_io`` reads them
         self.arena = BlobArena()
@@ -632,10 +632,9 @@ class KernelMemo:
         arena.start()
         k0 = util = None
         for layout, sm, s0, s1, U, B, kv_cap in segs:
-            uk = sim._ukey_for(layout)
-            k, sig_id, ukey_id = self._ids(sm, uk)
+            k, sig_id, ukey_id = self._ids(sm, sim._rounded_util() if layout.shared else ())  # (= _ukey_for's)
             if k0 is None:
-                k0, util = k, uk[1]
+                k0, util = k, sim.util
             at = k.arena
             if at[0] is not arena or at[1] != arena.gen:
                 at = arena.place(k, sm)
@@ -643,20 +642,21 @@ class KernelMemo:
                       k.serial, sm._has_peers, at[2], len(k.S), at[3])
         return k0, util, slots, arena.ints, arena.floats
 
-    def _ids(self, sm: Any, uk: tuple) -> tuple[StepKernel, int, int]:
+    def _ids(self, sm: Any, rnd: tuple) -> tuple[StepKernel, int, int]:
+        """(``sm``'s StepKernel, its signature id, the id of the rounded busy shares ``rnd``)."""
         k = sm._kernel
         if k is None:
             k = sm._kernel = StepKernel(sm)
         if k.memo_ids[0] is not self:
             self.memo.ensure_width(2 + len(k.procs))
             k.memo_ids = (self, self.sig_ids.setdefault(sm.signature, len(self.sig_ids)))
-        if self._uk[0] is not uk:
-            self._uk = (uk, self.ukey_ids.setdefault(uk[2], len(self.ukey_ids)))
+        if self._uk[0] is not rnd:  # (one tuple per util dict: the runs of an interval share it)
+            self._uk = (rnd, self.ukey_ids.setdefault(rnd, len(self.ukey_ids)))
         return k, k.memo_ids[1], self._uk[1]
 
     def _prepare(self, sm: Any, uk: tuple) -> tuple[StepKernel, int, int, np.ndarray]:
-        """``_ids`` and the slowdowns in the kernel's process order."""
-        k, sig_id, ukey_id = self._ids(sm, uk)
+        """``_ids`` and the slowdowns in the kernel's process order (``uk``: ``_ukey_for``'s)."""
+        k, sig_id, ukey_id = self._ids(sm, uk[2])
         return k, sig_id, ukey_id, k.slow_for(sm, uk[1])
 
     def resolve(self, sim: Any, layout: Any, sm: Any, k: StepKernel, args: tuple, r: int) -> None:

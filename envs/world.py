@@ -74,6 +74,11 @@ class Layout:
         load_s: seconds a new replica of each group needs before it serves.
         memory_bytes: bytes each group's replicas hold in all.
         n_gpus: GPUs holding any replica (derived from ``gpus``).
+        shared: whether any process shares GPUs with another shard (derived from ``peers``).
+        ops_key: (group, replicas, max_batch, placement, tp) of each group in the plan's order (a
+            hashable form of the plan's content: the simulators' key of its step model).
+        power_terms: (count, ((process, shards), ...)) of each GPU class, in ``gpus`` order (what
+            the energy accounting reads at each change of the serving layout).
     """
 
     plan: Plan
@@ -89,9 +94,15 @@ class Layout:
     load_s: dict[str, float]
     memory_bytes: dict[str, float]
     n_gpus: int = field(init=False, repr=False)  # summed once: a layout never changes after placement
+    shared: bool = field(init=False, repr=False)
+    ops_key: tuple = field(init=False, repr=False)
+    power_terms: tuple = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.n_gpus = sum(c.count for c in self.gpus)
+        self.shared = any(self.peers.values())
+        self.ops_key = tuple([(g, o.replicas, o.max_batch, o.placement, o.tp) for g, o in self.plan.ops.items()])
+        self.power_terms = tuple([(c.count, tuple(c.procs.items())) for c in self.gpus])
 
     def __deepcopy__(self, memo: dict) -> "Layout":
         # the placer memoises layouts and hands the same object to every caller, so a layout is
