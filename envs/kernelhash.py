@@ -58,60 +58,46 @@ if njit is not None:
         return _mix(key) & mask
 
     @njit(cache=True)
+    def _probe(ks, key):  # noqa: ANN001, ANN202
+        """The slot of a latency table's keys ``ks`` holding ``key``, or the empty one where it
+        would go (linear probing from its hashed slot)."""
+        mask = ks.shape[0] - 1
+        i = _slot(key, mask)
+        while ks[i, 0] != key and ks[i, 0] != EMPTY:
+            i = (i + 1) & mask
+        return i
+
+    @njit(cache=True)
     def table_get(table, key):  # noqa: ANN001, ANN202
         """The value of ``key`` in a latency table (its ``arrays``), NaN when it is missing."""
         ks, fs = table
-        mask = ks.shape[0] - 1
-        i = _slot(key, mask)
-        while True:
-            k = ks[i, 0]
-            if k == key:
-                return fs[i, 1]
-            if k == EMPTY:
-                return np.nan
-            i = (i + 1) & mask
+        i = _probe(ks, key)
+        return fs[i, 1] if ks[i, 0] == key else np.nan
 
     @njit(cache=True)
     def table_put(table, keys, values, overwrite):  # noqa: ANN001, ANN202
         """Store ``values`` under ``keys`` (a key present keeps its value unless ``overwrite``);
         returns how many keys were new. The caller leaves room (:meth:`LatencyTable.put`)."""
         ks, fs = table
-        mask = ks.shape[0] - 1
         new = 0
         for j in range(keys.shape[0]):
-            key = keys[j]
-            i = _slot(key, mask)
-            while True:
-                k = ks[i, 0]
-                if k == key:
-                    if overwrite:
-                        fs[i, 1] = values[j]
-                    break
-                if k == EMPTY:
-                    ks[i, 0] = key
-                    fs[i, 1] = values[j]
-                    new += 1
-                    break
-                i = (i + 1) & mask
+            i = _probe(ks, keys[j])
+            if ks[i, 0] == EMPTY:
+                ks[i, 0] = keys[j]
+                new += 1
+            elif not overwrite:
+                continue
+            fs[i, 1] = values[j]
         return new
 
     @njit(cache=True)
     def table_missing(table, keys):  # noqa: ANN001, ANN202
         """How many of ``keys`` are not in the table (a key repeated in ``keys`` counts each time)."""
         ks = table[0]
-        mask = ks.shape[0] - 1
         n = 0
         for j in range(keys.shape[0]):
-            key = keys[j]
-            i = _slot(key, mask)
-            while True:
-                k = ks[i, 0]
-                if k == key:
-                    break
-                if k == EMPTY:
-                    n += 1
-                    break
-                i = (i + 1) & mask
+            if ks[_probe(ks, keys[j]), 0] == EMPTY:
+                n += 1
         return n
 
     @njit(cache=True)
