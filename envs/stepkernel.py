@@ -490,8 +490,6 @@ class StepKernel:
         self._ones = np.ones(n, dtype=np.float64)
         #: the last memo value (see _memo_iter)
         self.out = np.zeros(2 + n, dtype=np.float64)
-        #: scratch of the compiled lookups (_memo_iter's ``work``)
-        self.work = np.zeros(_work_size(self.S))
         self._slow: tuple = (None, self._ones)  # (util dict, slowdowns in procs order)
         self._peers: tuple | None = None         # the co-residence table as arrays (_peer_arrays)
         self._blobs: tuple | None = None         # (S, offsets and indices; shares) for segments_io (blobs)
@@ -612,6 +610,7 @@ class KernelMemo:
         self._miss = np.empty(_MISS_MAX, dtype=np.int64)  # missing table keys of the last call
         #: the step kernels' blobs as ``fluidkernel.segments_io`` reads them
         self.arena = BlobArena()
+        self._work = np.zeros(0)  # (lookup()'s scratch for _memo_iter, grown to the widest kernel)
         _warm()
 
     def __len__(self) -> int:
@@ -682,9 +681,12 @@ class KernelMemo:
         k, sig_id, ukey_id, slow = self._prepare(sm, uk)
         args = (sig_id, ukey_id, layout.units, sm.remote, float(n_dec), float(ctx), float(chunk),
                 float(n_pre), float(bg_chunk), float(prompt), float(extra))
+        need = int(_work_size(k.S))
+        if self._work.shape[0] < need:
+            self._work = np.zeros(need)
         while True:
             r = _memo_iter(self.memo.arrays, k.kt.table.arrays, k.S, k.F, slow, self.limit, *args, k.out, self._miss,
-                           k.work)
+                           self._work)
             if r == 0:
                 break
             self.resolve(sim, layout, sm, k, args, r)
