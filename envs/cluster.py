@@ -10,6 +10,7 @@ no longer wants is cancelled at no cost.
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from runtime.control import OperatorPlan, Plan
@@ -24,7 +25,8 @@ class GroupTimeline:
 
     Attributes:
         op: the target operator plan.
-        ready: ready time (seconds) of each target replica; <= now means serving.
+        ready: ready time (seconds) of each target replica, ascending; <= now means serving
+            (kept sorted, so that the replicas serving or loading at a time are one bisection).
         old: the operator plan that serves while a placement / tp switch loads.
         switch_at: when the switch completes (seconds); None when none is pending.
     """
@@ -90,9 +92,13 @@ class ClusterTimeline:
                 tl.op = new
                 tl.ready = [now + load] * new.replicas
                 continue
-            ready = sorted(tl.ready)
+            ready = tl.ready[:]  # (ascending: see GroupTimeline.ready)
             if new.replicas > len(ready):
-                ready += [now + load] * (new.replicas - len(ready))
+                if ready and ready[-1] > now + load:  # (a replica still loading since a longer load)
+                    ready += [now + load] * (new.replicas - len(ready))
+                    ready.sort()
+                else:
+                    ready += [now + load] * (new.replicas - len(ready))
             elif new.replicas < len(ready):
                 removed = ready[new.replicas:]
                 ready = ready[:new.replicas]
@@ -133,12 +139,9 @@ class ClusterTimeline:
                 op = tl.old
                 fields.append((op.replicas, op.max_batch, op.placement, op.tp))
                 continue
-            n = 0
-            for r in tl.ready:
-                if r <= now:
-                    n += 1
             op = tl.op
-            fields.append((max(n, 1), op.max_batch, op.placement, op.tp))
+            n = bisect_right(tl.ready, now)  # (ascending: the replicas ready by now)
+            fields.append((n if n > 1 else 1, op.max_batch, op.placement, op.tp))
         return tuple(fields)
 
     def serving_plan(self, now: float) -> Plan:
@@ -187,12 +190,12 @@ class ClusterTimeline:
             return span
         prv, nxt = float("-inf"), float("inf")
         for tl in self.groups.values():
-            for r in tl.ready:
-                if r <= now:
-                    if r > prv:
-                        prv = r
-                elif r < nxt:
-                    nxt = r
+            ready = tl.ready  # (ascending: the last one ready by now and the first one after)
+            i = bisect_right(ready, now)
+            if i and ready[i - 1] > prv:
+                prv = ready[i - 1]
+            if i < len(ready) and ready[i] < nxt:
+                nxt = ready[i]
             if tl.switch_at is not None:
                 if tl.switch_at <= now:
                     if tl.switch_at > prv:
@@ -209,15 +212,11 @@ class ClusterTimeline:
     def pending_all(self, now: float) -> list[int]:
         """Replicas loading at ``now`` of every group, in OPERATOR_GROUPS order (one call: the
         simulator's state reads them all each step)."""
+        groups = self.groups
         out = []
         for g in OPERATOR_GROUPS:
-            ready = self.groups[g].ready
-            n = 0
-            if ready and not (ready[-1] <= now and max(ready) <= now):
-                for r in ready:  # (a loop: a generator cost more)
-                    if r > now:
-                        n += 1
-            out.append(n)
+            ready = groups[g].ready  # (ascending)
+            out.append(len(ready) - bisect_right(ready, now) if ready and ready[-1] > now else 0)
         return out
 
     def gpus(self, now: float) -> int:
