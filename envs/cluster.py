@@ -54,6 +54,7 @@ class ClusterTimeline:
     repairs: list[str] = field(default_factory=list)
     _cache: list | None = field(default=None, repr=False)  # [(from, until, (plan, layout))], newest last
     _span: tuple | None = field(default=None, repr=False)  # the last _bounds (from, until)
+    _paid: tuple | None = field(default=None, repr=False)  # the last gpus(): (from, until, target, draining, GPUs)
 
     def __post_init__(self) -> None:
         self.target = self.placer.place(self.plan)
@@ -69,7 +70,7 @@ class ClusterTimeline:
     def apply(self, plan: Plan, now: float) -> list[str]:
         """Move towards ``plan`` from time ``now``; returns the repair messages (may raise PlanError)."""
         layout = self.placer.place(plan)
-        self._cache = self._span = None
+        self._cache = self._span = self._paid = None
         placed = layout.plan
         for g in OPERATOR_GROUPS:
             tl = self.groups[g]
@@ -84,7 +85,7 @@ class ClusterTimeline:
                     tl.op, tl.old, tl.switch_at = new, None, None
                     tl.ready = [0.0] * min(new.replicas, old.replicas)
                     tl.ready += [now + load] * (new.replicas - len(tl.ready))
-                    self._cache = self._span = None
+                    self._cache = self._span = self._paid = None
                     continue
                 serving = self.serving_op(g, now)
                 tl.old = serving
@@ -119,7 +120,7 @@ class ClusterTimeline:
         for tl in self.groups.values():
             if tl.switch_at is not None and tl.switch_at <= now:
                 tl.old, tl.switch_at = None, None
-                self._cache = self._span = None
+                self._cache = self._span = self._paid = None
 
     def serving_op(self, g: str, now: float) -> OperatorPlan:
         """The operator plan of ``g`` that serves at ``now`` (at least one replica)."""
@@ -225,8 +226,13 @@ class ClusterTimeline:
         The target layout, plus, while a placement / tp switch loads, the GPUs the serving
         (old) layout holds beyond what the target needs per process (a group leaving an
         instance frees nothing; a whole instance replaced by pools is paid twice), plus the
-        GPUs of draining attention units. Capped at the GPUs the cluster owns.
+        GPUs of draining attention units. Capped at the GPUs the cluster owns. Constant between
+        two loads or switches completed (``_bounds``) for one target and count of draining units
+        (cached: the energy accounting asks at each replica becoming ready).
         """
+        c = self._paid
+        if c is not None and c[0] <= now < c[1] and c[2] is self.target and c[3] == self.draining_units:
+            return c[4]
         n = self.target.n_gpus
         switching = False
         for tl in self.groups.values():  # (a loop: any() over a generator cost more, called at each accounting)
@@ -239,4 +245,7 @@ class ClusterTimeline:
             n += sum(max(cnt - tgt.get(proc, 0), 0) for proc, cnt in serving.proc_gpus.items())
         if self.draining_units:
             n += self.draining_units * max(self.target.unit_tp, 1)
-        return min(n, max(self.placer.sc.max_gpus, self.target.n_gpus))
+        n = min(n, max(self.placer.sc.max_gpus, self.target.n_gpus))
+        lo, hi = self._bounds(now)
+        self._paid = (lo, hi, self.target, self.draining_units, n)
+        return n
