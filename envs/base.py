@@ -13,7 +13,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -21,10 +21,26 @@ from runtime.control import SLO, ClusterState, OperatorState, Plan, PlanError
 from runtime.models import OPERATOR_GROUPS
 
 from envs.cluster import ClusterTimeline
-from envs.memo import RecurringTable, freeze_gc_once
+from envs.memo import RecurringTable, freeze_gc_once, put
 from envs.predictor import ExecutionPredictor
 from envs.scenario import Scenario
 from envs.world import MODEL, Layout, Placer, StepModel, StepShape
+
+#: the field orders :meth:`Simulator._state` builds OperatorState and ClusterState in, positionally
+#: (keywords cost twice as much, six objects a step); checked here, so a reordered field fails
+#: at import instead of filling the wrong field
+_STATE_FIELDS = {
+    OperatorState: ("replicas", "max_batch", "placement", "tp", "pending_replicas", "arrival_rate", "queue_len",
+                    "utilisation", "latency_p50_s", "latency_p99_s", "memory_bytes"),
+    ClusterState: ("time_s", "interval_s", "operators", "slo", "plan", "ttft_p50_s", "ttft_p99_s", "tbt_p50_s",
+                   "tbt_p99_s", "slo_attainment", "gpus_in_use", "power_w", "energy_j", "request_rate_history",
+                   "prompt_tokens_mean", "output_tokens_mean", "queued_requests", "running_requests",
+                   "rejected_requests", "kv_used_frac"),
+}
+for _cls, _names in _STATE_FIELDS.items():
+    if tuple(f.name for f in fields(_cls)) != _names:
+        raise ImportError(f"envs.base: {_cls.__name__}'s fields are {[f.name for f in fields(_cls)]}, "
+                          f"but Simulator._state builds it positionally as {list(_names)}: update both")
 
 
 @dataclass(slots=True)
@@ -140,7 +156,9 @@ class Simulator(ABC):
         #: prompt + output tokens arriving per interval (work every group will see)
         self._tok_sum = (self.index.prompt_sum + self.index.output_sum).tolist()
         self._steps: RecurringTable = self.cache.setdefault("steps", RecurringTable())
-        self._sm_last: tuple = (None, None)  # identity cache: (layout, its step model)
+        #: identity cache of step_model, {id(layout): (layout, its step model)}: a layout recurs
+        #: within a step and across steps (the serving layouts at each replica becoming ready)
+        self._sm_ids: dict[int, tuple] = self.cache.setdefault("step_ids", {})
         #: step-model structures shared by plans of the same instances and tp (world.StepShape)
         self._shapes: dict[tuple, StepShape] = self.cache.setdefault("step_shapes", {})
         self.timeline: ClusterTimeline | None = None
@@ -164,14 +182,14 @@ class Simulator(ABC):
     # ------------------------------------------------------------------ helpers for subclasses
     def step_model(self, layout: Layout) -> StepModel:
         """The (cached) step model of a layout."""
-        last = self._sm_last
-        if last[0] is layout:
-            return last[1]
+        hit = self._sm_ids.get(id(layout))
+        if hit is not None and hit[0] is layout:
+            return hit[1]
         key = layout.ops_key
         sm = self._steps.get(key)
         if sm is None:
             sm = self._steps.put(key, StepModel(layout, self.pred, self.sc, self._shapes))
-        self._sm_last = (layout, sm)
+        put(self._sm_ids, id(layout), (layout, sm), 256)  # (holds the layout: its id stays unique)
         return sm
 
     def serving_layout(self, t: float) -> Layout:
@@ -281,30 +299,27 @@ class Simulator(ABC):
         target_ops = tl.target.plan.ops  # (= tl.target_plan)
         mono = layout.mono
         pending = tl.pending_all(self.now)
+        sops = serving.ops
+        util, p50, p99, mem = m.util, m.group_ms, m.group_ms_p99, layout.memory_bytes
         for i, g in enumerate(OPERATOR_GROUPS):
-            op = serving.ops[g]
             target = target_ops[g]
-            proc = MODEL if g in mono else g  # (= layout.proc_of(g))
+            # (positional, in OperatorState's field order: see _STATE_FIELDS)
             ops[g] = OperatorState(
-                replicas=op.replicas, max_batch=target.max_batch, placement=target.placement, tp=target.tp,
-                pending_replicas=pending[i],
-                arrival_rate=rate,
-                queue_len=m.queue_tokens if g == "attn" else 0.0,
-                utilisation=m.util.get(proc, 0.0),
-                latency_p50_s=m.group_ms.get(g, 0.0) / 1000.0,
-                latency_p99_s=m.group_ms_p99.get(g, 0.0) / 1000.0,
-                memory_bytes=float(layout.memory_bytes.get(g, 0.0)),
-            )
+                sops[g].replicas, target.max_batch, target.placement, target.tp, pending[i], rate,
+                m.queue_tokens if g == "attn" else 0.0,
+                util.get(MODEL if g in mono else g, 0.0),  # (= layout.proc_of(g))
+                p50.get(g, 0.0) / 1000.0, p99.get(g, 0.0) / 1000.0, float(mem.get(g, 0.0)))
         att = m.met / (m.finished + m.rejected) if (m.finished + m.rejected) > 0 else 1.0
+        # (positional, in ClusterState's field order: see _STATE_FIELDS)
         return ClusterState(
-            time_s=self.now, interval_s=self.dt, operators=ops, slo=self.slo, plan=tl.target.plan,
-            ttft_p50_s=m.ttft_p50_s, ttft_p99_s=m.ttft_p99_s, tbt_p50_s=m.tbt_p50_s, tbt_p99_s=m.tbt_p99_s,
-            slo_attainment=float(att), gpus_in_use=float(tl.gpus(self.now)),
-            power_w=energy / self.dt if self.k else 0.0, energy_j=energy,
-            request_rate_history=np.asarray(self.history, dtype=np.float64),
-            prompt_tokens_mean=m.prompt_mean, output_tokens_mean=m.output_mean,
-            queued_requests=int(round(m.queued)), running_requests=int(round(m.running)),
-            rejected_requests=int(round(m.rejected)), kv_used_frac=float(min(max(m.kv_used_frac, 0.0), 1.0)),
+            self.now, self.dt, ops, self.slo, tl.target.plan,
+            m.ttft_p50_s, m.ttft_p99_s, m.tbt_p50_s, m.tbt_p99_s,
+            float(att), float(tl.gpus(self.now)),
+            energy / self.dt if self.k else 0.0, energy,
+            np.fromiter(self.history, np.float64, len(self.history)),
+            m.prompt_mean, m.output_mean,
+            int(round(m.queued)), int(round(m.running)),
+            int(round(m.rejected)), float(min(max(m.kv_used_frac, 0.0), 1.0)),
         )
 
     # ------------------------------------------------------------------ subclass hooks
