@@ -146,12 +146,18 @@ class FastActionDecoder:
         fields = []
         for k, g in enumerate(OPERATOR_GROUPS):
             i = 3 * k
-            d_idx = min(max(a[i], 0), hi[i])
-            b_idx = min(max(a[i + 1], 0), hi[i + 1])
-            p_idx = min(max(a[i + 2], 0), hi[i + 2])
+            # (each index clipped to its range, as the codec clips; compared first: in range, as
+            # a sampled action always is, no builtin call)
+            d_idx, b_idx, p_idx = a[i], a[i + 1], a[i + 2]
+            if not 0 <= d_idx <= hi[i]:
+                d_idx = min(max(d_idx, 0), hi[i])
+            if not 0 <= b_idx <= hi[i + 1]:
+                b_idx = min(max(b_idx, 0), hi[i + 1])
+            if not 0 <= p_idx <= hi[i + 2]:
+                p_idx = min(max(p_idx, 0), hi[i + 2])
             old = prev.ops[g]
             r = self._rlevels[d_idx] if self._rlevels else old.replicas + self._deltas[d_idx]
-            replicas = min(max(r, lo), hi_r)
+            replicas = r if lo <= r <= hi_r else min(max(r, lo), hi_r)
             fields.append((replicas, self._levels[b_idx], PLACEMENTS[p_idx], old.tp))
         # equal plans as one object (plans are immutable): the env's caches keyed by the decoded
         # plan's identity (tp follow-up, placement) then hit when a policy revisits a plan
