@@ -443,6 +443,37 @@ def _run(root: Path, what: str, steps: int, warmup: int = 0, gc_off: bool = Fals
     return out if isinstance(out, dict) else float(out)
 
 
+def host() -> dict:
+    """What the ratios depend on besides the code: the CPU model, its cores and the versions of
+    Python, torch, numpy and numba (this process's). The same trees read 4.8x on train.py's stream
+    on a 2-core AMD EPYC host (session 34) and 2.95x on a 2-core Intel Xeon host (family 6, model
+    207; session 35), whose PPO predict was 3.1x faster while the env was 1.9x faster."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in info:
+                    info[key] = val.strip()
+                if not line.strip() and info:  # (the first CPU's block only)
+                    break
+    except OSError:
+        pass
+    if "model name" in info:  # (a VM may show a generic name: family and model say which CPU)
+        cpu = f"{info['model name']} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+    out = {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version()}
+    for mod in ("torch", "numpy", "numba"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
 def _steps_for(stream: str, steps: int) -> int:
     # plan-changing streams are slower; fewer steps keep a round short
     return steps if stream in ("keep", "oq") else max(steps // 3, 200)
@@ -518,7 +549,7 @@ def main() -> int:
     learn = float(np.median(learns)) if learns else None
     pred_nc = float(np.median(preds_nc))
     out: dict = {"ppo_predict_per_s": pred, "ppo_predict_nochecks_per_s": pred_nc, "rounds": a.rounds, "steps": a.steps, "warmup": a.warmup,
-                 "learner_samples_per_s": learn, "load_avg": list(os.getloadavg())}
+                 "learner_samples_per_s": learn, "load_avg": list(os.getloadavg()), "host": host()}
     for t in trees:
         out[t] = {s: {"steps_per_s": float(np.median(v)), "ratio_to_predict": float(np.median(v)) / pred,
                       "ratio_to_predict_nochecks": float(np.median(v)) / pred_nc,
@@ -559,6 +590,9 @@ def main() -> int:
     names = {"keep": "plan kept", "random": "uniformly random", "ppo": "fresh PPO policy",
              "oq": "operator-queueing plans", "train": "train.py (frozen layout)",
              "trained": "shipped policy, sampling"}
+    hw = out["host"]
+    print(f"host: {hw['cpu']}, {hw['cpus']} CPUs; Python {hw['python']}, torch {hw['torch']}, numpy {hw['numpy']}, "
+          f"numba {hw['numba']}")
     print(f"PPO MlpPolicy predict: {pred:8.0f} calls/s (median of {a.rounds} rounds; load average "
           f"{out['load_avg'][0]:.1f} at the end; warm-up {a.warmup} steps)")
     print(f"  the same with torch.distributions' checks off, as train.py runs it: {pred_nc:8.0f} calls/s")

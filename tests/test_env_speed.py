@@ -1,6 +1,7 @@
 """The env's speed work must not change what it computes: caches, twins and the bench."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -167,6 +168,18 @@ def test_bench_env_rate_runs_every_stream_but_ppo(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         env_speed.main()
     assert "unknown stream(s) ['bogus']" in capsys.readouterr().err
+
+
+def test_bench_reports_the_host_its_ratios_were_measured_on(monkeypatch):
+    """The ratios depend on the CPU and the libraries (session 35: 4.8x on one host, 2.95x on
+    another for the same code), so the bench names them."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import env_speed
+
+    hw = env_speed.host()
+    assert set(hw) == {"cpu", "cpus", "python", "torch", "numpy", "numba"}
+    assert hw["cpu"] and hw["cpus"] == os.cpu_count() and hw["numpy"] == np.__version__
+    assert hw["python"] == ".".join(map(str, sys.version_info[:3]))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
