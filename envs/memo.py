@@ -71,27 +71,27 @@ class RecurringTable:
         recent: entries of what has not recurred yet.
     """
 
-    __slots__ = ("main", "recent", "seen", "limit", "recent_limit")
+    __slots__ = ("main", "recent", "seen", "values", "limit", "recent_limit")
 
     def __init__(self, limit: int = PLAN_TABLE_LIMIT, recent: int = RECENT_LIMIT) -> None:
         self.main: dict = {}
         self.recent: dict = {}
         self.seen: dict = {}  # keys put before (values None): insertion-ordered, bounded
+        #: every entry of ``main`` and ``recent`` (disjoint): ``get`` hashes a key once (a plan's
+        #: key is a tuple of tuples, whose hash Python does not cache), not once per part
+        self.values: dict = {}
         self.limit = int(limit)
         self.recent_limit = int(recent)
 
     def __len__(self) -> int:
-        return len(self.main) + len(self.recent)
+        return len(self.values)
 
     def __contains__(self, key) -> bool:  # noqa: ANN001 - any hashable
-        return key in self.main or key in self.recent
+        return key in self.values
 
     def get(self, key, default=None):  # noqa: ANN001, ANN201 - any hashable / any value
         """The value stored for ``key``, or ``default``."""
-        hit = self.main.get(key)
-        if hit is None:
-            hit = self.recent.get(key, default)
-        return hit
+        return self.values.get(key, default)
 
     def put(self, key, value):  # noqa: ANN001, ANN201 - any hashable / any value
         """Store ``value`` for ``key`` (see the class docstring); returns ``value``."""
@@ -100,8 +100,18 @@ class RecurringTable:
         elif key in self.recent:
             self.recent[key] = value
         elif key in self.seen:  # it left the recent entries and came back
-            put(self.main, key, value, self.limit)
+            self._store(self.main, key, value, self.limit)
         else:
-            put(self.recent, key, value, self.recent_limit)
+            self._store(self.recent, key, value, self.recent_limit)
             put(self.seen, key, None, self.limit)
+        self.values[key] = value
         return value
+
+    def _store(self, part: dict, key, value, limit: int) -> None:  # noqa: ANN001 - any hashable / any value
+        """``put(part, key, value, limit)``, dropping what it evicts from ``values`` too."""
+        if len(part) >= limit:
+            values = self.values
+            for k in list(islice(part, max(limit // 2, 1))):
+                del part[k]
+                del values[k]
+        part[key] = value

@@ -127,6 +127,7 @@ def test_recurring_table_holds_long_only_what_comes_back():
     t.put("b", 22)  # b left the recent part but is forgotten too: recent again
     assert "b" in t.recent and "b" not in t.main
     assert t.get("zz", "no") == "no"
+    assert t.values == {**t.main, **t.recent} and len(t) == len(t.main) + len(t.recent)  # (get's one dict)
 
 
 def test_recurring_table_holds_few_values_of_a_stream_that_never_comes_back():
@@ -141,6 +142,7 @@ def test_recurring_table_holds_few_values_of_a_stream_that_never_comes_back():
                 t.put(k, k)
     assert all(t.get(k) == k for k in range(2000, 2020))
     assert len(t.main) == 20 - len(t.recent) and len(t.recent) <= 8  # (the last few never left it)
+    assert t.values == {**t.main, **t.recent}  # (evictions from either part leave get's dict too)
 
 
 def test_step_model_hand_checked_mono_iteration():
