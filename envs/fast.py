@@ -448,8 +448,10 @@ class FastSimulator(Simulator):
                     T_full, busy_m = self._iter(layout, sm, nd_u, ctx, C, max(npre_u, 1.0), bg, r_prompt, d_n)
                     self._op_ref = op_pt
                     self._op_val = (T_dec, busy_d, T_full, busy_m)
+                    retimed = True
                 else:
                     T_dec, busy_d, T_full, busy_m = self._op_val
+                    retimed = False
                 slope = (T_full - T_dec) / C if T_full > T_dec else 0.0  # seconds per prefilled token
                 T_mix = T_dec + slope * chunk
                 # time split between mixed (prefill) and decode-only iterations
@@ -465,7 +467,9 @@ class FastSimulator(Simulator):
                 if abs(bg_new - bg) <= 0.1 * bg + 32.0:
                     break
                 bg = bg_new
-            if sm.remote and self._op_ref is op_pt:
+            # (the last round re-timed: a flag, not ``self._op_ref is op_pt``, whose answer would
+            # rest on a tuple's identity, which compiled code, e.g. mypyc's, need not keep)
+            if sm.remote and retimed:
                 # shared remote pools: at the p99, more units prefill at once than on average
                 # (binomial over units, each prefilling a share bg / C of its iterations)
                 fb = min(bg / C, 1.0)
