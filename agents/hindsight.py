@@ -26,7 +26,7 @@ from runtime.models import OPERATOR_GROUPS
 
 #: simulator attributes that are read-only or deterministic memo tables: shared, not copied
 _SHARED = ("sc", "trace", "pred", "slo", "cache", "placer", "index", "sub_index", "arrival", "output", "prompt",
-           "_tok_sum", "_steps", "_shapes", "_it", "_kmemo", "_sub", "_int")
+           "_tok_sum", "_steps", "_sm_ids", "_shapes", "_it", "_kmemo", "_sub", "_int")
 #: per-interval records of (count, p50, p99) float tuples
 _RECORDS = ("ttft_rec", "tbt_rec")
 #: the groups whose replica counts a hindsight menu varies
