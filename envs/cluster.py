@@ -95,11 +95,10 @@ class ClusterTimeline:
                 continue
             ready = tl.ready[:]  # (ascending: see GroupTimeline.ready)
             if new.replicas > len(ready):
-                if ready and ready[-1] > now + load:  # (a replica still loading since a longer load)
-                    ready += [now + load] * (new.replicas - len(ready))
+                late = bool(ready) and ready[-1] > now + load  # (one still loading since a longer load)
+                ready += [now + load] * (new.replicas - len(ready))
+                if late:
                     ready.sort()
-                else:
-                    ready += [now + load] * (new.replicas - len(ready))
             elif new.replicas < len(ready):
                 removed = ready[new.replicas:]
                 ready = ready[:new.replicas]
