@@ -45,6 +45,12 @@ def _check_layouts(sim) -> None:
         for c in layout.gpus:
             assert c.used_bytes <= sim.placer.cap * (1 + 1e-9)
     assert sim.timeline.gpus(sim.now) <= SC.max_gpus
+    tl = sim.timeline
+    for g, gt in tl.groups.items():
+        assert gt.ready == sorted(gt.ready), g  # (the timeline bisects them)
+    paid = tl.gpus(sim.now)
+    tl._paid = None  # (the count cached between two completed loads is the one computed afresh)
+    assert tl.gpus(sim.now) == paid
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
