@@ -47,10 +47,17 @@ def put(table: dict, key, value, limit: int):  # noqa: ANN001, ANN201 - any hash
     Returns ``value``.
     """
     if len(table) >= limit:
-        for k in list(islice(table, max(limit // 2, 1))):
-            del table[k]
+        _drop_oldest_half(table, limit)
     table[key] = value
     return value
+
+
+def _drop_oldest_half(table: dict, limit: int) -> list:
+    """Delete the oldest ``limit // 2`` entries (at least one) of ``table``; returns their keys."""
+    gone = list(islice(table, max(limit // 2, 1)))
+    for k in gone:
+        del table[k]
+    return gone
 
 
 class RecurringTable:
@@ -111,7 +118,6 @@ class RecurringTable:
         """``put(part, key, value, limit)``, dropping what it evicts from ``values`` too."""
         if len(part) >= limit:
             values = self.values
-            for k in list(islice(part, max(limit // 2, 1))):
-                del part[k]
+            for k in _drop_oldest_half(part, limit):
                 del values[k]
         part[key] = value
